@@ -1,0 +1,124 @@
+"""One configuration object for every NSA backend, validated on construction.
+
+Defaults are VideoNSA's hyper-parameters (DESIGN.md): a 64-token block is one temporal patch
+(2 frames at 224x224), 32 selected blocks, a 256-token window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SELECTION_MODES = ("per_token", "block_shared")
+COMPRESSION_MODES = ("mean", "mlp")
+BACKENDS = ("flex", "reference")
+LAYOUTS = ("gqa_folded", "per_head")
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Hyper-parameters and execution choices of Native Sparse Attention.
+
+    Semantics (block sizes, n, window, forced blocks, selection granularity, compression) define
+    *what* is computed and are identical on every backend; ``backend``, ``layout`` and the
+    ``flex_*`` block sizes only choose *how*.
+
+    ``select_query_tile`` is the tile (in tokens) whose queries share one selection in
+    ``block_shared`` mode; it must divide ``select_block_size`` so a tile never straddles two
+    selection blocks and its forced local blocks equal those of each of its tokens.
+
+    ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
+    sync per call, so compiled training loops and the profiler turn it off explicitly.
+    """
+
+    block_size: int = 64
+    stride: int = 64
+    select_block_size: int = 64
+    num_selected: int = 32
+    window: int = 256
+    forced_initial: int = 1
+    forced_local: int = 2
+    selection: str = "per_token"
+    select_query_tile: int = 64
+    compression: str = "mean"
+    compression_mlp_hidden: int | None = None
+    gate_temperature: float = 0.3
+    backend: str = "flex"
+    layout: str = "gqa_folded"
+    flex_block_q: int = 128
+    flex_block_kv: int = 128
+    scale: float | None = None
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "block_size",
+            "stride",
+            "select_block_size",
+            "num_selected",
+            "window",
+            "select_query_tile",
+            "flex_block_q",
+            "flex_block_kv",
+        ):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("forced_initial", "forced_local"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"NSAConfig.{name} must be an int >= 0, got {value!r}")
+        if self.stride > self.block_size:
+            raise ValueError(
+                f"NSAConfig.stride ({self.stride}) must be <= block_size ({self.block_size}): "
+                "a stride larger than the block leaves tokens that no compressed block covers"
+            )
+        if self.forced_initial + self.forced_local > self.num_selected:
+            raise ValueError(
+                f"NSAConfig.num_selected ({self.num_selected}) must be >= forced_initial + "
+                f"forced_local ({self.forced_initial} + {self.forced_local})"
+            )
+        _require_choice("selection", self.selection, SELECTION_MODES)
+        _require_choice("compression", self.compression, COMPRESSION_MODES)
+        _require_choice("backend", self.backend, BACKENDS)
+        _require_choice("layout", self.layout, LAYOUTS)
+        if self.select_block_size % self.select_query_tile:
+            raise ValueError(
+                f"NSAConfig.select_query_tile ({self.select_query_tile}) must divide "
+                f"select_block_size ({self.select_block_size})"
+            )
+        if self.compression_mlp_hidden is not None:
+            _require_positive_int("compression_mlp_hidden", self.compression_mlp_hidden)
+        if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):
+            raise ValueError(f"NSAConfig.gate_temperature must be > 0, got {self.gate_temperature!r}")
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and self.scale > 0):
+            raise ValueError(f"NSAConfig.scale must be None or > 0, got {self.scale!r}")
+        for name in ("flex_block_q", "flex_block_kv"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"NSAConfig.{name} must be a power of two >= 16, got {value}")
+
+    def replace(self, **changes) -> "NSAConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def softmax_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else head_dim**-0.5
+
+    def num_compressed_blocks(self, seq_len: int) -> int:
+        """Blocks i with i*stride + block_size <= seq_len (only whole blocks are pooled)."""
+        if seq_len < self.block_size:
+            return 0
+        return (seq_len - self.block_size) // self.stride + 1
+
+    def num_select_blocks(self, seq_len: int) -> int:
+        return -(-seq_len // self.select_block_size)
+
+
+def _require_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"NSAConfig.{name} must be a positive int, got {value!r}")
+
+
+def _require_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"NSAConfig.{name} must be one of {choices}, got {value!r}")
