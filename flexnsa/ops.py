@@ -26,7 +26,9 @@ def nsa_attention(
     selected blocks and the compression lse when ``return_branches``. ``compressors`` are the
     (key, value) MLPs for ``compression='mlp'``.
     """
-    config = config or NSAConfig()
+    config = NSAConfig() if config is None else config
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be a flexnsa.NSAConfig, got {type(config).__name__}")
     if config.backend == "reference":
         from .reference import nsa_reference
 

@@ -89,7 +89,7 @@ def masked_attention(q, k, v, mask, scale):
     lse = torch.where(
         any_visible[..., 0],
         torch.logsumexp(safe, dim=-1),
-        torch.full_like(logits[..., 0], float("-inf")),
+        logits.new_full(logits.shape[:-1], float("-inf")),
     )
     out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)
     return out.reshape(B, Hq, T, D), probs.reshape(B, Hq, T, S), lse.reshape(B, Hq, T)

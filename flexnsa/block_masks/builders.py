@@ -126,9 +126,9 @@ def selection_block_mask(selected: torch.Tensor, layout: QueryLayout, config: NS
     all_sel = _to_kv_blocks(counts == tokens_in_qb, l_sel, bk, True, torch.all)
     num_kv = -(-T // bk)
     any_sel, all_sel = any_sel[..., :num_kv], all_sel[..., :num_kv]
-    _, k_hi = _kv_block_bounds(T, bk, device)
+    k_lo, k_hi = _kv_block_bounds(T, bk, device)
     full = all_sel & (k_hi[None, :] < t_lo[:, None])
-    partial = any_sel & ~full
+    partial = any_sel & (k_lo[None, :] <= t_hi[:, None]) & ~full  # skip kv blocks wholly in the future
     if not layout.folded:
         partial = partial.repeat_interleave(layout.group, dim=1)
         full = full.repeat_interleave(layout.group, dim=1)

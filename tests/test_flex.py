@@ -1,0 +1,156 @@
+"""flex backend == float64 reference, branch by branch: CPU forward (compiled), GPU fwd + bwd."""
+
+import warnings
+
+import pytest
+import torch
+
+from flexnsa import MLPCompressor, NSAConfig, nsa_attention, nsa_reference
+from flexnsa.compression import mean_pool
+
+from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores, rel_err, token_reference
+
+BRANCHES = ("out", "cmp", "slc", "win")
+
+# (id, Hq, Hkv, T, D, config): G = 7 and 1, T not a multiple of 64/128, T < one block, stride < block.
+CASES = [
+    ("G7-T200", 14, 2, 200, 16, SMALL),
+    ("G1-T150", 2, 2, 150, 16, SMALL),
+    ("G7-T10-short", 7, 1, 10, 16, SMALL),
+    ("G7-stride<block", 14, 2, 203, 16, SMALL.replace(block_size=32, stride=16)),
+    ("G7-block_shared", 14, 2, 200, 16, SMALL.replace(selection="block_shared")),
+    ("G7-per_head", 14, 2, 200, 16, SMALL.replace(layout="per_head")),
+    ("G7-per_head-shared", 7, 1, 177, 16, SMALL.replace(layout="per_head", selection="block_shared", select_query_tile=8)),
+    ("G7-selblock32", 14, 2, 211, 16, SMALL.replace(select_block_size=32, select_query_tile=16, flex_block_kv=16)),
+    ("G7-mlp", 14, 2, 140, 16, SMALL.replace(compression="mlp")),
+    ("G7-videonsa-T300", 7, 1, 300, 32, NSAConfig()),
+]
+
+
+def compressors_for(cfg, D, dtype, device, seed=0):
+    if cfg.compression != "mlp":
+        return None, None
+    torch.manual_seed(seed)
+    comp = (MLPCompressor(cfg.block_size, D).to(device, dtype), MLPCompressor(cfg.block_size, D).to(device, dtype))
+    comp64 = tuple(MLPCompressor(cfg.block_size, D).double() for _ in range(2))
+    for c64, c in zip(comp64, comp):
+        c64.load_state_dict({n: p.detach().double().cpu() for n, p in c.state_dict().items()})
+    return comp, comp64
+
+
+def check_against_reference(case, dtype, device, tol, grad_tol=None, seed=0):
+    _, Hq, Hkv, T, D, cfg = case
+    inputs = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed, requires_grad=grad_tol is not None)
+    comp, comp64 = compressors_for(cfg, D, dtype, device, seed)
+    res = nsa_attention(*inputs, cfg, compressors=comp, return_branches=True)
+    ref_in = float64(*inputs)
+    ref = nsa_reference(*ref_in, cfg, compressors=comp64, selected=res.selected.cpu())
+    for name in BRANCHES:
+        assert_rel(getattr(res, name), getattr(ref, name), tol, name)
+    visible = torch.isfinite(ref.cmp_lse)
+    assert torch.equal(torch.isfinite(res.cmp_lse).cpu(), visible)
+    torch.testing.assert_close(res.cmp_lse.cpu()[visible], ref.cmp_lse[visible], rtol=tol, atol=tol * 10)
+    scores = reference_scores(*ref_in[:3], cfg, comp64)
+    assert_valid_top_n(res.selected, scores, cfg, atol=tol * 10)
+    if grad_tol is None:
+        return
+    grad_out = torch.randn_like(res.out)
+    res.out.backward(grad_out)
+    ref.out.backward(grad_out.double().cpu())
+    for name, a, b in zip(("q", "k", "v", "gates"), inputs, ref_in):
+        assert_rel(a.grad, b.grad, grad_tol, f"d{name}")
+    if comp is not None:
+        assert_rel(comp[0].fc1.weight.grad, comp64[0].fc1.weight.grad, grad_tol, "dW mlp")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_flex_forward_cpu(case):
+    # fp32 everywhere on CPU: errors are fp32 rounding of O(T) sums, far under 1e-5.
+    with torch.no_grad():
+        check_against_reference(case, torch.float32, "cpu", tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", CASES + [("Q7B-T1000", 28, 4, 1000, 128, NSAConfig())], ids=[c[0] for c in CASES] + ["Q7B-T1000"])
+def test_flex_forward_backward_gpu(case, dtype):
+    # The reference runs on the bf16-rounded inputs, so only kernel arithmetic counts: bf16
+    # probabilities/outputs (unit roundoff 3.9e-3) compound to ~1e-2; fp32 dots may run as
+    # TF32 (10-bit mantissa, ~5e-4 per dot) on Hopper.
+    tol, grad_tol = (2.5e-2, 4e-2) if dtype == torch.bfloat16 else (2e-3, 4e-3)
+    check_against_reference(case, dtype, "cuda", tol=tol, grad_tol=grad_tol)
+
+
+def test_flex_cpu_training_is_refused_clearly():
+    q, k, v, g = random_inputs(1, 2, 1, 40, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        nsa_attention(q, k, v, g, SMALL)
+
+
+def test_empty_sequence():
+    for backend in ("flex", "reference"):
+        q, k, v, g = random_inputs(1, 4, 2, 0, 16)
+        res = nsa_attention(q, k, v, g, SMALL.replace(backend=backend), return_branches=True)
+        assert res.out.shape == (1, 4, 0, 16) and res.selected.shape == (1, 2, 0, 4)
+
+
+def test_per_token_vs_block_shared_difference(capsys):
+    """The two granularities differ (measured and printed), and tiles of 1 token coincide."""
+    q, k, v, g = random_inputs(1, 14, 2, 400, 16, seed=11)
+    with torch.no_grad():
+        per_token = nsa_attention(q, k, v, g, SMALL, return_branches=True)
+        shared = nsa_attention(q, k, v, g, SMALL.replace(selection="block_shared"), return_branches=True)
+        one = nsa_attention(q, k, v, g, SMALL.replace(selection="block_shared", select_query_tile=1), return_branches=True)
+    same = (per_token.selected == shared.selected).float().mean().item()
+    diff_out, diff_slc = rel_err(shared.out, per_token.out), rel_err(shared.slc, per_token.slc)
+    with capsys.disabled():
+        print(f"\n[per-token vs block-shared, T=400, l'=16, n=4, tile 16] identical selections: {same:.1%}, "
+              f"rel. diff out {diff_out:.3e}, slc {diff_slc:.3e}")
+    assert 0 < diff_out < 1 and same < 1
+    assert torch.equal(one.selected, per_token.selected)
+    torch.testing.assert_close(one.out, per_token.out, rtol=0, atol=0)
+
+
+def run_without_recompiles(device, dtype, Hq, Hkv, T, D, cfg):
+    """First call compiles; later calls with new data (so a new selection) must not recompile
+    or fall back to eager flex_attention."""
+    with torch.no_grad():
+        first = nsa_attention(*random_inputs(1, Hq, Hkv, T, D, dtype=dtype, device=device, seed=0), cfg, return_branches=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "flex_attention called without torch.compile" would raise
+            torch.compiler.set_stance("fail_on_recompile")
+            try:
+                for seed in (1, 2):
+                    later = nsa_attention(*random_inputs(1, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed), cfg, return_branches=True)
+            finally:
+                torch.compiler.set_stance("default")
+    assert not torch.equal(first.selected, later.selected), "selection did not change: the test proves nothing"
+
+
+def test_no_recompile_when_selection_changes_cpu():
+    run_without_recompiles("cpu", torch.float32, 14, 2, 200, 16, SMALL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+@pytest.mark.parametrize("layout", ["gqa_folded", "per_head"])
+def test_no_recompile_when_selection_changes_gpu(selection, layout):
+    run_without_recompiles("cuda", torch.bfloat16, 28, 4, 8192, 128, NSAConfig(selection=selection, layout=layout, check_inputs=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [65536 + 77, 131072])
+def test_long_context_sampled_rows_gpu(T):
+    """At 64K-128K tokens (int32 offset overflow territory), sampled rows of every branch match
+    a float64 per-token computation from the definitions."""
+    cfg = NSAConfig(check_inputs=False)
+    q, k, v, g = random_inputs(1, 28, 4, T, 128, dtype=torch.bfloat16, device="cuda", seed=5)
+    with torch.no_grad():
+        res = nsa_attention(q, k, v, g, cfg, return_branches=True)
+        k_cmp, v_cmp = (mean_pool(x.double(), cfg.block_size, cfg.stride) for x in (k, v))
+        gen = torch.Generator().manual_seed(0)
+        rows = sorted(set(torch.randint(0, T, (12,), generator=gen).tolist()) | {0, 63, T - 1})
+        for t in rows:
+            expected = token_reference(q, k, v, g, cfg, res.selected, t, k_cmp, v_cmp)
+            for name, e in zip(BRANCHES[1:] + BRANCHES[:1], expected):
+                assert_rel(getattr(res, name)[:, :, t], e, 2.5e-2, f"{name} row {t}")
