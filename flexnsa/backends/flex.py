@@ -32,13 +32,30 @@ compiled_flex_attention = torch.compile(flex_attention, fullgraph=True)
 compiled_flex_attention_static = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
 
+def kernel_options_for(block_mask) -> dict | None:
+    """Kernel tiles that divide the mask's blocks, or None (inductor's defaults) for >= 128.
+
+    The flex templates need every tile to divide the BlockMask block: with a 64- or 16-wide
+    kv block the default GPU tiles (fwd BLOCK_N 64-128, bwd BLOCK_N1 128) do not, and the
+    forward fails to lower / the backward finds no valid config (PITFALLS).
+    """
+    bq, bk = block_mask.BLOCK_SIZE
+    if bq >= 128 and bk >= 128:
+        return None
+    m, n = min(bq, 64), min(bk, 64)
+    return {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": n, "bwd_BLOCK_M2": m, "bwd_BLOCK_N2": n}
+
+
 def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
     """flex_attention through a module-level compiled function (inline when already compiling)."""
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if q.device.type != "cpu":
+        kwargs["kernel_options"] = kernel_options_for(block_mask)
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return flex_attention(q, k, v, **kwargs)
     fn = compiled_flex_attention_static if q.device.type == "cpu" else compiled_flex_attention
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
-        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return fn(q, k, v, **kwargs)
 
 
 def _check_flex_support(q, k, v, gates, head_dim: int) -> None:
