@@ -1,5 +1,9 @@
 """FlexAttention backend: compression, selection and window as block-sparse flex_attention calls.
 
+The op is a sequence of named stages (``compress``, ``score_and_select``, ``build_masks``,
+``attend``, ``combine``); ``nsa_flex`` runs them in order and the profiler times each one, so
+the numbers describe exactly the code that runs.
+
 Every flex call goes through a module-level ``torch.compile(flex_attention)``. Uncompiled
 flex_attention materialises the full score matrix (1.8 TB at 128K), so the call runs with
 ``fail_on_recompile_limit_hit``: exhausting the recompile budget raises instead of silently
@@ -12,8 +16,10 @@ compile (``cur_qSplitSize4 was not declared``), so CPU compiles one static graph
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..block_masks import (
     QueryLayout,
@@ -58,7 +64,13 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
         return fn(q, k, v, **kwargs)
 
 
-def _check_flex_support(q, k, v, gates, head_dim: int) -> None:
+class NSAMasks(NamedTuple):
+    compression: BlockMask | None  # None while no whole block exists (T < block_size)
+    selection: BlockMask
+    window: BlockMask
+
+
+def check_flex_support(q, k, v, gates, head_dim: int) -> None:
     if head_dim not in FLEX_HEAD_DIMS:
         raise ValueError(f"backend='flex' supports head_dim in {FLEX_HEAD_DIMS}, got {head_dim}")
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(
@@ -70,31 +82,55 @@ def _check_flex_support(q, k, v, gates, head_dim: int) -> None:
         )
 
 
+# --- stages ---------------------------------------------------------------------------------
+
+compress = compress_kv  # stage 1a: pooled K~, V~ [B, Hkv, C, D]
+
+
+def score_and_select(q, k_cmp, config: NSAConfig):
+    """Stage 2+3: importance + top-n (no grad). -> selected [B, Hkv, T, n], cmp lse [B, Hq, T]."""
+    return importance_top_n(q.detach(), k_cmp.detach(), config)
+
+
+def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) -> NSAMasks:
+    device = selected.device
+    has_blocks = config.num_compressed_blocks(seq_len) > 0
+    return NSAMasks(
+        compression_block_mask(seq_len, layout, config, device) if has_blocks else None,
+        selection_block_mask(selected, layout, config),
+        window_block_mask(seq_len, layout, config, device),
+    )
+
+
+def attend(q_rows, k, v, block_mask, layout: QueryLayout, scale: float):
+    """One branch's attention over query rows; a missing mask means nothing is visible (0)."""
+    if block_mask is None:
+        return torch.zeros_like(q_rows)
+    return run_flex(q_rows, k, v, block_mask, scale, layout.enable_gqa)
+
+
+def combine(gates, cmp, slc, win, layout: QueryLayout):
+    """Stage 6 on query rows: gates [B, T, Hq, 3] -> o = g_cmp*cmp + g_slc*slc + g_win*win."""
+    g = layout.fold(gates.permute(0, 2, 1, 3))
+    return g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
+
+
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
     shape = check_nsa_inputs(q, k, v, gates, config)
-    T, D, Hkv = shape.seq_len, shape.head_dim, shape.kv_heads
-    _check_flex_support(q, k, v, gates, D)
-    n = config.num_selected
+    T, D = shape.seq_len, shape.head_dim
+    check_flex_support(q, k, v, gates, D)
     if T == 0:
         empty = q.new_zeros(q.shape)
-        selected = torch.full((shape.batch, Hkv, 0, n), -1, dtype=torch.int64, device=q.device)
+        selected = torch.full((shape.batch, shape.kv_heads, 0, config.num_selected), -1, dtype=torch.int64, device=q.device)
         return NSAOutput(empty, empty, empty, empty, selected, q.new_zeros(q.shape[:3], dtype=torch.float32))
     scale = config.softmax_scale(D)
     layout = QueryLayout(config.layout, shape.group)
-    k_cmp, v_cmp = compress_kv(k, v, config, compressors)
-    selected, cmp_lse = importance_top_n(q.detach(), k_cmp.detach(), config)
-
+    k_cmp, v_cmp = compress(k, v, config, compressors)
+    selected, cmp_lse = score_and_select(q, k_cmp, config)
+    masks = build_masks(selected, T, layout, config)
     q_rows = layout.fold(q)
-    if k_cmp.shape[2] > 0:
-        cmp_mask = compression_block_mask(T, layout, config, q.device)
-        cmp = run_flex(q_rows, k_cmp, v_cmp, cmp_mask, scale, layout.enable_gqa)
-    else:  # no whole block yet: nothing is visible, the branch is exactly 0
-        cmp = torch.zeros_like(q_rows)
-    slc = run_flex(q_rows, k, v, selection_block_mask(selected, layout, config), scale, layout.enable_gqa)
-    win = run_flex(q_rows, k, v, window_block_mask(T, layout, config, q.device), scale, layout.enable_gqa)
-
-    g = layout.fold(gates.permute(0, 2, 1, 3))  # [B, Hq, T, 3] -> query rows
-    out = g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
-    return NSAOutput(
-        layout.unfold(out), layout.unfold(cmp), layout.unfold(slc), layout.unfold(win), selected, cmp_lse
-    )
+    cmp = attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
+    slc = attend(q_rows, k, v, masks.selection, layout, scale)
+    win = attend(q_rows, k, v, masks.window, layout, scale)
+    out = combine(gates, cmp, slc, win, layout)
+    return NSAOutput(*(layout.unfold(x) for x in (out, cmp, slc, win)), selected, cmp_lse)
