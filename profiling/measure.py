@@ -1,0 +1,119 @@
+"""Latency of the NSA op and of each of its stages, as the flex backend runs them.
+
+Stages (the report's branches):
+  compression  pooling + compressed attention (+ their backward)
+  scores_topk  importance scores + top-n (no grad: same in both modes)
+  mask_build   the three BlockMasks from indices (no grad)
+  selection    selected-block attention (+ backward)
+  window       sliding-window attention (+ backward)
+  combine      GQA fold of q, gated combine, unfold of the output (+ backward)
+The op's total is measured separately; the report shows the stage sum next to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexnsa import NSAConfig, nsa_attention
+from flexnsa.backends import flex as stages
+from flexnsa.block_masks import QueryLayout
+
+from .timing import first_call_s, median_ms, peak_memory_mb
+
+STAGES = ("compression", "scores_topk", "mask_build", "selection", "window", "combine")
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def random_inputs(shape: Shape, seq_len: int, seed: int, requires_grad: bool):
+    """Fresh random q, k, v, gates (never zeros), generated on the device."""
+    gen = torch.Generator(device=shape.device).manual_seed(seed)
+    kw = dict(device=shape.device, dtype=shape.dtype, generator=gen)
+    q = torch.randn(shape.batch, shape.q_heads, seq_len, shape.head_dim, **kw)
+    k = torch.randn(shape.batch, shape.kv_heads, seq_len, shape.head_dim, **kw)
+    v = torch.randn(shape.batch, shape.kv_heads, seq_len, shape.head_dim, **kw)
+    gates = torch.rand(shape.batch, seq_len, shape.q_heads, 3, **kw)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, gates)]
+
+
+def _leaf(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    return x.detach().requires_grad_(requires_grad)
+
+
+def _with_backward(forward, grad_out, backward: bool):
+    if not backward:
+        return lambda: forward()
+    return lambda: forward().backward(grad_out)
+
+
+def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, stages: bool = True, seed: int = 0, warmup_ms=25, rep_ms=100) -> dict:
+    """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory."""
+    backward = mode == "fwd+bwd"
+    device = shape.device
+    q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
+    grad_out = torch.randn_like(q)
+    timing = dict(warmup_ms=warmup_ms, rep_ms=rep_ms)
+    with torch.set_grad_enabled(backward):
+        total_fn = _with_backward(lambda: nsa_attention(q, k, v, gates, config), grad_out, backward)
+        cold_s = first_call_s(total_fn, device)
+        total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
+        peak = peak_memory_mb(total_fn, device)
+        stage_ms = measure_stages(q, k, v, gates, grad_out, config, backward, timing) if stages else {}
+    return {
+        "mode": mode,
+        "seq_len": seq_len,
+        "total_ms": total,
+        "stages_ms": stage_ms,
+        "stage_sum_ms": sum(stage_ms.values()) if stage_ms else None,
+        "compile_s": max(0.0, cold_s - total / 1000),
+        "peak_mb": peak,
+    }
+
+
+def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, timing: dict) -> dict:
+    device = q.device
+    T, D = q.shape[2], q.shape[3]
+    scale = config.softmax_scale(D)
+    layout = QueryLayout(config.layout, q.shape[1] // k.shape[1])
+    with torch.no_grad():
+        k_cmp, v_cmp = stages.compress(k, v, config)
+        selected, _ = stages.score_and_select(q, k_cmp, config)
+        masks = stages.build_masks(selected, T, layout, config)
+        q_rows = layout.fold(q)
+        branch = {name: stages.attend(q_rows, kk, vv, m, layout, scale) for name, kk, vv, m in (
+            ("cmp", k_cmp, v_cmp, masks.compression), ("slc", k, v, masks.selection), ("win", k, v, masks.window))}
+    q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q_rows, k, v, gates))
+    cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
+    grad_rows = layout.fold(grad_out)
+    leaves = [q_rows, k_l, v_l, gates_l, cmp, slc, win]
+
+    def compression():
+        kc, vc = stages.compress(k_l, v_l, config)
+        return stages.attend(q_rows, kc, vc, masks.compression, layout, scale)
+
+    fns = {
+        "compression": _with_backward(compression, grad_rows, backward),
+        "scores_topk": lambda: stages.score_and_select(q, k_cmp, config),
+        "mask_build": lambda: stages.build_masks(selected, T, layout, config),
+        "selection": _with_backward(lambda: stages.attend(q_rows, k_l, v_l, masks.selection, layout, scale), grad_rows, backward),
+        "window": _with_backward(lambda: stages.attend(q_rows, k_l, v_l, masks.window, layout, scale), grad_rows, backward),
+        "combine": _with_backward(
+            lambda: (layout.fold(q), layout.unfold(stages.combine(gates_l, cmp, slc, win, layout)))[1], grad_out, backward
+        ),
+    }
+    out = {}
+    for name in STAGES:
+        fns[name]()  # compile outside the timed region
+        out[name] = median_ms(fns[name], device, grad_to_none=leaves, **timing)
+    return out
