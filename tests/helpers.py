@@ -111,11 +111,11 @@ def token_reference(q, k, v, gates, config: NSAConfig, selected, t: int, k_cmp=N
     k_cmp, v_cmp = k_cmp.detach().double(), v_cmp.detach().double()
     qt = q[:, :, t]  # [B, Hq, D]
 
-    def attend(keys, values):  # keys [B, Hkv, S, D]
+    def attend(keys, values, queries=qt):  # keys [B, Hkv', S, D], queries [B, Hkv' * G, D]
         if keys.shape[2] == 0:
-            return torch.zeros_like(qt)
+            return torch.zeros_like(queries)
         keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
-        p = torch.softmax(torch.einsum("bhd,bhsd->bhs", qt, keys) * scale, -1)
+        p = torch.softmax(torch.einsum("bhd,bhsd->bhs", queries, keys) * scale, -1)
         return torch.einsum("bhs,bhsd->bhd", p, values)
 
     n_vis = sum(1 for i in range(k_cmp.shape[2]) if i * config.stride + config.block_size <= t + 1)
@@ -127,7 +127,8 @@ def token_reference(q, k, v, gates, config: NSAConfig, selected, t: int, k_cmp=N
             ids = ids[ids >= 0].to(k.device)
             keys = (ids[:, None] * config.select_block_size + torch.arange(config.select_block_size, device=k.device)).flatten()
             keys = keys[keys <= t]
-            slc[b, h * G : (h + 1) * G] = attend(k[b : b + 1, h : h + 1, keys], v[b : b + 1, h : h + 1, keys])[0]
+            heads = slice(h * G, (h + 1) * G)
+            slc[b, heads] = attend(k[b : b + 1, h : h + 1, keys], v[b : b + 1, h : h + 1, keys], qt[b : b + 1, heads])[0]
     lo = max(0, t - config.window + 1)
     win = attend(k[:, :, lo : t + 1], v[:, :, lo : t + 1])
     g = gates[:, t]  # [B, Hq, 3]

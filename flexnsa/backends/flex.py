@@ -60,8 +60,18 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     fn = compiled_flex_attention_static if q.device.type == "cpu" else compiled_flex_attention
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
-        return fn(q, k, v, **kwargs)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
+            return fn(q, k, v, **kwargs)
+    except Exception as e:  # inductor's lowering errors have no public type
+        if "NoValidChoicesError" not in str(e) or "flex_attention_backward" not in str(e):
+            raise
+        raise ValueError(
+            f"FlexAttention's backward has no kernel config for BlockMask blocks {block_mask.BLOCK_SIZE} at "
+            f"head_dim {q.shape[-1]}, {q.dtype} on this GPU (torch {torch.__version__}; on Hopper bf16 it "
+            "needs NSAConfig.flex_block_q and flex_block_kv to be multiples of 128). Use 128-multiples "
+            "to train, or run this configuration forward-only under torch.no_grad()."
+        ) from None
 
 
 class NSAMasks(NamedTuple):

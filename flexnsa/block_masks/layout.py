@@ -55,8 +55,8 @@ class QueryLayout:
         return x.reshape(B, Hkv * self.group, R // self.group, *rest)
 
     def token_of_row(self, q_idx: torch.Tensor) -> torch.Tensor:
-        """Token index of a query row, in int64 (no int32 overflow past 46K tokens x G)."""
-        q_idx = q_idx.to(torch.int64)
+        """Token index of a query row (int32: rows < 2^31 even at 128K tokens x G; division by
+        the constant G compiles to a multiply-shift, where int64 division is emulated)."""
         return q_idx // self.group if self.folded else q_idx
 
     def kv_head_of_mask_head(self, h: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,11 @@ On CPU, eager flex_attention ignores block indices and evaluates only the mask_m
 compiled flex respects the indices (PITFALLS), so eager == compiled only if the mask_mod is the
 whole truth. Closures capture ints fixed by the config and tensors, never changing Python
 scalars, so a new mask of equal shapes does not recompile.
+
+Index arithmetic stays in int32 (what flex passes in): every value is below 2^31 at 128K tokens
+x 7 heads, and divisions by the captured constants compile to multiply-shifts. The table
+lookups index small tensors (no q*kv products), so there is no offset overflow; the 128K
+sampled-row GPU test checks it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ def causal_compression_mask(block_size: int, stride: int, layout: QueryLayout):
 
     def mask_mod(b, h, q_idx, kv_idx):
         t = layout.token_of_row(q_idx)
-        return kv_idx.to(torch.int64) * stride + block_size <= t + 1
+        return kv_idx * stride + block_size <= t + 1
 
     return mask_mod
 
@@ -30,8 +35,7 @@ def sliding_window_mask(window: int, layout: QueryLayout):
 
     def mask_mod(b, h, q_idx, kv_idx):
         t = layout.token_of_row(q_idx)
-        s = kv_idx.to(torch.int64)
-        return (s <= t) & (t - s < window)
+        return (kv_idx <= t) & (t - kv_idx < window)
 
     return mask_mod
 
@@ -48,11 +52,10 @@ def selected_blocks_mask(
 
     def mask_mod(b, h, q_idx, kv_idx):
         t = layout.token_of_row(q_idx)
-        s = kv_idx.to(torch.int64)
-        block = s // select_block_size
+        block = kv_idx // select_block_size
         word = selection_bits[b, layout.kv_head_of_mask_head(h), t // tokens_per_table_row, block // BITS_PER_WORD]
-        hit = (word >> (block % BITS_PER_WORD).to(torch.int32)) & 1
-        return (hit != 0) & (s <= t)
+        hit = (word >> (block % BITS_PER_WORD)) & 1
+        return (hit != 0) & (kv_idx <= t)
 
     return mask_mod
 
