@@ -39,17 +39,17 @@ compiled_flex_attention_static = torch.compile(flex_attention, fullgraph=True, d
 
 
 def kernel_options_for(block_mask) -> dict | None:
-    """Kernel tiles that divide the mask's blocks, or None (inductor's defaults) for >= 128.
+    """Forward tiles that divide the mask's blocks, or None (inductor's defaults) for >= 128.
 
-    The flex templates need every tile to divide the BlockMask block: with a 64- or 16-wide
-    kv block the default GPU tiles (fwd BLOCK_N 64-128, bwd BLOCK_N1 128) do not, and the
-    forward fails to lower / the backward finds no valid config (PITFALLS).
+    The flex forward template needs its tiles to divide the BlockMask block; with 64- or 16-wide
+    kv blocks the default GPU tiles do not and the forward fails to lower. The backward is not
+    overridden: inductor filters its own config list by divisibility before applying options
+    (see ``check_flex_support`` for what that means for training).
     """
     bq, bk = block_mask.BLOCK_SIZE
     if bq >= 128 and bk >= 128:
         return None
-    m, n = min(bq, 64), min(bk, 64)
-    return {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": n, "bwd_BLOCK_M2": m, "bwd_BLOCK_N2": n}
+    return {"fwd_BLOCK_M": min(bq, 64), "fwd_BLOCK_N": min(bk, 64)}
 
 
 def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
@@ -60,18 +60,8 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     fn = compiled_flex_attention_static if q.device.type == "cpu" else compiled_flex_attention
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
-            return fn(q, k, v, **kwargs)
-    except Exception as e:  # inductor's lowering errors have no public type
-        if "NoValidChoicesError" not in str(e) or "flex_attention_backward" not in str(e):
-            raise
-        raise ValueError(
-            f"FlexAttention's backward has no kernel config for BlockMask blocks {block_mask.BLOCK_SIZE} at "
-            f"head_dim {q.shape[-1]}, {q.dtype} on this GPU (torch {torch.__version__}; on Hopper bf16 it "
-            "needs NSAConfig.flex_block_q and flex_block_kv to be multiples of 128). Use 128-multiples "
-            "to train, or run this configuration forward-only under torch.no_grad()."
-        ) from None
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
+        return fn(q, k, v, **kwargs)
 
 
 class NSAMasks(NamedTuple):
@@ -80,15 +70,28 @@ class NSAMasks(NamedTuple):
     window: BlockMask
 
 
-def check_flex_support(q, k, v, gates, head_dim: int) -> None:
+def check_flex_support(q, k, v, gates, head_dim: int, config: NSAConfig) -> None:
+    """Refuse, with the reason, what FlexAttention cannot run (instead of a lowering trace).
+
+    Backward on a GPU in 16-bit: torch 2.11's default backward configs are (64, 128, 128, 64)
+    on Hopper and (64, 64, 64, 64) elsewhere, and the backward compiles lazily at the first
+    .backward(), so blocks that are not 128-multiples are refused here, at the forward call.
+    """
     if head_dim not in FLEX_HEAD_DIMS:
         raise ValueError(f"backend='flex' supports head_dim in {FLEX_HEAD_DIMS}, got {head_dim}")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, gates)
-    ):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates))
+    if training and q.device.type == "cpu":
         raise RuntimeError(
             "backend='flex' has no backward on CPU (FlexAttention's CPU path is forward-only): "
             "use NSAConfig(backend='reference') to train on CPU, or run under torch.no_grad()"
+        )
+    small = (config.flex_block_q % 128) or (config.flex_block_kv % 128)
+    if training and q.dtype in (torch.float16, torch.bfloat16) and small:
+        raise ValueError(
+            f"FlexAttention's {q.dtype} backward has no kernel config for BlockMask blocks "
+            f"({config.flex_block_q}, {config.flex_block_kv}) (torch {torch.__version__}): "
+            "NSAConfig.flex_block_q and flex_block_kv must be multiples of 128 to train; "
+            "smaller blocks run forward-only (under torch.no_grad())."
         )
 
 
@@ -128,7 +131,7 @@ def combine(gates, cmp, slc, win, layout: QueryLayout):
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
     shape = check_nsa_inputs(q, k, v, gates, config)
     T, D = shape.seq_len, shape.head_dim
-    check_flex_support(q, k, v, gates, D)
+    check_flex_support(q, k, v, gates, D, config)
     if T == 0:
         empty = q.new_zeros(q.shape)
         selected = torch.full((shape.batch, shape.kv_heads, 0, config.num_selected), -1, dtype=torch.int64, device=q.device)
