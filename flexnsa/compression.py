@@ -19,10 +19,20 @@ def block_view(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
 
 
 def mean_pool(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H, C, D]: mean of each whole block (fp32 accumulation)."""
-    if x.shape[2] < block_size:
-        return x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3])
-    return block_view(x, block_size, stride).mean(dim=-2, dtype=torch.float32).to(x.dtype)
+    """[B, H, T, D] -> [B, H, C, D]: mean of each whole block (fp32 accumulation).
+
+    Non-overlapping blocks use a reshape (its backward is a broadcast); unfold's backward is a
+    generic scatter, ~30x the forward on an H200 at 16K tokens.
+    """
+    B, H, T, D = x.shape
+    if T < block_size:
+        return x.new_zeros(B, H, 0, D)
+    if stride == block_size:
+        C = T // block_size
+        blocks = x[:, :, : C * block_size].unflatten(2, (C, block_size))
+    else:
+        blocks = block_view(x, block_size, stride)
+    return blocks.mean(dim=-2, dtype=torch.float32).to(x.dtype)
 
 
 class MLPCompressor(nn.Module):

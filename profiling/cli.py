@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", type=Path, help="results folder (default profiling/runs/<time>-<device>)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report-from", type=Path, nargs="+", metavar="DIR",
+                   help="measure nothing: merge these runs' results.json into --out and write its report and plots")
     return p
 
 
@@ -246,9 +248,51 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
     return 0
 
 
+def merge_runs(folders: list[Path]) -> dict:
+    """One results dict from several runs of the same shape (e.g. a sweep split across calls)."""
+    import json
+
+    runs = []
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise UsageError(f"no results.json in {folder}")
+        runs.append(json.loads(path.read_text()))
+    merged = runs[0]
+    for other in runs[1:]:
+        if other["shape"] != merged["shape"]:
+            raise UsageError(f"cannot merge runs of different shapes: {merged['shape']} vs {other['shape']}")
+        merged["variants"].update(other["variants"])
+        for key in ("nsa", "baselines", "errors", "traces"):
+            merged[key] += other[key]
+        if other["meta"]["commit"] != merged["meta"]["commit"]:
+            merged["errors"].append(f"merged runs come from commits {merged['meta']['commit']} and {other['meta']['commit']}")
+    merged["nsa"].sort(key=lambda r: (r["variant"], r["mode"], r["seq_len"]))
+    merged["baselines"].sort(key=lambda r: (r["name"], r["mode"], r["seq_len"]))
+    return merged
+
+
+def report_only(args) -> int:
+    if args.out is None:
+        print("error: --report-from needs --out", file=sys.stderr)
+        return 2
+    try:
+        results = merge_runs(args.report_from)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.write_json(results, args.out)
+    if not args.no_plots and results["nsa"]:
+        report.write_plots(results, args.out)
+    print(f"report: {report.write_markdown(results, args.out)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.report_from:
+        return report_only(args)
     try:
         run = resolve(args)
     except UsageError as e:
