@@ -81,8 +81,8 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
     }
 
 
-def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, timing: dict) -> dict:
-    device = q.device
+def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool):
+    """Callables running each stage alone on precomputed inputs, and the leaves whose grads they fill."""
     T, D = q.shape[2], q.shape[3]
     scale = config.softmax_scale(D)
     layout = QueryLayout(config.layout, q.shape[1] // k.shape[1])
@@ -96,7 +96,6 @@ def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, 
     q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
     grad_rows = layout.fold(grad_out)
-    leaves = [q_rows, k_l, v_l, gates_l, cmp, slc, win]
 
     def compression():
         kc, vc = stages.compress(k_l, v_l, config)
@@ -112,8 +111,13 @@ def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, 
             lambda: (layout.fold(q), layout.unfold(stages.combine(gates_l, cmp, slc, win, layout)))[1], grad_out, backward
         ),
     }
+    return fns, [q_rows, k_l, v_l, gates_l, cmp, slc, win]
+
+
+def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, timing: dict) -> dict:
+    fns, leaves = stage_functions(q, k, v, gates, grad_out, config, backward)
     out = {}
     for name in STAGES:
         fns[name]()  # compile outside the timed region
-        out[name] = median_ms(fns[name], device, grad_to_none=leaves, **timing)
+        out[name] = median_ms(fns[name], q.device, grad_to_none=leaves, **timing)
     return out
