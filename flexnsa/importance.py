@@ -1,22 +1,24 @@
-"""Importance scores and top-n selection in PyTorch, chunked over queries (no [T, C] tensor).
+"""Importance scores and top-n selection, chunked over queries (memory-bounded, no grad).
 
-This is the flex backend's scorer until the fused Triton kernel takes over: each chunk
-recomputes the compression logits in fp32, takes its own log-sum-exp, sums probabilities over
-the G heads of a group, maps them onto selection blocks and picks the top-n. Selection is not
-differentiable (as in NSA), so all of it runs under no_grad. The eligibility/forced-block rule
-and the block-overlap map are the reference's (one definition of the semantics).
+Per chunk of tokens: group scores (compression probabilities summed over the G heads of each kv
+group, per compressed block) come from the fused Triton kernel
+(``triton_fallback.compression_scores``) or from PyTorch; they are mapped onto selection blocks,
+summed over query tiles in block-shared mode, and the top-n is taken. Selection is not
+differentiable (as in NSA), so all of it runs under no_grad. The eligibility/forced-block rule and
+the block-overlap map are the reference's (one definition of the semantics).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from .config import NSAConfig
 from .reference import block_overlap, compression_visibility, top_n_blocks
 
-CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB): bounds this path's peak memory
+CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
 
 
 @contextlib.contextmanager
@@ -34,9 +36,36 @@ def exact_tf32_for(dtype: torch.dtype):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _chunk_tokens(batch: int, q_heads: int, num_cmp: int, tile: int) -> int:
-    per_token = max(1, batch * q_heads * max(num_cmp, 1))
-    return max(tile, CHUNK_ELEMENTS // per_token // tile * tile)
+def use_triton_scorer(config: NSAConfig, device: torch.device) -> bool:
+    if config.scorer == "torch" or (config.scorer == "auto" and device.type != "cuda"):
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "NSAConfig.scorer='triton' on CPU needs the Triton interpreter (TRITON_INTERPRET=1 set "
+            "before flexnsa is imported); use scorer='torch' or 'auto'"
+        )
+    return True
+
+
+def torch_group_scores(q, k_cmp, config: NSAConfig, t0: int, t1: int, lse: torch.Tensor):
+    """PyTorch version of the fused kernel: [B, Hkv, t1 - t0, C] group scores, lse rows filled."""
+    B, Hq, _, D = q.shape
+    Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
+    # Causality bounds the work: only blocks visible to the chunk's last token.
+    c_vis = min(C, max(0, (t1 - config.block_size) // config.stride + 1))
+    qc = q[:, :, t0:t1].float().view(B, Hkv, Hq // Hkv, t1 - t0, D)
+    with exact_tf32_for(q.dtype):
+        logits = torch.einsum("bhgtd,bhcd->bhgtc", qc, k_cmp[:, :, :c_vis].float()) * config.softmax_scale(D)
+    visible = compression_visibility(torch.arange(t0, t1, device=q.device), c_vis, config)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    chunk_lse = torch.logsumexp(logits, dim=-1)
+    lse[:, :, t0:t1] = chunk_lse.view(B, Hq, t1 - t0)
+    probs = torch.exp(logits - chunk_lse[..., None]).nan_to_num_(0.0)  # rows with nothing visible -> 0
+    return torch.nn.functional.pad(probs.sum(dim=2), (0, C - c_vis))
+
+
+def _chunk_tokens(per_token_elements: int, tile: int) -> int:
+    return max(tile, CHUNK_ELEMENTS // max(1, per_token_elements) // tile * tile)
 
 
 @torch.no_grad()
@@ -47,36 +76,32 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     """
     B, Hq, T, D = q.shape
     Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
-    G = Hq // Hkv
-    scale = config.softmax_scale(D)
     l_sel = config.select_block_size
     shared = config.selection == "block_shared"
     tile = config.select_query_tile if shared else 1
     identity_map = config.block_size == config.stride == l_sel
     overlap = None if identity_map else block_overlap(T, config, torch.float32, q.device)
-    kc = k_cmp.float()
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    step = _chunk_tokens(B, Hq, C, tile)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    if use_triton_scorer(config, q.device):
+        from .triton_fallback.compression_scores import compression_group_scores
+
+        q_c, k_c = q.contiguous(), k_cmp.contiguous()
+        step = _chunk_tokens(B * Hkv * max(C, 1), tile)
+        group_scores = lambda t0, t1: compression_group_scores(  # noqa: E731
+            q_c, k_c, config.block_size, config.stride, config.softmax_scale(D), t0, t1, lse
+        )[0]
+    else:
+        step = _chunk_tokens(B * Hq * max(C, 1), tile)
+        group_scores = lambda t0, t1: torch_group_scores(q, k_cmp, config, t0, t1, lse)  # noqa: E731
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        # Causality bounds the work: blocks visible to the chunk's last token, eligible
-        # selection blocks up to its own block (later columns could never be chosen).
-        c_vis = min(C, max(0, (t1 - config.block_size) // config.stride + 1))
-        n_elig = (t1 - 1) // l_sel + 1
-        qc = q[:, :, t0:t1].float().view(B, Hkv, G, t1 - t0, D)
-        with exact_tf32_for(q.dtype):
-            logits = torch.einsum("bhgtd,bhcd->bhgtc", qc, kc[:, :, :c_vis]) * scale
-        visible = compression_visibility(torch.arange(t0, t1, device=q.device), c_vis, config)
-        logits = logits.masked_fill(~visible, float("-inf"))
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        lse[:, :, t0:t1] = chunk_lse.view(B, Hq, t1 - t0)
-        probs = torch.exp(logits - chunk_lse[..., None]).nan_to_num_(0.0)  # rows with nothing visible -> 0
-        grouped = probs.sum(dim=2)  # [B, Hkv, tc, c_vis]
+        grouped = group_scores(t0, t1)  # [B, Hkv, tc, C]
+        n_elig = (t1 - 1) // l_sel + 1  # later selection blocks can never be chosen in this chunk
         if identity_map:  # l = s = l': compressed block i is selection block i
-            scores = torch.nn.functional.pad(grouped, (0, n_elig - c_vis))
+            scores = torch.nn.functional.pad(grouped[..., :n_elig], (0, max(0, n_elig - C)))
         else:
-            scores = grouped @ overlap[:c_vis, :n_elig]  # [B, Hkv, tc, n_elig]
+            scores = grouped @ overlap[:, :n_elig]
         if shared:
             pad = -(t1 - t0) % tile
             scores = torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(2, (-1, tile)).sum(dim=3)
