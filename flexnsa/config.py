@@ -13,7 +13,7 @@ SELECTION_MODES = ("per_token", "block_shared")
 COMPRESSION_MODES = ("mean", "mlp")
 BACKENDS = ("flex", "reference")
 LAYOUTS = ("gqa_folded", "per_head")
-SCORERS = ("auto", "triton", "torch")
+COMPRESSION_KERNELS = ("auto", "triton", "torch")
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -29,8 +29,10 @@ class NSAConfig:
     ``block_shared`` mode; it must divide ``select_block_size`` so a tile never straddles two
     selection blocks and its forced local blocks equal those of each of its tokens.
 
-    ``scorer`` computes importance scores: ``triton`` (fused kernel, GPU or the Triton
-    interpreter), ``torch`` (chunked PyTorch), ``auto`` = triton on CUDA, torch on CPU.
+    ``compression_kernel`` runs the compression branch (compressed attention + importance
+    scores): ``triton`` (the kernels in ``flexnsa.triton_fallback``; GPU, or CPU under the
+    Triton interpreter), ``torch`` (FlexAttention + a chunked PyTorch scorer), ``auto`` =
+    triton on CUDA, torch on CPU.
 
     ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
     sync per call, so compiled training loops and the profiler turn it off explicitly.
@@ -50,7 +52,7 @@ class NSAConfig:
     gate_temperature: float = 0.3
     backend: str = "flex"
     layout: str = "gqa_folded"
-    scorer: str = "auto"
+    compression_kernel: str = "auto"
     flex_block_q: int = 128
     flex_block_kv: int = 128
     scale: float | None = None
@@ -86,7 +88,7 @@ class NSAConfig:
         _require_choice("compression", self.compression, COMPRESSION_MODES)
         _require_choice("backend", self.backend, BACKENDS)
         _require_choice("layout", self.layout, LAYOUTS)
-        _require_choice("scorer", self.scorer, SCORERS)
+        _require_choice("compression_kernel", self.compression_kernel, COMPRESSION_KERNELS)
         if self.select_block_size % self.select_query_tile:
             raise ValueError(
                 f"NSAConfig.select_query_tile ({self.select_query_tile}) must divide "

@@ -11,12 +11,12 @@ the block-overlap map are the reference's (one definition of the semantics).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from .config import NSAConfig
 from .reference import block_overlap, compression_visibility, top_n_blocks
+from .triton_fallback import use_triton_kernels
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
 
@@ -34,17 +34,6 @@ def exact_tf32_for(dtype: torch.dtype):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def use_triton_scorer(config: NSAConfig, device: torch.device) -> bool:
-    if config.scorer == "torch" or (config.scorer == "auto" and device.type != "cuda"):
-        return False
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "NSAConfig.scorer='triton' on CPU needs the Triton interpreter (TRITON_INTERPRET=1 set "
-            "before flexnsa is imported); use scorer='torch' or 'auto'"
-        )
-    return True
 
 
 def torch_group_scores(q, k_cmp, config: NSAConfig, t0: int, t1: int, lse: torch.Tensor):
@@ -83,7 +72,7 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     overlap = None if identity_map else block_overlap(T, config, torch.float32, q.device)
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
     lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
-    if use_triton_scorer(config, q.device):
+    if use_triton_kernels(config, q.device):
         from .triton_fallback.compression_scores import compression_group_scores
 
         q_c, k_c = q.contiguous(), k_cmp.contiguous()

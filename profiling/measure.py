@@ -91,15 +91,15 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         selected, _ = stages.score_and_select(q, k_cmp, config)
         masks = stages.build_masks(selected, T, layout, config)
         q_rows = layout.fold(q)
-        branch = {name: stages.attend(q_rows, kk, vv, m, layout, scale) for name, kk, vv, m in (
-            ("cmp", k_cmp, v_cmp, masks.compression), ("slc", k, v, masks.selection), ("win", k, v, masks.window))}
-    q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q_rows, k, v, gates))
+        branch = {name: stages.attend(q_rows, k, v, m, layout, scale) for name, m in (("slc", masks.selection), ("win", masks.window))}
+        branch["cmp"] = stages.compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
+    q_l, q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q, q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
     grad_rows = layout.fold(grad_out)
 
     def compression():
         kc, vc = stages.compress(k_l, v_l, config)
-        return stages.attend(q_rows, kc, vc, masks.compression, layout, scale)
+        return stages.compression_branch(q_l, q_rows, kc, vc, masks, layout, config)
 
     fns = {
         "compression": _with_backward(compression, grad_rows, backward),
@@ -111,7 +111,7 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
             lambda: (layout.fold(q), layout.unfold(stages.combine(gates_l, cmp, slc, win, layout)))[1], grad_out, backward
         ),
     }
-    return fns, [q_rows, k_l, v_l, gates_l, cmp, slc, win]
+    return fns, [q_l, q_rows, k_l, v_l, gates_l, cmp, slc, win]
 
 
 def measure_stages(q, k, v, gates, grad_out, config: NSAConfig, backward: bool, timing: dict) -> dict:

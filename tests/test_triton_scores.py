@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flexnsa import NSAConfig, nsa_attention, nsa_reference
-from flexnsa.importance import use_triton_scorer
 from flexnsa.reference import compression_visibility, masked_attention, reference_compress
+from flexnsa.triton_fallback import use_triton_kernels
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 
 from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores
@@ -60,8 +60,8 @@ def test_group_scores_gpu(case, dtype):
 
 
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_with_triton_scorer_matches_reference(selection):
-    cfg = SMALL.replace(scorer="triton", selection=selection, stride=8)
+def test_op_with_triton_kernels_matches_reference(selection):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, stride=8)
     q, k, v, g = random_inputs(1, 14, 2, 177, 16, seed=9)
     with torch.no_grad():
         res = nsa_attention(q, k, v, g, cfg, return_branches=True)
@@ -71,8 +71,8 @@ def test_op_with_triton_scorer_matches_reference(selection):
     assert_valid_top_n(res.selected, reference_scores(q, k, v, cfg), cfg, atol=1e-5)
 
 
-def test_triton_scorer_on_cpu_needs_the_interpreter(monkeypatch):
+def test_triton_kernels_on_cpu_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        use_triton_scorer(SMALL.replace(scorer="triton"), torch.device("cpu"))
-    assert not use_triton_scorer(SMALL, torch.device("cpu"))  # auto on CPU: the PyTorch scorer
+        use_triton_kernels(SMALL.replace(compression_kernel="triton"), torch.device("cpu"))
+    assert not use_triton_kernels(SMALL, torch.device("cpu"))  # auto on CPU: FlexAttention + PyTorch

@@ -31,6 +31,7 @@ from ..compression import compress_kv
 from ..config import FLEX_HEAD_DIMS, NSAConfig
 from ..importance import importance_top_n
 from ..output import NSAOutput
+from ..triton_fallback import use_triton_kernels
 from ..validation import check_nsa_inputs
 
 RECOMPILE_LIMIT = 64
@@ -65,7 +66,7 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
 
 
 class NSAMasks(NamedTuple):
-    compression: BlockMask | None  # None while no whole block exists (T < block_size)
+    compression: BlockMask | None  # None with the Triton kernel, or while no whole block exists
     selection: BlockMask
     window: BlockMask
 
@@ -107,12 +108,24 @@ def score_and_select(q, k_cmp, config: NSAConfig):
 
 def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) -> NSAMasks:
     device = selected.device
-    has_blocks = config.num_compressed_blocks(seq_len) > 0
+    flex_compression = config.num_compressed_blocks(seq_len) > 0 and not use_triton_kernels(config, device)
     return NSAMasks(
-        compression_block_mask(seq_len, layout, config, device) if has_blocks else None,
+        compression_block_mask(seq_len, layout, config, device) if flex_compression else None,
         selection_block_mask(selected, layout, config),
         window_block_mask(seq_len, layout, config, device),
     )
+
+
+def compression_branch(q, q_rows, k_cmp, v_cmp, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
+    """Stage 1b: compressed attention on query rows: the Triton kernel (its backward splits the
+    query axis) or FlexAttention with the causal compression mask."""
+    scale = config.softmax_scale(q.shape[-1])
+    if k_cmp.shape[2] and use_triton_kernels(config, q.device):
+        from ..triton_fallback.compression_attention import compression_attention
+
+        out, _ = compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)
+        return layout.fold(out)
+    return attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
 
 
 def attend(q_rows, k, v, block_mask, layout: QueryLayout, scale: float):
@@ -142,7 +155,7 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     selected, cmp_lse = score_and_select(q, k_cmp, config)
     masks = build_masks(selected, T, layout, config)
     q_rows = layout.fold(q)
-    cmp = attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
+    cmp = compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
     slc = attend(q_rows, k, v, masks.selection, layout, scale)
     win = attend(q_rows, k, v, masks.window, layout, scale)
     out = combine(gates, cmp, slc, win, layout)

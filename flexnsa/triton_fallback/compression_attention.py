@@ -1,0 +1,238 @@
+"""Compressed attention (NSA's compression branch) in Triton: forward with lse, backward.
+
+q [B, Hq, T, D] attends to pooled K~, V~ [B, Hkv, C, D]; block i is visible to token t iff
+i*s + l <= t + 1; rows with nothing visible give 0 and lse -inf (the reference's step 1).
+
+Tiling is GQA-native: a program's rows are BLOCK_T tokens x the G heads of one kv group (G
+padded to a power of two in registers), so K~/V~ of the group are loaded once for all G heads.
+
+Why not FlexAttention here: its backward gives dK/dV one program per kv block, and the compressed
+key axis is short (C = T/64), so at 32K only 16 programs did all the dK~/dV~ work (H100 trace in
+profiling/results/h100). The dK~/dV~ kernel here also splits the query axis (SPLIT_T token tiles
+per program) and accumulates with fp32 atomics, which keeps the GPU full at any length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 128
+BLOCK_C = 64
+
+
+@triton.jit
+def _rows(pid_t, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    t = pid_t * BLOCK_T + r // G_PAD
+    g = r % G_PAD
+    return t, g, (t < T) & (g < G)
+
+
+@triton.jit
+def _visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
+    T, C, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+):
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
+    d = tl.arange(0, D)
+    qh = h * G + g
+    q = tl.load(Q + b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :], mask=row_ok[:, None], other=0.0)
+    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
+    c_end = tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    for c0 in range(0, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
+        k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+        s = tl.where(_visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
+    tl.store(O + b * so_b + qh[:, None] * so_h + t[:, None] * so_t + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
+    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
+    T, C, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+):
+    """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, do, dq share strides)."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
+    d = tl.arange(0, D)
+    qh = h * G + g
+    row_off = b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
+    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # p = exp(s - inf) = 0 on empty rows
+    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
+    c_end = tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    for c0 in range(0, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
+        k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+        visible = _visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
+        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, sd_b, sd_h, sd_c,
+    T, C, HKV, TILES_PER_SPLIT, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+):
+    """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
+    compressed tile add into fp32 buffers with atomics."""
+    pid_c, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    d = tl.arange(0, D)
+    kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
+    k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+    # Token tiles of this split that can see the tile's first block (t >= c*s + l - 1).
+    first_tile = (pid_c * BLOCK_C * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T
+    tile_lo = tl.maximum(pid_s * TILES_PER_SPLIT, first_tile)
+    tile_hi = tl.minimum((pid_s + 1) * TILES_PER_SPLIT, tl.cdiv(T, BLOCK_T))
+    dk = tl.zeros([BLOCK_C, D], tl.float32)
+    dv = tl.zeros([BLOCK_C, D], tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        t, g, row_ok = _rows(tile, T, G, G_PAD, BLOCK_T)
+        qh = h * G + g
+        row_off = b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
+        q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+        visible = _visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
+        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    if tile_hi > tile_lo:
+        out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
+        tl.atomic_add(DK + out, dk * scale, mask=(c < C)[:, None])
+        tl.atomic_add(DV + out, dv, mask=(c < C)[:, None])
+
+
+def _launch_params(q, k_cmp):
+    B, Hq, T, D = q.shape
+    Hkv = k_cmp.shape[1]
+    G = Hq // Hkv
+    g_pad = triton.next_power_of_2(G)
+    block_t = max(1, ROWS // g_pad)
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=BLOCK_C, D=D)
+    return B, Hq, Hkv, T, D, block_t, consts
+
+
+def _check(q, k_cmp, v_cmp):
+    if q.shape[-1] not in (16, 32, 64, 128, 256):
+        raise ValueError(f"compression_attention supports head_dim in 16..256 (powers of two), got {q.shape[-1]}")
+    if k_cmp.shape != v_cmp.shape or q.shape[1] % k_cmp.shape[1]:
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
+
+
+def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
+    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
+    _check(q, k_cmp, v_cmp)
+    B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    _fwd_kernel[(triton.cdiv(T, block_t), Hkv, B)](
+        q, k_cmp, v_cmp, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        T, k_cmp.shape[2], scale, CMP_BLOCK=block_size, CMP_STRIDE=stride,
+        num_warps=8 if D >= 128 else 4, **consts,
+    )
+    return out, lse
+
+
+def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
+    """(dq, dk_cmp, dv_cmp) for compression_attention_fwd; inputs contiguous."""
+    B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp)
+    C = k_cmp.shape[2]
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(B, Hkv, C, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    if T == 0 or C == 0:
+        return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
+    warps = 8 if D >= 128 else 4
+    _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
+        q, k_cmp, v_cmp, grad_out, lse, delta, dq, *strides, T, C, scale,
+        CMP_BLOCK=block_size, CMP_STRIDE=stride, num_warps=warps, **consts,
+    )
+    # Split the token axis so the short compressed axis still fills the GPU (>= ~1024 programs).
+    tiles = triton.cdiv(T, block_t)
+    per_split = triton.cdiv(C, BLOCK_C) * B * Hkv
+    splits = max(1, min(tiles, triton.cdiv(1024, per_split)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    _bwd_dkv_kernel[(triton.cdiv(C, BLOCK_C), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
+        q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        T, C, Hkv, tiles_per_split, scale, CMP_BLOCK=block_size, CMP_STRIDE=stride, num_warps=warps, **consts,
+    )
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+class CompressionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
+        q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
+        out, lse = compression_attention_fwd(q, k_cmp, v_cmp, block_size, stride, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
+        ctx.params = (block_size, stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
+        dq, dk, dv = compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.params)
+        return dq, dk, dv, None, None, None
+
+
+def compression_attention(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
+    """Causal compressed attention: (out [B, Hq, T, D], lse [B, Hq, T] fp32), differentiable in
+    q, k_cmp, v_cmp (and through them in the pooling or MLP that made k_cmp / v_cmp)."""
+    return CompressionAttention.apply(q, k_cmp, v_cmp, block_size, stride, scale)

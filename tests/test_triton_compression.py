@@ -1,0 +1,69 @@
+"""Triton compressed attention == float64 reference: output, lse, dq, dK~, dV~ (and dk, dv through
+pooling). Interpreter on CPU (fp32), native on GPU (bf16, fp32)."""
+
+import pytest
+import torch
+
+from flexnsa import MLPCompressor, NSAConfig
+from flexnsa.compression import compress_kv
+from flexnsa.reference import compression_visibility, masked_attention
+from flexnsa.triton_fallback.compression_attention import compression_attention
+
+from helpers import assert_rel, random_inputs
+
+# (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap.
+CASES = [
+    ("G7-T200", 14, 2, 200, 16, 16, 16),
+    ("G1-T150-stride8", 2, 2, 150, 16, 16, 8),
+    ("G7-T10-short", 7, 1, 10, 16, 16, 16),
+    ("G7-T333-l32s16", 7, 1, 333, 32, 32, 16),
+]
+
+
+def check(case, dtype, device, tol, compression="mean"):
+    _, Hq, Hkv, T, D, block, stride = case
+    cfg = NSAConfig(block_size=block, stride=stride, select_block_size=block, num_selected=4,
+                    select_query_tile=block, compression=compression)
+    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=4, requires_grad=True)
+    comp = None
+    if compression == "mlp":
+        torch.manual_seed(0)
+        comp = (MLPCompressor(block, D).to(device, dtype), MLPCompressor(block, D).to(device, dtype))
+    kc, vc = (x.detach().requires_grad_() for x in compress_kv(k, v, cfg, comp))
+    out, lse = compression_attention(q, kc, vc, block, stride, D**-0.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, kc64, vc64 = (x.detach().double().cpu().requires_grad_() for x in (q, kc, vc))
+    visible = compression_visibility(torch.arange(T), kc.shape[2], cfg)
+    ref, _, ref_lse = masked_attention(q64, kc64, vc64, visible, D**-0.5)
+    ref.backward(grad.double().cpu())
+    assert_rel(out, ref, tol, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse).cpu(), finite)
+    torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite].float(), rtol=tol, atol=tol)
+    assert_rel(q.grad, q64.grad, 2 * tol, "dq")
+    if kc.shape[2]:
+        assert_rel(kc.grad, kc64.grad, 2 * tol, "dK~")
+        assert_rel(vc.grad, vc64.grad, 2 * tol, "dV~")
+        # Through the pooling (or MLP phi): dk = d(phi)/dk applied to dK~.
+        kc2, vc2 = compress_kv(k, v, cfg, comp)
+        compression_attention(q.detach(), kc2, vc2, block, stride, D**-0.5)[0].backward(grad)
+        expected_dk = torch.autograd.grad(compress_kv(k, v, cfg, comp)[0], k, kc.grad)[0]
+        assert_rel(k.grad, expected_dk, 2 * tol, "dk through phi")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_compression_attention_interpreter(case):
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
+def test_compression_attention_mlp_phi_interpreter():
+    check(CASES[0], torch.float32, "cpu", tol=1e-5, compression="mlp")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", CASES + [("Q7B-T3000", 28, 4, 3000, 128, 64, 64)], ids=[c[0] for c in CASES] + ["Q7B-T3000"])
+def test_compression_attention_gpu(case, dtype):
+    # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
+    check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
