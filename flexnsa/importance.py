@@ -16,7 +16,7 @@ import torch
 
 from .config import NSAConfig
 from .reference import block_overlap, compression_visibility, top_n_blocks
-from .triton_fallback import use_triton_kernels
+from .triton_fallback import use_triton_scorer
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
 
@@ -72,7 +72,7 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     overlap = None if identity_map else block_overlap(T, config, torch.float32, q.device)
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
     lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
-    if use_triton_kernels(config, q.device):
+    if use_triton_scorer(config, q.device):
         from .triton_fallback.compression_scores import compression_group_scores
 
         q_c, k_c = q.contiguous(), k_cmp.contiguous()

@@ -5,7 +5,7 @@ import torch
 
 from flexnsa import NSAConfig, nsa_attention, nsa_reference
 from flexnsa.reference import compression_visibility, masked_attention, reference_compress
-from flexnsa.triton_fallback import use_triton_kernels
+from flexnsa.triton_fallback import use_triton_compression_attention, use_triton_scorer
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 
 from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores
@@ -73,6 +73,8 @@ def test_op_with_triton_kernels_matches_reference(selection):
 
 def test_triton_kernels_on_cpu_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        use_triton_kernels(SMALL.replace(compression_kernel="triton"), torch.device("cpu"))
-    assert not use_triton_kernels(SMALL, torch.device("cpu"))  # auto on CPU: FlexAttention + PyTorch
+    for use in (use_triton_scorer, use_triton_compression_attention):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            use(SMALL.replace(compression_kernel="triton"), torch.device("cpu"))
+        assert not use(SMALL, torch.device("cpu"))  # auto on CPU: FlexAttention + PyTorch
+    assert use_triton_scorer(SMALL, torch.device("cuda")) and not use_triton_compression_attention(SMALL, torch.device("cuda"))

@@ -31,7 +31,7 @@ from ..compression import compress_kv
 from ..config import FLEX_HEAD_DIMS, NSAConfig
 from ..importance import importance_top_n
 from ..output import NSAOutput
-from ..triton_fallback import use_triton_kernels
+from ..triton_fallback import use_triton_compression_attention
 from ..validation import check_nsa_inputs
 
 RECOMPILE_LIMIT = 64
@@ -108,7 +108,7 @@ def score_and_select(q, k_cmp, config: NSAConfig):
 
 def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) -> NSAMasks:
     device = selected.device
-    flex_compression = config.num_compressed_blocks(seq_len) > 0 and not use_triton_kernels(config, device)
+    flex_compression = config.num_compressed_blocks(seq_len) > 0 and not use_triton_compression_attention(config, device)
     return NSAMasks(
         compression_block_mask(seq_len, layout, config, device) if flex_compression else None,
         selection_block_mask(selected, layout, config),
@@ -118,9 +118,10 @@ def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) 
 
 def compression_branch(q, q_rows, k_cmp, v_cmp, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
     """Stage 1b: compressed attention on query rows: the Triton kernel (its backward splits the
-    query axis) or FlexAttention with the causal compression mask."""
+    query axis; opt-in, see ``use_triton_compression_attention``) or FlexAttention with the
+    causal compression mask."""
     scale = config.softmax_scale(q.shape[-1])
-    if k_cmp.shape[2] and use_triton_kernels(config, q.device):
+    if k_cmp.shape[2] and use_triton_compression_attention(config, q.device):
         from ..triton_fallback.compression_attention import compression_attention
 
         out, _ = compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)

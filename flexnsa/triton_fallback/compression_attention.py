@@ -152,12 +152,17 @@ def _bwd_dkv_kernel(
 
 
 def _launch_params(q, k_cmp):
+    """Tile constants. At head_dim >= 128 the first H100 run needed 248-262 KB of shared memory
+    (limit 227 KB) with 64-wide compressed tiles and the default 3 pipeline stages: use 32-wide
+    tiles and one stage there (not yet re-run on a GPU)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     G = Hq // Hkv
     g_pad = triton.next_power_of_2(G)
     block_t = max(1, ROWS // g_pad)
-    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=BLOCK_C, D=D)
+    big = D >= 128
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=32 if big else BLOCK_C, D=D,
+                  num_warps=8 if big else 4, num_stages=1 if big else 2)
     return B, Hq, Hkv, T, D, block_t, consts
 
 
@@ -180,8 +185,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
         q, k_cmp, v_cmp, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        T, k_cmp.shape[2], scale, CMP_BLOCK=block_size, CMP_STRIDE=stride,
-        num_warps=8 if D >= 128 else 4, **consts,
+        T, k_cmp.shape[2], scale, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     return out, lse
 
@@ -198,19 +202,19 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     if T == 0 or C == 0:
         return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
-    warps = 8 if D >= 128 else 4
+    block_c = consts["BLOCK_C"]
     _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
         q, k_cmp, v_cmp, grad_out, lse, delta, dq, *strides, T, C, scale,
-        CMP_BLOCK=block_size, CMP_STRIDE=stride, num_warps=warps, **consts,
+        CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     # Split the token axis so the short compressed axis still fills the GPU (>= ~1024 programs).
     tiles = triton.cdiv(T, block_t)
-    per_split = triton.cdiv(C, BLOCK_C) * B * Hkv
+    per_split = triton.cdiv(C, block_c) * B * Hkv
     splits = max(1, min(tiles, triton.cdiv(1024, per_split)))
     tiles_per_split = triton.cdiv(tiles, splits)
-    _bwd_dkv_kernel[(triton.cdiv(C, BLOCK_C), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
+    _bwd_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
         q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        T, C, Hkv, tiles_per_split, scale, CMP_BLOCK=block_size, CMP_STRIDE=stride, num_warps=warps, **consts,
+        T, C, Hkv, tiles_per_split, scale, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
