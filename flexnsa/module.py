@@ -10,6 +10,13 @@ from .config import NSAConfig
 from .ops import nsa_attention
 
 
+def gate_values(hidden_states: torch.Tensor, g_proj_1: nn.Module, g_proj_2: nn.Module, num_heads: int, temperature: float):
+    """The VideoNSA gate: sigmoid(g_proj_2(GELU(g_proj_1(x))) / temperature) as [B, T, Hq, 3]."""
+    B, T, _ = hidden_states.shape
+    logits = g_proj_2(nn.functional.gelu(g_proj_1(hidden_states)))
+    return torch.sigmoid(logits.view(B, T, num_heads, 3) / temperature)
+
+
 class NSAGates(nn.Module):
     """g = sigmoid(g_proj_2(GELU(g_proj_1(x))) / temperature), viewed [B, T, Hq, 3].
 
@@ -28,9 +35,7 @@ class NSAGates(nn.Module):
         nn.init.zeros_(self.g_proj_2.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        B, T, _ = hidden_states.shape
-        logits = self.g_proj_2(nn.functional.gelu(self.g_proj_1(hidden_states)))
-        return torch.sigmoid(logits.view(B, T, self.num_heads, 3) / self.temperature)
+        return gate_values(hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads, self.temperature)
 
 
 class NSAAttention(nn.Module):

@@ -1,0 +1,160 @@
+"""The hybrid video/text attention of one Qwen2.5-VL text decoder layer.
+
+Why a module swap and not an ``AttentionInterface`` function: the gates need the layer's hidden
+states, which attention functions never receive. So the layer's ``self_attn`` becomes this
+subclass: the same q/k/v/o projections (the very same ``nn.Linear`` objects), plus the VideoNSA
+gate MLP under the release's names (``self_attn.g_proj_1``, ``self_attn.g_proj_2``).
+
+Semantics (DESIGN.md, "Hybrid video/text layer"), given a :class:`~model.spans.SpanPlan`:
+- queries in a video span: NSA over that span's q/k/v only (after 3D mRoPE), blocks from the span start;
+- every other query (text, padding): dense causal GQA over all keys of the sequence, under the
+  layer's own attention mask (padding, causality);
+- outputs go back to their original positions. Nothing is zeroed: the other modality is masked
+  or simply not part of the key set.
+Without a plan (NSA off, text-only batches, decoding over a KV cache) the layer is exactly
+upstream's attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, apply_rotary_pos_emb
+
+from flexnsa import MLPCompressor, NSAConfig, NSAGates, nsa_attention
+from flexnsa.module import gate_values
+
+from .spans import SpanPlan
+
+DENSE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
+    """Qwen2.5-VL text attention + VideoNSA gates: NSA inside video spans, dense elsewhere."""
+
+    def __init__(self, config, layer_idx: int, nsa_config: NSAConfig):
+        super().__init__(config, layer_idx)
+        self.nsa_config = nsa_config
+        self.init_nsa_parameters()
+
+    @classmethod
+    def from_dense(cls, dense: Qwen2_5_VLAttention, nsa_config: NSAConfig) -> "NSAQwen2_5_VLAttention":
+        """Wrap an existing attention: its projection modules are reused as they are (no copy)."""
+        weight = dense.q_proj.weight
+        with torch.device("meta"):
+            nsa = cls(dense.config, dense.layer_idx, nsa_config)
+        for name in DENSE_PROJECTIONS:
+            setattr(nsa, name, getattr(dense, name))
+        nsa.init_nsa_parameters(device=weight.device, dtype=weight.dtype)
+        return nsa.train(dense.training)
+
+    def init_nsa_parameters(self, device=None, dtype=None) -> None:
+        """Fresh gate MLP with flexnsa.NSAGates' init (g_proj_2 zero: every gate starts at 0.5)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            gates = NSAGates(self.hidden_size, self.num_heads, self.nsa_config.gate_temperature).to(dtype=dtype)
+            self.g_proj_1, self.g_proj_2 = gates.g_proj_1, gates.g_proj_2
+            if self.nsa_config.compression == "mlp":
+                args = (self.nsa_config.block_size, self.head_dim, self.nsa_config.compression_mlp_hidden)
+                self.compress_k = MLPCompressor(*args).to(dtype=dtype)
+                self.compress_v = MLPCompressor(*args).to(dtype=dtype)
+
+    @property
+    def compressors(self):
+        return (self.compress_k, self.compress_v) if self.nsa_config.compression == "mlp" else None
+
+    def nsa_gates(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, Hq, 3] gates (cmp, slc, win) from this layer's hidden states."""
+        return gate_values(hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads, self.nsa_config.gate_temperature)
+
+    def project_qkv(self, hidden_states: torch.Tensor, position_embeddings):
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] after 3D mRoPE, exactly as upstream computes them."""
+        B, T, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        position_embeddings=None,
+        nsa_spans: SpanPlan | None = None,
+        **kwargs,
+    ):
+        if nsa_spans is None or not nsa_spans.any:
+            return super().forward(
+                hidden_states, attention_mask, position_ids, past_key_values, position_embeddings, **kwargs
+            )
+        B, T, _ = hidden_states.shape
+        nsa_spans.check_shape(B, T)
+        q, k, v = self.project_qkv(hidden_states, position_embeddings)
+        if past_key_values is not None:  # the prefill fills the cache; decoding is dense over it
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        if k.shape[2] != T:
+            raise NotImplementedError(
+                f"NSA over video tokens needs the whole sequence in one forward; the KV cache already "
+                f"held {k.shape[2] - T} tokens (chunked prefill of video is not supported)"
+            )
+        out = self.hybrid_attention(q, k, v, hidden_states, attention_mask, nsa_spans)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+
+    def hybrid_attention(self, q, k, v, hidden_states, attention_mask, plan: SpanPlan) -> torch.Tensor:
+        """[B, Hq, T, D]: NSA for each span's queries, dense attention for every other query."""
+        out = q.new_zeros(q.shape)
+        for b, spans in enumerate(plan.spans):
+            qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
+            rows = plan.dense_positions(b, q.device)
+            if rows.numel():
+                mask = mask_rows(attention_mask, b, rows, k.shape[2])
+                out[b, :, rows] = self.dense_rows(qb[:, :, rows], kb, vb, mask)[0]
+            for start, end in spans:
+                span = slice(start, end)
+                out[b, :, span] = self.span_nsa(
+                    qb[:, :, span], kb[:, :, span], vb[:, :, span], hidden_states[b : b + 1, span]
+                )[0]
+        return out
+
+    def span_nsa(self, q, k, v, hidden_states) -> torch.Tensor:
+        """NSA over one span (its own keys only); compression blocks start at the span's first token."""
+        gates = self.nsa_gates(hidden_states).to(q.dtype)
+        return nsa_attention(q, k, v, gates, self.nsa_config, compressors=self.compressors)
+
+    def dense_rows(self, q_rows, k, v, mask) -> torch.Tensor:
+        """Dense GQA attention of some query rows over all keys under their rows of the mask."""
+        dropout = self.attention_dropout if self.training else 0.0
+        empty = None
+        if mask.dtype == torch.bool:  # a query that sees nothing (padding) would give NaN: zero it
+            empty = ~mask.any(-1, keepdim=True)
+            mask = mask | empty
+        out = F.scaled_dot_product_attention(
+            q_rows, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
+        )
+        return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def mask_rows(attention_mask, b: int, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Rows ``rows`` of sample b's mask as [1, 1|H, R, S]: bool (True = visible) or additive float.
+
+    ``None`` is upstream's "plain causal" (sdpa without padding); the rows are built from the
+    positions without materialising a [T, T] mask. Masks of other attention implementations
+    (flash's 2-D mask, flex's BlockMask) are refused rather than misread.
+    """
+    if attention_mask is None:
+        keys = torch.arange(kv_len, device=rows.device)
+        return (keys[None, :] <= rows[:, None])[None, None]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        return attention_mask[b : b + 1][:, :, rows]
+    raise ValueError(
+        "the NSA hybrid layer reads the text model's 4-D attention mask (attn_implementation 'sdpa' "
+        f"or 'eager'); got {type(attention_mask).__name__}"
+        + (f" of shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else "")
+    )
