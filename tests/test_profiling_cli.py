@@ -1,0 +1,58 @@
+"""The profiling CLI: a tiny run writes its folder; bad input exits non-zero with a message,
+keeping what was measured."""
+
+import json
+
+import pytest
+
+from profiling.cli import main, parse_lengths
+
+TINY = ["--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--block-size", "16", "--stride", "16",
+        "--select-block-size", "16", "--select-query-tile", "16", "--num-selected", "4", "--window", "32",
+        "--rep-ms", "5", "--warmup-ms", "1", "--no-plots"]
+
+
+def test_tiny_cpu_run_writes_results(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["--lengths", "128,256", "--trace-lengths", "128", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["seq_len"] for r in results["nsa"]} == {128, 256}
+    assert all(r["total_ms"] > 0 and set(r["stages_ms"]) >= {"compression", "selection", "window"} for r in results["nsa"])
+    assert {b["name"] for b in results["baselines"]} == {"sdpa"}
+    assert results["meta"]["torch"] and results["meta"]["commit"] and results["variants"]["per_token"]["window"] == 32
+    report = (out / "report.md").read_text()
+    assert "| 256 |" in report and "stage sum" in report
+    assert list((out / "traces").glob("*.pt.trace.json"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--modes", "fwd,backward"], "unknown mode"),
+        (["--baselines", "sdpa,flash"], "unknown baseline"),
+        (["--baselines", "fla"], "needs a CUDA GPU"),
+        (["--modes", "fwd+bwd"], "needs a GPU"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--window", "0"], "window"),
+        (["--lengths", "4Q"], "not a length"),
+        (["--q-heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path):
+    assert main(TINY + ["--lengths", "128", "--out", str(tmp_path / "x")] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_length_that_does_not_fit_exits_3_and_keeps_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    huge = str(1 << 40)  # ~10^12 tokens: the memory estimate refuses it before allocating
+    assert main(TINY + ["--lengths", f"128,{huge}", "--trace-lengths", "none", "--out", str(out)]) == 3
+    assert "does not fit in memory" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["seq_len"] for r in results["nsa"]] == [128] and results["errors"]
+    assert "does not fit" in (out / "report.md").read_text()
+
+
+def test_lengths_parse():
+    assert parse_lengths("1K-8K") == [1024, 2048, 4096, 8192]
+    assert parse_lengths("512,1K") == [512, 1024]
