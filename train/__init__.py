@@ -1,4 +1,10 @@
-"""Training: torchrun launcher with FSDP2 + per-layer torch.compile (issue 6; not built yet).
+"""Training of the NSA Qwen2.5-VL: ``torchrun --nproc-per-node N -m train --config cfg.toml``.
 
-Until it lands, a converted model trains on CPU with NSAConfig(backend="reference") in any
-ordinary loop (tests/test_module.py shows the op's backward)."""
+Modules: ``config`` (TOML sections + ``--set`` overrides, typo errors), ``parallelize`` (AC ->
+compile -> FSDP2, torchtitan style), ``build`` (model source, trainable parameters), ``tokenizer``
+(local HF or byte-level), ``video`` (PyAV decode + Qwen's resize/patch layout), ``dataset``
+(LLaVA-Video JSON, synthetic samples, collate), ``sampler`` (per-rank resumable order, skips),
+``optim`` (AdamW, warmup + decay), ``checkpoint`` (DCP save/resume with atomic rename, export),
+``metrics`` (JSON lines, tqdm, TensorBoard), ``trainer`` (the loop), ``synthetic_videos``
+(test videos). CPU runs use ``NSAConfig(backend="reference")`` and gloo; GPUs use nccl.
+"""

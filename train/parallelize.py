@@ -1,0 +1,61 @@
+"""Activation checkpointing, torch.compile and FSDP2 on a Qwen2.5-VL, in torchtitan's order.
+
+The order matters: AC wraps each decoder layer first, so compile traces the wrapped layer
+(recomputation included), and FSDP shards last, so its hooks sit outside the compiled region.
+Units: every text decoder layer, the vision tower as one unit (it runs once per forward on every
+rank), then the root (embeddings, final norm, lm_head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from model.convert import vl_model_of
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return vl_model_of(model).language_model.layers
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoint)."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each decoder layer separately: identical layers reuse one compiled graph."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = torch.compile(layer)
+
+
+def apply_fsdp(model: nn.Module, mp_policy: MixedPrecisionPolicy, mesh=None) -> None:
+    """fully_shard each decoder layer, the vision tower, then the root."""
+    kwargs = dict(mp_policy=mp_policy, mesh=mesh)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed at once by backward: no point resharding them
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(vl_model_of(model).visual, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def mixed_precision_policy(name: str) -> MixedPrecisionPolicy:
+    if name == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mixed_precision: str) -> nn.Module:
+    """AC -> compile -> FSDP, each only when asked (FSDP always: it is also the data parallelism)."""
+    if activation_checkpointing:
+        apply_ac(model)
+    if compile:
+        apply_compile(model)
+    apply_fsdp(model, mixed_precision_policy(mixed_precision))
+    return model

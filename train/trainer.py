@@ -1,0 +1,121 @@
+"""The training loop: build, parallelize, (resume), step, log, checkpoint, export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .build import build_model, select_trainable
+from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
+from .dataset import build_dataset, collate
+from .distributed import all_reduce_sum, init_distributed
+from .metrics import MetricsLogger, peak_memory_gib
+from .optim import build_optimizer, build_scheduler
+from .parallelize import parallelize
+from .sampler import SampleStream
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("train")
+
+
+def grad_accumulation(data, world_size: int) -> int:
+    """Micro-batches per rank per step; the global batch must split evenly over ranks and micro-batches."""
+    per_step = data.micro_batch_size * world_size
+    if data.global_batch_size <= 0 or data.micro_batch_size <= 0 or data.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size ({data.global_batch_size}) must be a positive multiple of "
+            f"data.micro_batch_size ({data.micro_batch_size}) x world size ({world_size}) = {per_step}"
+        )
+    return data.global_batch_size // per_step
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(config: Config) -> None:
+    device = init_distributed(config.train.device)
+    try:
+        run(config, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(config: Config, device: torch.device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accum = grad_accumulation(config.data, world)
+    output = Path(config.train.output_dir)
+    torch.manual_seed(config.train.seed)
+
+    model = build_model(config)
+    trainable = select_trainable(model, config.train.trainable)
+    tokenizer = load_tokenizer(config.data.tokenizer, model.config)
+    dataset = build_dataset(config.data, model.config, tokenizer)
+    stream = SampleStream(dataset, rank=rank, world_size=world, seed=config.train.seed,
+                          shuffle=config.data.shuffle, on_bad_video=config.data.on_bad_video)
+    model.to(device)
+    parallelize(model, activation_checkpointing=config.train.activation_checkpointing,
+                compile=config.train.compile, mixed_precision=config.train.mixed_precision)
+    model.train()
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
+
+    checkpoints = output / "checkpoints"
+    resume = Path(config.checkpoint.resume_from) if config.checkpoint.resume_from else None
+    if resume is None and config.checkpoint.resume:
+        resume = latest_checkpoint(checkpoints)
+    step = load_checkpoint(resume, model, optimizer, scheduler, stream) if resume else 0
+    if resume and rank == 0:
+        log.info("resumed from %s at step %d", resume, step)
+
+    logger = MetricsLogger(output, rank=rank, total_steps=config.train.steps, start_step=step,
+                           progress=config.log.progress, tensorboard=config.log.tensorboard)
+    if step == 0:
+        logger.event({"event": "start", "world_size": world, "grad_accumulation": accum, "trainable_parameters": trainable})
+    try:
+        while step < config.train.steps:
+            step += 1
+            record = train_step(model, optimizer, scheduler, stream, accum, config, device, tokenizer.special.pad)
+            if step % config.log.every == 0 or step == config.train.steps:
+                logger.step({"step": step, **record, "peak_memory_gib": peak_memory_gib(device)})
+            interval = config.checkpoint.interval
+            if (interval and step % interval == 0) or (config.checkpoint.at_end and step == config.train.steps):
+                save_checkpoint(checkpoints, step, model, optimizer, scheduler, stream)
+        skipped = {}
+        for kind in ("bad_video", "too_long"):
+            (skipped[kind],) = all_reduce_sum([stream.skipped.get(kind, 0)], device)
+        logger.event({"event": "end", "step": step, "skipped": {k: int(v) for k, v in skipped.items()}})
+        if config.checkpoint.export_dir:
+            export_pretrained(model, config.checkpoint.export_dir)
+    finally:
+        logger.close()
+
+
+def train_step(model, optimizer, scheduler, stream, accum, config, device, pad: int) -> dict:
+    """One optimizer step over ``accum`` micro-batches; loss averaged over micro-batches and ranks."""
+    start = time.perf_counter()
+    losses, tokens = [], 0
+    for _ in range(accum):
+        batch = to_device(collate(stream.take(config.data.micro_batch_size), model.config, pad), device)
+        loss = model(**batch, use_cache=False).loss  # a KV cache would break recomputation (AC)
+        (loss / accum).backward()
+        losses.append(loss.detach().float())
+        tokens += int(batch["attention_mask"].sum())
+    grad_norm = 0.0
+    if config.optim.clip_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.optim.clip_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, token_sum = all_reduce_sum([float(torch.stack(losses).sum()), tokens], device)
+    world = dist.get_world_size()
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / (accum * world), "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": token_sum / elapsed, "step_time_s": elapsed}
