@@ -31,6 +31,13 @@ def _rows(pid_t, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr)
 
 
 @triton.jit
+def _visible_blocks(pid_t, T, C, BLOCK_T: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Compressed blocks visible to the tile's last token (kept non-negative: C-style division)."""
+    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
+    return tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+
+
+@triton.jit
 def _visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
 
@@ -48,8 +55,7 @@ def _fwd_kernel(
     d = tl.arange(0, D)
     qh = h * G + g
     q = tl.load(Q + b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :], mask=row_ok[:, None], other=0.0)
-    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
-    c_end = tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
@@ -91,8 +97,7 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # p = exp(s - inf) = 0 on empty rows
     delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
-    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
-    c_end = tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
