@@ -181,7 +181,7 @@ def git_state() -> tuple[str, bool]:
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FLEXNSA_COMMIT", "unknown"), False
+        return os.environ.get("FLEXNSA_COMMIT") or "unknown", False
 
 
 def metadata(run: dict, args_list: list[str]) -> dict:
