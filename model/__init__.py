@@ -19,7 +19,7 @@ Modules: ``configs`` (tiny and 7B-shaped configs), ``spans`` (where the video sp
 
 from .attention import NSAQwen2_5_VLAttention
 from .checkpoint import load_nsa_model, load_nsa_state_dict
-from .configs import qwen2_5_vl_7b_config, tiny_qwen2_5_vl_config
+from .configs import qwen2_5_vl_7b_config, tiny_nsa_config, tiny_qwen2_5_vl_config
 from .convert import check_nsa_compatible, convert_to_nsa, nsa_settings, set_nsa_enabled
 from .spans import SpanPlan, find_spans, mm_token_type_ids
 from .synthetic import random_model, synthetic_batch
@@ -38,5 +38,6 @@ __all__ = [
     "random_model",
     "set_nsa_enabled",
     "synthetic_batch",
+    "tiny_nsa_config",
     "tiny_qwen2_5_vl_config",
 ]

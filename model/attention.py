@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, apply_rotary_pos_emb
 

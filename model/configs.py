@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from transformers import Qwen2_5_VLConfig
 
+from flexnsa import NSAConfig
+
 # Token ids of the released checkpoints (the 7B tokenizer's special tokens).
 QWEN_SPECIAL_TOKENS = dict(
     image_token_id=151655,
@@ -21,6 +23,15 @@ TINY_VOCAB = 256
 TINY_SPECIAL_TOKENS = dict(
     image_token_id=251, video_token_id=250, vision_start_token_id=252, vision_end_token_id=253
 )
+
+
+def tiny_nsa_config(**changes) -> NSAConfig:
+    """NSA sized for the tiny model's synthetic videos (a few 4-token frames): 4-token blocks, 3
+    selected, window 4, the reference backend (CPU training). ``changes`` override fields."""
+    return NSAConfig(
+        block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
+        forced_initial=1, forced_local=1, select_query_tile=4, backend="reference",
+    ).replace(**changes)
 
 
 def qwen2_5_vl_7b_config(**text_overrides) -> Qwen2_5_VLConfig:

@@ -6,13 +6,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flexnsa import NSAConfig
-from model import convert_to_nsa, load_nsa_model, load_nsa_state_dict, nsa_settings, random_model, synthetic_batch, tiny_qwen2_5_vl_config
-
-NSA = NSAConfig(
-    block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
-    forced_initial=1, forced_local=1, select_query_tile=4, backend="reference", selection="block_shared",
+from model import (
+    convert_to_nsa,
+    load_nsa_model,
+    load_nsa_state_dict,
+    nsa_settings,
+    random_model,
+    synthetic_batch,
+    tiny_nsa_config,
+    tiny_qwen2_5_vl_config,
 )
+
+NSA = tiny_nsa_config(selection="block_shared")
 SAMPLES = [[5, (4, 4, 4), 6], [3, (2, 4, 4), 4, (4, 4, 4), 2]]
 
 

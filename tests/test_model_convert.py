@@ -13,13 +13,11 @@ from model import (
     random_model,
     set_nsa_enabled,
     synthetic_batch,
+    tiny_nsa_config,
     tiny_qwen2_5_vl_config,
 )
 
-NSA = NSAConfig(
-    block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
-    forced_initial=1, forced_local=1, select_query_tile=4, backend="reference",
-)
+NSA = tiny_nsa_config()
 VIDEO_BATCH = [[5, (4, 4, 4), 6], [3, (2, 4, 4), 4, (4, 4, 4), 2]]
 
 

@@ -3,14 +3,17 @@
 import pytest
 import torch
 
-from flexnsa import NSAConfig
-from model import convert_to_nsa, find_spans, random_model, synthetic_batch, tiny_qwen2_5_vl_config
+from model import (
+    convert_to_nsa,
+    find_spans,
+    random_model,
+    synthetic_batch,
+    tiny_nsa_config,
+    tiny_qwen2_5_vl_config,
+)
 from model.spans import SparseModality
 
-NSA = NSAConfig(
-    block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
-    forced_initial=1, forced_local=1, select_query_tile=4, backend="reference",
-)
+NSA = tiny_nsa_config()
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,15 @@ which the video rows get NSA and the new text rows dense attention over all keys
 import pytest
 import torch
 
-from flexnsa import NSAConfig
-from model import convert_to_nsa, random_model, synthetic_batch, tiny_qwen2_5_vl_config
-
-NSA = NSAConfig(
-    block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
-    forced_initial=1, forced_local=1, select_query_tile=4, backend="reference",
+from model import (
+    convert_to_nsa,
+    random_model,
+    synthetic_batch,
+    tiny_nsa_config,
+    tiny_qwen2_5_vl_config,
 )
+
+NSA = tiny_nsa_config()
 SPECIAL = [250, 251, 252, 253]  # a random model must not generate vision tokens
 
 

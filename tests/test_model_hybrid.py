@@ -12,13 +12,16 @@ import torch
 from torch.nn import functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
-from flexnsa import NSAConfig, nsa_reference
-from model import convert_to_nsa, random_model, synthetic_batch, tiny_qwen2_5_vl_config
-
-NSA = NSAConfig(
-    block_size=4, stride=4, select_block_size=4, num_selected=3, window=4,
-    forced_initial=1, forced_local=1, select_query_tile=4, backend="reference",
+from flexnsa import nsa_reference
+from model import (
+    convert_to_nsa,
+    random_model,
+    synthetic_batch,
+    tiny_nsa_config,
+    tiny_qwen2_5_vl_config,
 )
+
+NSA = tiny_nsa_config()
 # two samples, left padding, three videos (two in one sample), 32/8/16 video tokens
 SAMPLES = [[5, (8, 4, 4), 6], [3, (2, 4, 4), 4, (4, 4, 4), 2]]
 BRANCHES = ("cmp", "slc", "win")
