@@ -31,6 +31,21 @@ def _rows(pid_t, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr)
 
 
 @triton.jit
+def _row_offsets(b, h, t, g, s_b, s_h, s_t, G: tl.constexpr, D: tl.constexpr):
+    """Element offsets [R, D] of each row (token t, head h*G + g) in a [B, Hq, T, D] tensor."""
+    qh = h * G + g
+    return b * s_b + qh[:, None] * s_h + t[:, None] * s_t + tl.arange(0, D)[None, :], qh
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h):
+    """Each row's lse (+inf where nothing is visible, so exp(s - lse) = 0) and delta = rowsum(dO*O)."""
+    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse), delta
+
+
+@triton.jit
 def _visible_blocks(pid_t, T, C, BLOCK_T: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Compressed blocks visible to the tile's last token (kept non-negative: C-style division)."""
     t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
@@ -53,8 +68,8 @@ def _fwd_kernel(
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
     d = tl.arange(0, D)
-    qh = h * G + g
-    q = tl.load(Q + b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :], mask=row_ok[:, None], other=0.0)
+    q_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
@@ -73,7 +88,8 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
-    tl.store(O + b * so_b + qh[:, None] * so_h + t[:, None] * so_t + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_off, _ = _row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
 
@@ -90,13 +106,10 @@ def _bwd_dq_kernel(
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
     d = tl.arange(0, D)
-    qh = h * G + g
-    row_off = b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
+    row_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # p = exp(s - inf) = 0 on empty rows
-    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
     c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
@@ -138,13 +151,10 @@ def _bwd_dkv_kernel(
     dv = tl.zeros([BLOCK_C, D], tl.float32)
     for tile in range(tile_lo, tile_hi):
         t, g, row_ok = _rows(tile, T, G, G_PAD, BLOCK_T)
-        qh = h * G + g
-        row_off = b * sq_b + qh[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
+        row_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
         q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
         visible = _visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
         p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
