@@ -1,6 +1,8 @@
 """Importance scores and top-n selection, chunked over queries (memory-bounded, no grad).
 
-Per chunk of tokens: group scores (compression probabilities summed over the G heads of each kv
+With the Triton scorer and VideoNSA's block geometry (l = s = l'), one fused kernel computes
+scores and top-n (``triton_fallback.selection_top_n``) and no score tensor exists. Otherwise, per
+chunk of tokens: group scores (compression probabilities summed over the G heads of each kv
 group, per compressed block) come from the fused Triton kernel
 (``triton_fallback.compression_scores``) or from PyTorch; they are mapped onto selection blocks,
 summed over query tiles in block-shared mode, and the top-n is taken. Selection is not
@@ -16,7 +18,7 @@ import torch
 
 from .config import NSAConfig
 from .reference import block_overlap, compression_visibility, top_n_blocks
-from .triton_fallback import use_triton_scorer
+from .triton_fallback import fused_top_n_supported, use_triton_scorer
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
 
@@ -68,6 +70,11 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     l_sel = config.select_block_size
     shared = config.selection == "block_shared"
     tile = config.select_query_tile if shared else 1
+    if use_triton_scorer(config, q.device) and fused_top_n_supported(config):
+        from .triton_fallback.selection_top_n import selection_top_n
+
+        rows, lse = selection_top_n(q, k_cmp, config)
+        return (rows.repeat_interleave(tile, dim=2)[:, :, :T] if tile > 1 else rows), lse
     identity_map = config.block_size == config.stride == l_sel
     overlap = None if identity_map else block_overlap(T, config, torch.float32, q.device)
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)

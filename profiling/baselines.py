@@ -1,4 +1,5 @@
-"""Same-run baselines: dense causal SDPA with GQA (flash backend) and fla's parallel_nsa."""
+"""Same-run baselines: dense causal SDPA with GQA (flash backend), fla's parallel_nsa, and fla's
+compression branch + top-n alone (``fla_cmp``: the work of our compression + scores_topk stages)."""
 
 from __future__ import annotations
 
@@ -68,13 +69,37 @@ def fla_nsa(q, k, v, gates, block_size: int, num_selected: int):
     return out.unflatten(2, (Hkv, FLA_GROUP))[:, :, :, : Hq // Hkv].flatten(2, 3).transpose(1, 2)
 
 
-def measure_fla(shape: Shape, seq_len: int, mode: str, block_size: int, num_selected: int, *, seed: int = 0, warmup_ms=25, rep_ms=100) -> dict:
+def fla_compression_top_n(q, k, v, block_size: int, num_selected: int):
+    """fla's compression branch and block selection as ``parallel_nsa`` runs them: mean pooling,
+    ``parallel_nsa_compression`` (output + lse), ``parallel_nsa_topk`` (its 1 initial + 2 local
+    forced blocks). Heads padded per group as in ``fla_nsa``; returns the compressed-attention
+    output [B, Hq, T, D] (the indices are computed, not returned: top-n has no gradient)."""
+    from fla.ops.nsa.compression import parallel_nsa_compression
+    from fla.ops.nsa.parallel import parallel_nsa_topk
+    from fla.ops.utils.pooling import mean_pooling
+
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    q_pad = pad_groups(q.transpose(1, 2), Hkv)
+    k_cmp, v_cmp = (mean_pooling(x.transpose(1, 2), block_size) for x in (k, v))
+    out, lse = parallel_nsa_compression(q_pad, k_cmp, v_cmp, TK=T, block_size=block_size, scale=D**-0.5)
+    parallel_nsa_topk(q_pad, k_cmp, TK=T, lse=lse, block_counts=num_selected, block_size=block_size, scale=D**-0.5)
+    return out.unflatten(2, (Hkv, FLA_GROUP))[:, :, :, : Hq // Hkv].flatten(2, 3).transpose(1, 2)
+
+
+FLA_FUNCTIONS = {"fla": fla_nsa, "fla_cmp": fla_compression_top_n}
+
+
+def measure_fla(shape: Shape, seq_len: int, mode: str, block_size: int, num_selected: int, *, name: str = "fla", seed: int = 0, warmup_ms=25, rep_ms=100) -> dict:
+    """``name``: "fla" (the whole parallel_nsa) or "fla_cmp" (its compression + top-n only)."""
     backward = mode == "fwd+bwd"
     q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
     grad_out = torch.randn_like(q)
+    run = FLA_FUNCTIONS[name]
+    forward = (lambda: run(q, k, v, gates, block_size, num_selected)) if name == "fla" else (lambda: run(q, k, v, block_size, num_selected))
     with torch.set_grad_enabled(backward):
-        fn = _with_backward(lambda: fla_nsa(q, k, v, gates, block_size, num_selected), grad_out, backward)
+        fn = _with_backward(forward, grad_out, backward)
         first_call_s(fn, shape.device)  # autotuning happens here
         ms = median_ms(fn, shape.device, grad_to_none=[q, k, v, gates], warmup_ms=warmup_ms, rep_ms=rep_ms)
         peak = peak_memory_mb(fn, shape.device)
-    return {"name": "fla", "mode": mode, "seq_len": seq_len, "total_ms": ms, "peak_mb": peak}
+    return {"name": name, "mode": mode, "seq_len": seq_len, "total_ms": ms, "peak_mb": peak}

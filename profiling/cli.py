@@ -29,8 +29,8 @@ from .timing import matmul_tflops
 from .traces import write_trace
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BASELINES = ("sdpa", "fla")
-GPU_DEFAULTS = dict(lengths="1K-128K", dtype="bf16", selection="both", modes="fwd,fwd+bwd", baselines="sdpa,fla", trace_lengths="32K")
+BASELINES = ("sdpa", "fla", "fla_cmp")
+GPU_DEFAULTS = dict(lengths="1K-128K", dtype="bf16", selection="both", modes="fwd,fwd+bwd", baselines="sdpa,fla,fla_cmp", trace_lengths="32K")
 CPU_DEFAULTS = dict(lengths="512,1K", dtype="fp32", selection="per_token", modes="fwd", baselines="sdpa", trace_lengths="512")
 
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                           ("window", 256), ("select-query-tile", 64), ("flex-block-q", 128), ("flex-block-kv", 128)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--modes", help="fwd,fwd+bwd")
-    p.add_argument("--baselines", help="sdpa,fla or none")
+    p.add_argument("--baselines", help="any of sdpa,fla,fla_cmp (fla's compression + top-n alone), or none")
     p.add_argument("--no-stages", action="store_true", help="time only the whole op")
     p.add_argument("--trace-lengths", help="lengths to write torch.profiler traces for ('none' for none)")
     p.add_argument("--warmup-ms", type=int, default=25)
@@ -115,16 +115,18 @@ def resolve(args) -> dict:
     modes = parse_choices(pick("modes"), MODES, "mode")
     baselines = parse_choices(pick("baselines"), BASELINES, "baseline")
     traces = [] if pick("trace_lengths") == "none" else parse_lengths(pick("trace_lengths"))
+    fla_baselines = [b for b in baselines if b.startswith("fla")]
     if device.type == "cpu":
-        if "fla" in baselines:
-            raise UsageError("the fla baseline needs a CUDA GPU (its kernels are Triton GPU kernels)")
+        if fla_baselines:
+            raise UsageError("the fla baselines need a CUDA GPU (their kernels are Triton GPU kernels)")
         if "fwd+bwd" in modes and args.backend == "flex":
             raise UsageError("fwd+bwd with backend flex needs a GPU (FlexAttention on CPU is forward-only); "
                              "use --modes fwd or --backend reference")
-    if "fla" in baselines and fla_version() is None:
+    if fla_baselines and fla_version() is None:
         if args.baselines is not None:
-            raise UsageError("--baselines fla given but fla is not importable (pip install fla-core)")
-        baselines.remove("fla")  # default sweep: fla only where installed (recorded in the report)
+            raise UsageError(f"--baselines {','.join(fla_baselines)} given but fla is not importable (pip install fla-core)")
+        for name in fla_baselines:  # default sweep: fla only where installed (recorded in the report)
+            baselines.remove(name)
     for name in ("batch", "q_heads", "kv_heads", "head_dim"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -234,7 +236,7 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
                     results["baselines"].append(measure_sdpa(shape, T, mode, **timing))
                 else:
                     cfg = next(iter(run["variants"].values()))
-                    results["baselines"].append(measure_fla(shape, T, mode, cfg.select_block_size, cfg.num_selected, **timing))
+                    results["baselines"].append(measure_fla(shape, T, mode, cfg.select_block_size, cfg.num_selected, name=name, **timing))
             except torch.cuda.OutOfMemoryError:
                 msg = f"T={T} ({mode}) {name}: out of GPU memory"
                 results["errors"].append(msg)
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {k: dataclasses.asdict(v) for k, v in run["variants"].items()},
         "nsa": [], "baselines": [], "errors": [], "traces": [],
     }
-    if "fla" not in run["baselines"] and shape.device.type == "cuda":
+    if fla_version() is None and shape.device.type == "cuda":
         results["errors"].append("fla baseline skipped: fla is not importable here")
     print(f"profiling on {meta['device_name']} -> {out_dir}", file=sys.stderr)
     status = run_sweep(run, results, out_dir, args)

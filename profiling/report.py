@@ -76,7 +76,7 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                         _fmt(r["peak_mb"], 0), _fmt(sdpa and sdpa["peak_mb"], 0), _fmt(r["compile_s"], 1),
                     ]) + " |"
                 )
-            lines += ["", *_target_lines(results, variant, mode), ""]
+            lines += ["", *_compression_vs_fla(results, rows, mode), *_target_lines(results, variant, mode), ""]
     if results["errors"]:
         lines += ["## Errors", "", *(f"- {e}" for e in results["errors"]), ""]
     plots = sorted(p.name for p in out_dir.glob("*.png"))
@@ -89,6 +89,20 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _compression_vs_fla(results, rows, mode):
+    """Our compression + scores_topk stages next to fla's compression + top-n (same work)."""
+    pairs = [(r, b) for r in rows if r.get("stages_ms") and (b := _baseline(results, "fla_cmp", mode, r["seq_len"]))]
+    if not pairs:
+        return []
+    out = ["Compression branch + importance + top-n vs fla `parallel_nsa_compression` + `parallel_nsa_topk` "
+           "(mean pooling included on both sides):", "",
+           "| T | ours ms | share of op | fla ms | x fla |", "|---|---|---|---|---|"]
+    for r, b in pairs:
+        ours = r["stages_ms"]["compression"] + r["stages_ms"]["scores_topk"]
+        out.append(f"| {_length(r['seq_len'])} | {ours:.3f} | {ours / r['stage_sum_ms']:.0%} | {b['total_ms']:.3f} | {b['total_ms'] / ours:.2f} |")
+    return out + [""]
 
 
 def _target_lines(results, variant, mode):

@@ -30,7 +30,7 @@ def test_tiny_cpu_run_writes_results(tmp_path):
     [
         (["--modes", "fwd,backward"], "unknown mode"),
         (["--baselines", "sdpa,flash"], "unknown baseline"),
-        (["--baselines", "fla"], "needs a CUDA GPU"),
+        (["--baselines", "fla"], "need a CUDA GPU"),
         (["--modes", "fwd+bwd"], "needs a GPU"),
         (["--device", "cuda"], "no CUDA GPU"),
         (["--window", "0"], "window"),

@@ -1,4 +1,6 @@
-"""Fused Triton group scores == float64 reference (interpreter on CPU, native on GPU)."""
+"""Fused Triton scorers == float64 reference (interpreter on CPU, native on GPU): the group
+scores of the chunked path, and the fused scores + top-n kernel (indices valid under the
+reference's scores, ties allowed; lse)."""
 
 import pytest
 import torch
@@ -6,7 +8,10 @@ import torch
 from flexnsa import NSAConfig, nsa_attention, nsa_reference
 from flexnsa.reference import compression_visibility, masked_attention, reference_compress
 from flexnsa.triton_fallback import use_triton_compression_attention, use_triton_scorer
+from flexnsa.compression import compress_kv
+from flexnsa.triton_fallback import fused_top_n_supported
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
+from flexnsa.triton_fallback.selection_top_n import selection_top_n
 
 from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores
 
@@ -59,9 +64,10 @@ def test_group_scores_gpu(case, dtype):
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+@pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_with_triton_kernels_matches_reference(selection):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, stride=8)
+def test_op_with_triton_kernels_matches_reference(selection, stride):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, stride=stride)
     q, k, v, g = random_inputs(1, 14, 2, 177, 16, seed=9)
     with torch.no_grad():
         res = nsa_attention(q, k, v, g, cfg, return_branches=True)
@@ -78,3 +84,59 @@ def test_triton_kernels_on_cpu_need_the_interpreter(monkeypatch):
             use(SMALL.replace(compression_kernel="triton"), torch.device("cpu"))
         assert not use(SMALL, torch.device("cpu"))  # auto on CPU: FlexAttention + PyTorch
     assert use_triton_scorer(SMALL, torch.device("cuda")) and not use_triton_compression_attention(SMALL, torch.device("cuda"))
+
+
+# (id, Hq, Hkv, T, block = stride = l', selection, tile): G = 7 and 1, T not a multiple of the
+# block, T < block, several chunks of blocks (merges), 2 selection rows per program (tile 8 <
+# 16 tokens), and a tile spanning two 16-token sub-tiles (tile 32).
+TOP_N_CASES = [
+    ("G7-per_token-T200", 7, 1, 200, 8, "per_token", 8),
+    ("G7-shared-tile8-T200", 14, 2, 200, 8, "block_shared", 8),
+    ("G1-shared-tile4-T150", 2, 2, 150, 8, "block_shared", 4),
+    ("G7-per_token-T10-short", 7, 1, 10, 16, "per_token", 16),
+    ("G7-shared-tile32-T300", 7, 1, 300, 32, "block_shared", 32),
+]
+
+
+def check_top_n(case, dtype, device, atol, block_c=None, D=16, B=1):
+    _, Hq, Hkv, T, block, selection, tile = case
+    cfg = NSAConfig(block_size=block, stride=block, select_block_size=block, num_selected=4, window=32,
+                    selection=selection, select_query_tile=tile)
+    assert fused_top_n_supported(cfg)
+    q, k, v, _ = random_inputs(B, Hq, Hkv, T, D, dtype=dtype, device=device, seed=5)
+    k_cmp, _ = compress_kv(k, v, cfg)
+    rows, lse = selection_top_n(q, k_cmp, cfg, block_c=block_c)
+    tile = tile if selection == "block_shared" else 1
+    assert rows.shape == (B, Hkv, -(-T // tile), 4)
+    assert_valid_top_n(rows.repeat_interleave(tile, 2)[:, :, :T], reference_scores(q, k, v, cfg), cfg, atol=atol)
+    _, ref_lse, _ = reference_group_scores(q, k, block, block)
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse).cpu(), visible)
+    torch.testing.assert_close(lse.cpu()[visible], ref_lse[visible].float(), rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("case", TOP_N_CASES, ids=[c[0] for c in TOP_N_CASES])
+def test_selection_top_n_interpreter(case):
+    check_top_n(case, torch.float32, "cpu", atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "case", TOP_N_CASES + [("Q7B-per_token-T3000", 28, 4, 3000, 64, "per_token", 64),
+                           ("Q7B-shared-T3000", 28, 4, 3000, 64, "block_shared", 64)],
+    ids=[c[0] for c in TOP_N_CASES] + ["Q7B-per_token-T3000", "Q7B-shared-T3000"])
+def test_selection_top_n_gpu(case, dtype):
+    # Score gaps within the dtype's error of the reference count as ties (bf16 logits ~1e-2 rel.,
+    # summed over up to 7 heads x 64 tokens of probability mass per tile).
+    D = 128 if case[0].startswith("Q7B") else 16
+    tol = 5e-2 if dtype == torch.bfloat16 else 5e-3
+    check_top_n(case, dtype, "cuda", atol=tol * (case[6] if case[5] == "block_shared" else 1), D=D)
+
+
+def test_selection_top_n_rejects_other_geometries():
+    for cfg in (SMALL.replace(stride=8), SMALL.replace(select_block_size=32, select_query_tile=16)):
+        assert not fused_top_n_supported(cfg)
+        q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
+        with pytest.raises(ValueError, match="selection_top_n covers"):
+            selection_top_n(q, k[:, :, :4], cfg)

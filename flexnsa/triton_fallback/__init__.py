@@ -2,7 +2,9 @@
 fused importance scores), GQA-native, and the switch that picks them.
 
 Kernels run natively on GPUs and under TRITON_INTERPRET=1 on CPU (fp32 there: the interpreter's
-bf16 dot is wrong). A per-token selection kernel is planned (issue 7 lever).
+bf16 dot is wrong). Modules: ``tiles`` (shared row/visibility arithmetic), ``compression_scores``
+(group scores for the chunked scorer), ``selection_top_n`` (fused scores + top-n),
+``compression_attention`` (forward with lse, backward).
 """
 
 from __future__ import annotations
@@ -35,3 +37,17 @@ def use_triton_compression_attention(config, device: torch.device) -> bool:
     (fixed by one pipeline stage and 32-wide tiles, not yet re-run on a GPU), so 'auto' keeps
     FlexAttention for this branch."""
     return config.compression_kernel == "triton" and _triton_allowed(config, device)
+
+
+MAX_SELECTED = 128  # the fused top-n keeps a power of two >= n keys per row
+
+
+def fused_top_n_supported(config) -> bool:
+    """The geometry the fused scores + top-n kernel covers (VideoNSA's): l = s = l', a
+    power-of-two selection tile (1 per token), n <= MAX_SELECTED."""
+    tile = config.select_query_tile if config.selection == "block_shared" else 1
+    return (
+        config.block_size == config.stride == config.select_block_size
+        and tile & (tile - 1) == 0
+        and config.num_selected <= MAX_SELECTED
+    )

@@ -18,23 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 128
+from .tiles import row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+
 BLOCK_C = 64
-
-
-@triton.jit
-def _rows(pid_t, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    r = tl.arange(0, BLOCK_T * G_PAD)
-    t = pid_t * BLOCK_T + r // G_PAD
-    g = r % G_PAD
-    return t, g, (t < T) & (g < G)
-
-
-@triton.jit
-def _row_offsets(b, h, t, g, s_b, s_h, s_t, G: tl.constexpr, D: tl.constexpr):
-    """Element offsets [R, D] of each row (token t, head h*G + g) in a [B, Hq, T, D] tensor."""
-    qh = h * G + g
-    return b * s_b + qh[:, None] * s_h + t[:, None] * s_t + tl.arange(0, D)[None, :], qh
 
 
 @triton.jit
@@ -46,18 +32,6 @@ def _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h):
 
 
 @triton.jit
-def _visible_blocks(pid_t, T, C, BLOCK_T: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """Compressed blocks visible to the tile's last token (kept non-negative: C-style division)."""
-    t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T - 1, T - 1)
-    return tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
-
-
-@triton.jit
-def _visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
@@ -66,11 +40,11 @@ def _fwd_kernel(
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
+    t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
     d = tl.arange(0, D)
-    q_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
+    c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
     m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
@@ -79,7 +53,7 @@ def _fwd_kernel(
         kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
         k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
-        s = tl.where(_visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -88,7 +62,7 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
-    o_off, _ = _row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
+    o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
@@ -104,21 +78,21 @@ def _bwd_dq_kernel(
 ):
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, do, dq share strides)."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = _rows(pid_t, T, G, G_PAD, BLOCK_T)
+    t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
     d = tl.arange(0, D)
-    row_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
     lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
-    c_end = _visible_blocks(pid_t, T, C, BLOCK_T, CMP_BLOCK, CMP_STRIDE)
+    c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
         k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
-        visible = _visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
-        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
+        p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -150,13 +124,13 @@ def _bwd_dkv_kernel(
     dk = tl.zeros([BLOCK_C, D], tl.float32)
     dv = tl.zeros([BLOCK_C, D], tl.float32)
     for tile in range(tile_lo, tile_hi):
-        t, g, row_ok = _rows(tile, T, G, G_PAD, BLOCK_T)
-        row_off, qh = _row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+        t, g, row_ok = tile_rows(tile * BLOCK_T, T, G, G_PAD, BLOCK_T)
+        row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
         q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
         lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
-        visible = _visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
-        p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
+        p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -173,8 +147,7 @@ def _launch_params(q, k_cmp):
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     G = Hq // Hkv
-    g_pad = triton.next_power_of_2(G)
-    block_t = max(1, ROWS // g_pad)
+    g_pad, block_t = rows_per_tile(G)
     big = D >= 128
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=32 if big else BLOCK_C, D=D,
                   num_warps=8 if big else 4, num_stages=1 if big else 2)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
+from .tiles import row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 @triton.jit
@@ -29,45 +29,23 @@ def _group_scores_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    R: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, R)
-    t = T0 + pid_t * BLOCK_T + r // G_PAD
-    g = r % G_PAD
-    row_ok = (t < T1) & (g < G)
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T)
+    q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    c_end = visible_block_end(tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)
+    k_base = b * sk_b + h * sk_h
+    lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + (h * G + g)[:, None] * sq_h + t[:, None] * sq_t + d[None, :], mask=row_ok[:, None], other=0.0)
-
-    # Compressed blocks visible to the tile's last token (C semantics: keep the division non-negative).
-    t_last = tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T - 1, T1 - 1)
-    c_end = tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)
-    c_end = tl.minimum(c_end, C)
-
-    m = tl.full([R], float("-inf"), tl.float32)
-    s_sum = tl.zeros([R], tl.float32)
-    for c0 in range(0, c_end, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        k = tl.load(K + b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        visible = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_sum = s_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        m = m_new
-    lse = tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
-    tl.store(LSE + b * sl_b + (h * G + g) * sl_h + t, lse, mask=row_ok)
-
-    lse_safe = tl.where(s_sum > 0, lse, 0.0)
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # row of the scores chunk (token T0 + tok)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        k = tl.load(K + b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
+        k = tl.load(K + k_base + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
-        visible = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
-        p = tl.where(visible, tl.exp(s - lse_safe[:, None]), 0.0)
+        p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.exp(s - lse_safe[:, None]), 0.0)
         grouped = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_C)), 1)
         ptr = SCORES + b * ss_b + h * ss_h + tok[:, None] * ss_t + c[None, :]
         tl.store(ptr, grouped, mask=(T0 + tok < T1)[:, None] & (c < C)[None, :])
@@ -91,8 +69,7 @@ def compression_group_scores(
         raise ValueError("compression_group_scores needs q and k_cmp contiguous in head_dim")
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"compression_group_scores supports head_dim in 16..256 (powers of two), got {D}")
-    g_pad = triton.next_power_of_2(G)
-    block_t = max(1, ROWS // g_pad)
+    g_pad, block_t = rows_per_tile(G)
     scores = torch.zeros(B, Hkv, t1 - t0, C, device=q.device, dtype=torch.float32)
     if lse is None:
         lse = torch.full((B, Hq, T), float("-inf"), device=q.device, dtype=torch.float32)

@@ -1,0 +1,64 @@
+"""Tile arithmetic shared by the compression-branch kernels (one definition of rows and visibility).
+
+A program's rows are BLOCK_T consecutive tokens x the G query heads of one kv group (G padded to
+G_PAD, a power of two, in registers only): row r is token ``t_first + r // G_PAD``, head
+``h * G + r % G_PAD``. Compressed block c is visible to token t iff c*s + l <= t + 1 (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
+
+
+def rows_per_tile(group: int) -> tuple[int, int]:
+    """(G_PAD, BLOCK_T) for a kv group of ``group`` query heads."""
+    g_pad = triton.next_power_of_2(group)
+    return g_pad, max(1, ROWS // g_pad)
+
+
+@triton.jit
+def tile_rows(t_first, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(token, head-in-group, valid) of each row of the tile starting at token ``t_first``."""
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    t = t_first + r // G_PAD
+    g = r % G_PAD
+    return t, g, (t < T) & (g < G)
+
+
+@triton.jit
+def row_offsets(b, h, t, g, s_b, s_h, s_t, G: tl.constexpr, D: tl.constexpr):
+    """Element offsets [R, D] of each row (token t, head h*G + g) in a [B, Hq, T, D] tensor."""
+    qh = h * G + g
+    return b * s_b + qh[:, None] * s_h + t[:, None] * s_t + tl.arange(0, D)[None, :], qh
+
+
+@triton.jit
+def visible_block_end(t_last, C, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Number of compressed blocks visible to token ``t_last`` (C-style division kept >= 0)."""
+    return tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+
+
+@triton.jit
+def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
+
+
+@triton.jit
+def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
+            BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Natural-log log-sum-exp of each row's visible compression logits (-inf where none)."""
+    d = tl.arange(0, D)
+    m = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    s_sum = tl.zeros([q.shape[0]], tl.float32)
+    for c0 in range(0, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        k = tl.load(K + k_base + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
+        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_sum = s_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m = m_new
+    return tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
