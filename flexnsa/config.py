@@ -29,10 +29,10 @@ class NSAConfig:
     ``block_shared`` mode; it must divide ``select_block_size`` so a tile never straddles two
     selection blocks and its forced local blocks equal those of each of its tokens.
 
-    ``compression_kernel`` runs the compression branch: ``auto`` = the fused Triton scorer with
-    FlexAttention compressed attention on CUDA, PyTorch scorer + FlexAttention on CPU;
-    ``triton`` = Triton scorer and Triton compressed attention (GPU, or CPU under the Triton
-    interpreter); ``torch`` = chunked PyTorch scorer + FlexAttention.
+    ``compression_kernel`` runs the compression branch: ``triton`` = Triton kernels (fused
+    scores + top-n, compressed attention forward/backward; GPU, or CPU under the Triton
+    interpreter); ``torch`` = chunked PyTorch scorer + FlexAttention compressed attention;
+    ``auto`` = ``triton`` on CUDA, ``torch`` on CPU.
 
     ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
     sync per call, so compiled training loops and the profiler turn it off explicitly.

@@ -80,13 +80,15 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
     lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
     if use_triton_scorer(config, q.device):
-        from .triton_fallback.compression_scores import compression_group_scores
+        from .triton_fallback.custom_ops import compression_group_scores
 
-        q_c, k_c = q.contiguous(), k_cmp.contiguous()
         step = _chunk_tokens(B * Hkv * max(C, 1), tile)
-        group_scores = lambda t0, t1: compression_group_scores(  # noqa: E731
-            q_c, k_c, config.block_size, config.stride, config.softmax_scale(D), t0, t1, lse
-        )[0]
+        scale = config.softmax_scale(D)
+
+        def group_scores(t0, t1):
+            scores, lse[:, :, t0:t1] = compression_group_scores(q, k_cmp, config.block_size, config.stride, scale, t0, t1)
+            return scores
+
     else:
         step = _chunk_tokens(B * Hq * max(C, 1), tile)
         group_scores = lambda t0, t1: torch_group_scores(q, k_cmp, config, t0, t1, lse)  # noqa: E731

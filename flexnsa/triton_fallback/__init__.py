@@ -32,11 +32,10 @@ def use_triton_scorer(config, device: torch.device) -> bool:
 
 
 def use_triton_compression_attention(config, device: torch.device) -> bool:
-    """Triton compressed attention: only with compression_kernel='triton' for now. It is
-    GPU-validated for head_dim <= 32; at head_dim 128 its first H100 run exceeded shared memory
-    (fixed by one pipeline stage and 32-wide tiles, not yet re-run on a GPU), so 'auto' keeps
-    FlexAttention for this branch."""
-    return config.compression_kernel == "triton" and _triton_allowed(config, device)
+    """Triton compressed attention: 'auto' on CUDA and 'triton' anywhere. FlexAttention's
+    backward starves on the short compressed key axis (one program per kv block), which the
+    Triton backward's split query axis avoids (profiling/NOTES.md)."""
+    return use_triton_scorer(config, device)
 
 
 MAX_SELECTED = 128  # the fused top-n keeps a power of two >= n keys per row

@@ -207,24 +207,11 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
-class CompressionAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
-        q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
-        out, lse = compression_attention_fwd(q, k_cmp, v_cmp, block_size, stride, scale)
-        ctx.save_for_backward(q, k_cmp, v_cmp, out, lse)
-        ctx.params = (block_size, stride, scale)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
-        dq, dk, dv = compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, *ctx.params)
-        return dq, dk, dv, None, None, None
-
-
 def compression_attention(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
     """Causal compressed attention: (out [B, Hq, T, D], lse [B, Hq, T] fp32), differentiable in
-    q, k_cmp, v_cmp (and through them in the pooling or MLP that made k_cmp / v_cmp)."""
-    return CompressionAttention.apply(q, k_cmp, v_cmp, block_size, stride, scale)
+    q, k_cmp, v_cmp (and through them in the pooling or MLP that made k_cmp / v_cmp), through the
+    ``flexnsa::compression_attention`` custom op."""
+    from .custom_ops import compression_attention as op
+
+    _check(q, k_cmp, v_cmp)
+    return op(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), block_size, stride, scale)

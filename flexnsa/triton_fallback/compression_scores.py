@@ -36,7 +36,7 @@ def _group_scores_kernel(
     c_end = visible_block_end(tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)
     k_base = b * sk_b + h * sk_h
     lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
-    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+    tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     d = tl.arange(0, D)
@@ -52,12 +52,10 @@ def _group_scores_kernel(
 
 
 def compression_group_scores(
-    q: torch.Tensor, k_cmp: torch.Tensor, block_size: int, stride: int, scale: float,
-    t0: int = 0, t1: int | None = None, lse: torch.Tensor | None = None,
+    q: torch.Tensor, k_cmp: torch.Tensor, block_size: int, stride: int, scale: float, t0: int = 0, t1: int | None = None,
 ):
     """Group scores [B, Hkv, t1 - t0, C] fp32 of tokens [t0, t1) (sum over the G heads of the
-    compression probabilities; 0 where invisible), and the compression lse [B, Hq, T] fp32
-    (rows [t0, t1) written; pass ``lse`` to fill a caller's buffer chunk by chunk).
+    compression probabilities; 0 where invisible) and their compression lse [B, Hq, t1 - t0] fp32.
 
     q [B, Hq, T, D] the whole sequence (visibility uses absolute positions), k_cmp [B, Hkv, C, D].
     """
@@ -69,11 +67,12 @@ def compression_group_scores(
         raise ValueError("compression_group_scores needs q and k_cmp contiguous in head_dim")
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"compression_group_scores supports head_dim in 16..256 (powers of two), got {D}")
+    if not 0 <= t0 <= t1 <= T:
+        raise ValueError(f"token range [{t0}, {t1}) is not inside [0, {T})")
     g_pad, block_t = rows_per_tile(G)
     scores = torch.zeros(B, Hkv, t1 - t0, C, device=q.device, dtype=torch.float32)
-    if lse is None:
-        lse = torch.full((B, Hq, T), float("-inf"), device=q.device, dtype=torch.float32)
-    if t1 <= t0:
+    lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
+    if t1 == t0:
         return scores, lse
     grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
     _group_scores_kernel[grid](

@@ -92,35 +92,40 @@ def _top_n_kernel(
     tl.store(ptr, ids, mask=(first < T)[:, None] & (col[None, :] < N_TOP))
 
 
-def selection_top_n(
-    q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def selection_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected block ids per selection row [B, Hkv, ceil(T / tile), n] int64 (ascending, -1
-    padded; tile = 1 for per-token selection) and the compression lse [B, Hq, T] fp32.
+    padded; tile = 1 for per-token selection) and the compression lse [B, Hq, T] fp32, through
+    the ``flexnsa::selection_top_n`` custom op.
 
     q [B, Hq, T, D], k_cmp [B, Hkv, C, D] pooled keys. ``block_c``: blocks per chunk (= top-n
     buffer width, a power of two >= n and >= 16); default 64 on GPUs (one MMA-wide tile), 16
     under the CPU interpreter, whose sort runs elementwise in Python.
     """
+    from .custom_ops import selection_top_n as op
+
     if not fused_top_n_supported(config):
         raise ValueError(
             "selection_top_n covers block_size == stride == select_block_size, a power-of-two "
             f"select_query_tile and num_selected <= {MAX_SELECTED}; got {config}"
         )
-    B, Hq, T, D = q.shape
-    Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"selection_top_n supports head_dim in 16..256 (powers of two), got {D}")
-    q, k_cmp = q.contiguous(), k_cmp.contiguous()
-    tile = config.select_query_tile if config.selection == "block_shared" else 1
-    g_pad, block_t = rows_per_tile(Hq // Hkv)
-    sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
-    n = config.num_selected
     if block_c is None:
         block_c = 64 if q.is_cuda else 16
-    block_c = max(block_c, triton.next_power_of_2(n))
+    block_c = max(block_c, triton.next_power_of_2(config.num_selected))
     if block_c < 16 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+    tile = config.select_query_tile if config.selection == "block_shared" else 1
+    return op(q, k_cmp, config.block_size, config.num_selected, tile, config.forced_initial, config.forced_local,
+              config.softmax_scale(q.shape[-1]), block_c)
+
+
+def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, forced_local: int, scale: float, block_c: int):
+    """Run the kernel on contiguous q, k_cmp (arguments checked by ``selection_top_n``)."""
+    B, Hq, T, D = q.shape
+    Hkv = k_cmp.shape[1]
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"selection_top_n supports head_dim in 16..256 (powers of two), got {D}")
+    g_pad, block_t = rows_per_tile(Hq // Hkv)
+    sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
     selected = torch.empty(B, Hkv, triton.cdiv(T, tile), n, device=q.device, dtype=torch.int64)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
@@ -130,10 +135,10 @@ def selection_top_n(
         q, k_cmp, lse, selected,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         lse.stride(0), lse.stride(1), selected.stride(0), selected.stride(1), selected.stride(2),
-        T, C, config.softmax_scale(D),
+        T, k_cmp.shape[2], scale,
         G=Hq // Hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=D,
-        BLOCK=config.block_size, TILE=tile, SUB=sub, SEL_ROWS=sel_rows, N_TOP=n,
-        FORCED_INITIAL=config.forced_initial, FORCED_LOCAL=config.forced_local,
+        BLOCK=block_size, TILE=tile, SUB=sub, SEL_ROWS=sel_rows, N_TOP=n,
+        FORCED_INITIAL=forced_initial, FORCED_LOCAL=forced_local,
         num_warps=8 if D >= 128 else 4,
     )
     return selected, lse

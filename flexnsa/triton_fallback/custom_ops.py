@@ -1,0 +1,86 @@
+"""The Triton kernels as ``torch.library`` custom ops, so torch.compile(fullgraph=True) traces
+the whole NSA op without a graph break: Dynamo sees an opaque op with a fake (shape-only)
+implementation instead of Python that launches kernels, and autograd uses the registered
+backward (itself a custom op, so compiled autograd graphs stay whole too).
+
+Ops (namespace ``flexnsa``):
+  compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
+  compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp)
+  selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
+  compression_group_scores(q, k_cmp, block, stride, scale, t0, t1) -> (scores, lse rows [t0, t1))
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from . import compression_attention as cmp_attn
+from . import compression_scores, selection_top_n as top_n
+
+
+@torch.library.custom_op("flexnsa::compression_attention", mutates_args=())
+def compression_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int, scale: float) -> tuple[Tensor, Tensor]:
+    return cmp_attn.compression_attention_fwd(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), block_size, stride, scale)
+
+
+@compression_attention.register_fake
+def _(q, k_cmp, v_cmp, block_size, stride, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("flexnsa::compression_attention_backward", mutates_args=())
+def compression_attention_backward(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, stride: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
+    return cmp_attn.compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale)
+
+
+@compression_attention_backward.register_fake
+def _(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k_cmp, memory_format=torch.contiguous_format),
+            torch.empty_like(v_cmp, memory_format=torch.contiguous_format))
+
+
+def _save(ctx, inputs, output):
+    q, k_cmp, v_cmp, block_size, stride, scale = inputs
+    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
+    ctx.params = (block_size, stride, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
+    dq, dk, dv = compression_attention_backward(q, k_cmp, v_cmp, out, lse, grad_out.contiguous(), *ctx.params)
+    return dq, dk, dv, None, None, None
+
+
+compression_attention.register_autograd(_backward, setup_context=_save)
+
+
+@torch.library.custom_op("flexnsa::selection_top_n", mutates_args=())
+def selection_top_n(
+    q: Tensor, k_cmp: Tensor, block_size: int, num_selected: int, tile: int,
+    forced_initial: int, forced_local: int, scale: float, block_c: int,
+) -> tuple[Tensor, Tensor]:
+    return top_n.launch(q.contiguous(), k_cmp.contiguous(), block_size, num_selected, tile, forced_initial, forced_local, scale, block_c)
+
+
+@selection_top_n.register_fake
+def _(q, k_cmp, block_size, num_selected, tile, forced_initial, forced_local, scale, block_c):
+    B, Hq, T, _ = q.shape
+    ids = q.new_empty(B, k_cmp.shape[1], triton.cdiv(T, tile), num_selected, dtype=torch.int64)
+    return ids, q.new_empty(B, Hq, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("flexnsa::compression_group_scores", mutates_args=())
+def compression_group_scores(q: Tensor, k_cmp: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+    return compression_scores.compression_group_scores(q.contiguous(), k_cmp.contiguous(), block_size, stride, scale, t0, t1)
+
+
+@compression_group_scores.register_fake
+def _(q, k_cmp, block_size, stride, scale, t0, t1):
+    B, Hq = q.shape[:2]
+    Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
+    return q.new_empty(B, Hkv, t1 - t0, C, dtype=torch.float32), q.new_empty(B, Hq, t1 - t0, dtype=torch.float32)
