@@ -142,13 +142,13 @@ def _bwd_dkv_kernel(
 
 def _launch_params(q, k_cmp):
     """Tile constants. At head_dim >= 128 the first H100 run needed 248-262 KB of shared memory
-    (limit 227 KB) with 64-wide compressed tiles and the default 3 pipeline stages: use 32-wide
-    tiles and one stage there (not yet re-run on a GPU)."""
+    (limit 227 KB) with 64-wide compressed tiles and 3 pipeline stages: 32-wide tiles and one
+    stage there, and 64-row tiles for fp32 (twice the bytes per element)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     G = Hq // Hkv
-    g_pad, block_t = rows_per_tile(G)
     big = D >= 128
+    g_pad, block_t = rows_per_tile(G, 64 if big and q.element_size() == 4 else 128)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=32 if big else BLOCK_C, D=D,
                   num_warps=8 if big else 4, num_stages=1 if big else 2)
     return B, Hq, Hkv, T, D, block_t, consts

@@ -118,8 +118,10 @@ def selection_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int |
               config.softmax_scale(q.shape[-1]), block_c)
 
 
-def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, forced_local: int, scale: float, block_c: int):
-    """Run the kernel on contiguous q, k_cmp (arguments checked by ``selection_top_n``)."""
+def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, forced_local: int, scale: float, block_c: int,
+           num_warps: int | None = None):
+    """Run the kernel on contiguous q, k_cmp (arguments checked by ``selection_top_n``);
+    ``num_warps`` is a tuning lever (profiling/top_n_levers.py)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     if D not in (16, 32, 64, 128, 256):
@@ -139,6 +141,6 @@ def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, fo
         G=Hq // Hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=D,
         BLOCK=block_size, TILE=tile, SUB=sub, SEL_ROWS=sel_rows, N_TOP=n,
         FORCED_INITIAL=forced_initial, FORCED_LOCAL=forced_local,
-        num_warps=8 if D >= 128 else 4,
+        num_warps=num_warps or (8 if D >= 128 else 4),
     )
     return selected, lse

@@ -13,10 +13,10 @@ import triton.language as tl
 ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
 
 
-def rows_per_tile(group: int) -> tuple[int, int]:
-    """(G_PAD, BLOCK_T) for a kv group of ``group`` query heads."""
+def rows_per_tile(group: int, rows: int = ROWS) -> tuple[int, int]:
+    """(G_PAD, BLOCK_T) for a kv group of ``group`` query heads in tiles of ``rows`` rows."""
     g_pad = triton.next_power_of_2(group)
-    return g_pad, max(1, ROWS // g_pad)
+    return g_pad, max(1, rows // g_pad)
 
 
 @triton.jit
