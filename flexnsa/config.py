@@ -32,7 +32,12 @@ class NSAConfig:
     ``compression_kernel`` runs the compression branch: ``triton`` = Triton kernels (fused
     scores + top-n, compressed attention forward/backward; GPU, or CPU under the Triton
     interpreter); ``torch`` = chunked PyTorch scorer + FlexAttention compressed attention;
-    ``auto`` = ``triton`` on CUDA, ``torch`` on CPU.
+    ``auto`` = ``triton`` on CUDA, ``torch`` on CPU. With the Triton kernels, importance + top-n
+    run chunked by default (a fused kernel writes group scores for a bounded chunk of tokens,
+    PyTorch takes the top-n); ``fused_top_n=True`` instead runs one kernel that keeps a running
+    top-n in registers and writes no score tensor at all (l = s = l', power-of-two tile, n <= 128).
+    It is slower on Hopper at 128K (the per-chunk sorts; profiling/NOTES.md, Lever 7), so it is
+    opt-in.
 
     ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
     sync per call, so compiled training loops and the profiler turn it off explicitly.
@@ -53,6 +58,7 @@ class NSAConfig:
     backend: str = "flex"
     layout: str = "gqa_folded"
     compression_kernel: str = "auto"
+    fused_top_n: bool = False
     flex_block_q: int = 128
     flex_block_kv: int = 128
     scale: float | None = None
@@ -94,6 +100,18 @@ class NSAConfig:
                 f"NSAConfig.select_query_tile ({self.select_query_tile}) must divide "
                 f"select_block_size ({self.select_block_size})"
             )
+        if not isinstance(self.fused_top_n, bool):
+            raise ValueError(f"NSAConfig.fused_top_n must be a bool, got {self.fused_top_n!r}")
+        if self.fused_top_n:
+            from .triton_fallback import MAX_SELECTED, fused_top_n_supported
+
+            if self.compression_kernel == "torch":
+                raise ValueError("NSAConfig.fused_top_n=True is a Triton kernel: compression_kernel must be 'auto' or 'triton'")
+            if not fused_top_n_supported(self):
+                raise ValueError(
+                    "NSAConfig.fused_top_n=True needs block_size == stride == select_block_size, a power-of-two "
+                    f"select_query_tile and num_selected <= {MAX_SELECTED}"
+                )
         if self.compression_mlp_hidden is not None:
             _require_positive_int("compression_mlp_hidden", self.compression_mlp_hidden)
         if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):

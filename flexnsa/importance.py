@@ -1,8 +1,7 @@
 """Importance scores and top-n selection, chunked over queries (memory-bounded, no grad).
 
-With the Triton scorer and VideoNSA's block geometry (l = s = l'), one fused kernel computes
-scores and top-n (``triton_fallback.selection_top_n``) and no score tensor exists. Otherwise, per
-chunk of tokens: group scores (compression probabilities summed over the G heads of each kv
+With ``NSAConfig.fused_top_n``, one Triton kernel computes scores and top-n
+(``triton_fallback.selection_top_n``) and no score tensor exists. Otherwise, per chunk of tokens: group scores (compression probabilities summed over the G heads of each kv
 group, per compressed block) come from the fused Triton kernel
 (``triton_fallback.compression_scores``) or from PyTorch; they are mapped onto selection blocks,
 summed over query tiles in block-shared mode, and the top-n is taken. Selection is not
@@ -18,7 +17,7 @@ import torch
 
 from .config import NSAConfig
 from .reference import block_overlap, compression_visibility, top_n_blocks
-from .triton_fallback import fused_top_n_supported, use_triton_scorer
+from .triton_fallback import use_triton_scorer
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
 
@@ -70,7 +69,7 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     l_sel = config.select_block_size
     shared = config.selection == "block_shared"
     tile = config.select_query_tile if shared else 1
-    if use_triton_scorer(config, q.device) and fused_top_n_supported(config):
+    if config.fused_top_n and use_triton_scorer(config, q.device):
         from .triton_fallback.selection_top_n import selection_top_n
 
         rows, lse = selection_top_n(q, k_cmp, config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -30,8 +29,7 @@ def variants(q, k_cmp, cfg: NSAConfig) -> dict:
         q, k_cmp, cfg.block_size, cfg.num_selected, tile, cfg.forced_initial, cfg.forced_local, scale, 64, num_warps=warps)
 
     def chunked():
-        with mock.patch.object(importance, "fused_top_n_supported", lambda c: False):
-            return importance.importance_top_n(q, k_cmp, cfg)
+        return importance.importance_top_n(q, k_cmp, cfg)
 
     def group_scores_only():
         step = importance._chunk_tokens(q.shape[0] * k_cmp.shape[1] * k_cmp.shape[2], tile)

@@ -32,9 +32,9 @@ def test_opcheck_selection_top_n_and_group_scores():
     torch.library.opcheck(custom_ops.compression_group_scores, (q, k_cmp, 8, 8, 0.25, 5, 33), test_utils=utils)
 
 
-@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_compiles_fullgraph_cpu(selection):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, check_inputs=False)
+@pytest.mark.parametrize("selection,fused", [("per_token", False), ("block_shared", False), ("block_shared", True)])
+def test_op_compiles_fullgraph_cpu(selection, fused):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, fused_top_n=fused, check_inputs=False)
     q, k, v, g = random_inputs(1, 7, 1, 80, 16, seed=1)
     torch._dynamo.reset()
     compiled = torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True, backend="aot_eager")

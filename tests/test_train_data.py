@@ -13,7 +13,7 @@ from train.tokenizer import ByteTokenizer
 from train.video import patchify, read_frames, smart_resize, video_to_pixels
 
 CONFIG = tiny_qwen2_5_vl_config()
-SMALL = dict(min_pixels=56 * 56, max_pixels=56 * 56)  # 4x4 patches per frame
+SMALL = {"min_pixels": 56 * 56, "max_pixels": 56 * 56}  # 4x4 patches per frame
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from train.checkpoint import latest_checkpoint
 from train.synthetic_videos import write_llava_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-NSA = dict(block_size=4, stride=4, select_block_size=4, num_selected=3, window=4, forced_initial=1,
-           forced_local=1, select_query_tile=4, backend="reference")
+NSA = {"block_size": 4, "stride": 4, "select_block_size": 4, "num_selected": 3, "window": 4, "forced_initial": 1,
+       "forced_local": 1, "select_query_tile": 4, "backend": "reference"}
 CONFIG = "\n".join(["[nsa]", *(f"{k} = {json.dumps(v)}" for k, v in NSA.items()),
                     "[optim]", "lr = 3e-3", "warmup_steps = 1",
                     "[data]", "global_batch_size = 4", "[log]", "progress = false"])

@@ -66,7 +66,7 @@ def test_group_scores_gpu(case, dtype):
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
 def test_op_with_triton_kernels_matches_reference(selection, stride):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, stride=stride)
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, stride=stride, fused_top_n=stride == 16)
     q, k, v, g = random_inputs(1, 14, 2, 177, 16, seed=9)
     with torch.no_grad():
         res = nsa_attention(q, k, v, g, cfg, return_branches=True)
@@ -138,6 +138,15 @@ def test_selection_top_n_gpu(case, dtype):
 def test_selection_top_n_rejects_other_geometries():
     for cfg in (SMALL.replace(stride=8), SMALL.replace(select_block_size=32, select_query_tile=16)):
         assert not fused_top_n_supported(cfg)
+        with pytest.raises(ValueError, match="fused_top_n=True needs"):
+            cfg.replace(fused_top_n=True)
         q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
         with pytest.raises(ValueError, match="selection_top_n covers"):
             selection_top_n(q, k[:, :, :4], cfg)
+
+
+def test_fused_top_n_needs_the_triton_kernels():
+    with pytest.raises(ValueError, match="compression_kernel must be"):
+        SMALL.replace(compression_kernel="torch", fused_top_n=True)
+    with pytest.raises(ValueError, match="fused_top_n must be a bool"):
+        SMALL.replace(fused_top_n=1)

@@ -112,11 +112,14 @@ def export_pretrained(model, path) -> None:
     from model.convert import convert_to_nsa, nsa_settings
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {key.replace("._orig_mod", ""): value for key, value in state.items()}  # torch.compile'd layers
     if dist.get_rank() == 0:
         config = model.config
-        nsa_config, images_as_video = nsa_settings(config)
         plain = Qwen2_5_VLForConditionalGeneration(config)
-        convert_to_nsa(plain, nsa_config, images_as_video=images_as_video)
+        settings = nsa_settings(config)
+        if settings is not None:  # model.attention = "dense" trains the unconverted model
+            nsa_config, images_as_video = settings
+            convert_to_nsa(plain, nsa_config, images_as_video=images_as_video)
         plain.load_state_dict(state, strict=True)
         plain.save_pretrained(path)
     dist.barrier()

@@ -8,10 +8,11 @@ values (``3``, ``1e-4``, ``true``, ``[0.9, 0.95]``); anything that is not valid 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from flexnsa import NSAConfig
 
@@ -24,11 +25,14 @@ class ConfigError(ValueError):
 class ModelSection:
     source: str = "tiny"  # tiny | 7b | path of a save_pretrained directory (converted or not)
     seed: int = 0  # seed of the random weights of tiny/7b
+    attention: str = "nsa"  # nsa (converted: NSA over video spans) | dense (upstream sdpa model, not converted)
+    init_device: str = "auto"  # auto (meta for 7b, cpu otherwise) | meta (shard, then init on device) | cpu
+    vision_attention: str = "sdpa"  # sdpa (upstream: one call per window) | batched (equal windows in one sdpa call)
 
 
 @dataclass
 class DataSection:
-    source: str = "synthetic"  # synthetic | llava
+    source: str = "synthetic"  # synthetic | llava | synthetic_tensor (benchmarks: random in-memory samples of max_length tokens)
     annotation: str = ""  # llava: JSON list of {"video", "conversations"}
     video_root: str = ""  # llava: directory the "video" paths are relative to (default: the JSON's)
     tokenizer: str = "byte"  # byte (tiny vocab, tests) | path of a local Hugging Face tokenizer directory
@@ -36,7 +40,7 @@ class DataSection:
     max_frames: int = 32
     min_pixels: int = 128 * 28 * 28  # per frame, Qwen2-VL video processor defaults
     max_pixels: int = 768 * 28 * 28
-    max_length: int = 4096  # longer samples are skipped (and counted)
+    max_length: int = 4096  # longer samples are skipped (and counted); synthetic_tensor: the exact sample length
     on_bad_video: str = "skip"  # skip (logged, counted) | error
     global_batch_size: int = 2  # samples per optimizer step over all ranks
     micro_batch_size: int = 1  # samples per forward on one rank
@@ -44,6 +48,9 @@ class DataSection:
     synthetic_samples: int = 8  # synthetic: the distinct samples cycled through (learnable by memorising)
     synthetic_text: int = 12  # synthetic: text tokens after the video (the labelled ones)
     synthetic_video_grid: list[int] = field(default_factory=lambda: [2, 4, 4])  # (t, h, w) in patches
+    synthetic_frame_patches: list[int] = field(default_factory=lambda: [16, 16])  # synthetic_tensor: (h, w) patches per frame
+    answer_tokens: int = 256  # synthetic_tensor: labelled tokens at the end of each sample
+    synthetic_video_multiple: int = 1  # synthetic_tensor: video tokens rounded down to a multiple of this
 
 
 @dataclass
@@ -84,6 +91,7 @@ class LogSection:
     every: int = 1
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False
+    timing_warmup_steps: int = 3  # results.json: steps left out of the medians (compile, warm-up)
 
 
 @dataclass
@@ -104,7 +112,10 @@ class Config:
 
 
 CHOICES = {
-    ("data", "source"): ("synthetic", "llava"),
+    ("model", "attention"): ("nsa", "dense"),
+    ("model", "init_device"): ("auto", "meta", "cpu"),
+    ("model", "vision_attention"): ("sdpa", "batched"),
+    ("data", "source"): ("synthetic", "llava", "synthetic_tensor"),
     ("data", "on_bad_video"): ("skip", "error"),
     ("optim", "decay"): ("cosine", "linear", "constant"),
     ("train", "mixed_precision"): ("none", "bf16"),

@@ -43,7 +43,7 @@ class MetricsLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             self.tb = tensorboard_writer(output_dir / "tensorboard")
-        self.file = open(output_dir / "metrics.jsonl", "a")
+        self.file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run, closed in close())
         if progress:
             from tqdm import tqdm
 

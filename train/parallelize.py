@@ -2,6 +2,7 @@
 
 The order matters: AC wraps each decoder layer first, so compile traces the wrapped layer
 (recomputation included), and FSDP shards last, so its hooks sit outside the compiled region.
+NSA layers are the exception (compile, then AC): see :func:`parallelize`.
 Units: every text decoder layer, the vision tower as one unit (it runs once per forward on every
 rank), then the root (embeddings, final norm, lm_head).
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model.convert import vl_model_of
@@ -27,16 +30,29 @@ def apply_ac(model: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
+def has_nsa_layers(model: nn.Module) -> bool:
+    return any(hasattr(layer.self_attn, "hybrid_attention") for layer in decoder_layers(model))
+
+
 def apply_compile(model: nn.Module) -> None:
-    """Compile each decoder layer separately: identical layers reuse one compiled graph."""
+    """Compile each decoder layer separately: identical layers reuse one compiled graph.
+
+    In an NSA layer the hybrid attention itself (span bookkeeping with data-dependent shapes, then
+    flexnsa's op, whose FlexAttention calls are compiled on their own) stays out of the graph
+    (``torch.compiler.disable``): dynamo compiles the norms, q/k/v projections and rotary
+    embedding before it and o_proj, residuals and MLP after it, with one graph break between.
+    """
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
+        attention = layer.self_attn
+        if hasattr(attention, "hybrid_attention"):
+            attention.hybrid_attention = torch.compiler.disable(attention.hybrid_attention)
         layers[i] = torch.compile(layer)
 
 
 def apply_fsdp(model: nn.Module, mp_policy: MixedPrecisionPolicy, mesh=None) -> None:
     """fully_shard each decoder layer, the vision tower, then the root."""
-    kwargs = dict(mp_policy=mp_policy, mesh=mesh)
+    kwargs = {"mp_policy": mp_policy, "mesh": mesh}
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed at once by backward: no point resharding them
@@ -52,10 +68,19 @@ def mixed_precision_policy(name: str) -> MixedPrecisionPolicy:
 
 
 def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mixed_precision: str) -> nn.Module:
-    """AC -> compile -> FSDP, each only when asked (FSDP always: it is also the data parallelism)."""
-    if activation_checkpointing:
+    """AC -> compile -> FSDP, each only when asked (FSDP always: it is also the data parallelism).
+
+    NSA layers with both AC and compile: compile -> AC instead. Dynamo traces a checkpointed
+    region as one higher-order op that allows no graph break, and the NSA layer has one (its
+    eager hybrid attention), so AC-then-compile would leave the whole layer uncompiled (measured:
+    zero graphs). Checkpointing the compiled layer recomputes it through the same compiled graphs.
+    """
+    nsa_layers = has_nsa_layers(model)
+    if activation_checkpointing and not (compile and nsa_layers):
         apply_ac(model)
     if compile:
         apply_compile(model)
+        if activation_checkpointing and nsa_layers:
+            apply_ac(model)
     apply_fsdp(model, mixed_precision_policy(mixed_precision))
     return model

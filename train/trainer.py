@@ -1,4 +1,5 @@
-"""The training loop: build, parallelize, (resume), step, log, checkpoint, export."""
+"""The training loop: build, parallelize (then materialise meta-built weights), (resume), step, log,
+checkpoint, export, and ``results.json`` (train/bench.py) at the end."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .build import build_model, select_trainable
-from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from .bench import write_results
+from .build import build_model, is_on_meta, select_trainable
+from .checkpoint import (
+    export_pretrained,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, ConfigError
 from .dataset import build_dataset, collate
-from .distributed import all_reduce_sum, init_distributed
+from .distributed import all_reduce_max, all_reduce_sum, init_distributed
+from .init import materialize
+from .loss import model_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
@@ -53,14 +62,18 @@ def run(config: Config, device: torch.device) -> None:
     torch.manual_seed(config.train.seed)
 
     model = build_model(config)
+    meta = is_on_meta(model)
     trainable = select_trainable(model, config.train.trainable)
     tokenizer = load_tokenizer(config.data.tokenizer, model.config)
     dataset = build_dataset(config.data, model.config, tokenizer)
     stream = SampleStream(dataset, rank=rank, world_size=world, seed=config.train.seed,
                           shuffle=config.data.shuffle, on_bad_video=config.data.on_bad_video)
-    model.to(device)
+    if not meta:
+        model.to(device)
     parallelize(model, activation_checkpointing=config.train.activation_checkpointing,
                 compile=config.train.compile, mixed_precision=config.train.mixed_precision)
+    if meta:  # built without storage: each rank allocates and initialises its own shards only
+        materialize(model, device, seed=config.model.seed, rank=rank)
     model.train()
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
@@ -76,13 +89,20 @@ def run(config: Config, device: torch.device) -> None:
     logger = MetricsLogger(output, rank=rank, total_steps=config.train.steps, start_step=step,
                            progress=config.log.progress, tensorboard=config.log.tensorboard)
     if step == 0:
-        logger.event({"event": "start", "world_size": world, "grad_accumulation": accum, "trainable_parameters": trainable})
+        logger.event({"event": "start", "world_size": world, "grad_accumulation": accum, "trainable_parameters": trainable,
+                      "attention": config.model.attention, "init_device": "meta" if meta else "cpu"})
+    step_times, step_tokens, longest = [], [], 0
     try:
         while step < config.train.steps:
             step += 1
             record = train_step(model, optimizer, scheduler, stream, accum, config, device, tokenizer.special.pad)
+            step_times.append(record["step_time_s"])
+            step_tokens.append(record.pop("tokens"))
+            longest = max(longest, record.pop("longest_sample"))
             if step % config.log.every == 0 or step == config.train.steps:
                 logger.step({"step": step, **record, "peak_memory_gib": peak_memory_gib(device)})
+            write_results(output / "results.json", config=config, device=device, world=world, step_times=step_times,
+                          step_tokens=step_tokens, tokens_per_sample=longest, complete=False)
             interval = config.checkpoint.interval
             if (interval and step % interval == 0) or (config.checkpoint.at_end and step == config.train.steps):
                 save_checkpoint(checkpoints, step, model, optimizer, scheduler, stream)
@@ -90,6 +110,8 @@ def run(config: Config, device: torch.device) -> None:
         for kind in ("bad_video", "too_long"):
             (skipped[kind],) = all_reduce_sum([stream.skipped.get(kind, 0)], device)
         logger.event({"event": "end", "step": step, "skipped": {k: int(v) for k, v in skipped.items()}})
+        write_results(output / "results.json", config=config, device=device, world=world, step_times=step_times,
+                      step_tokens=step_tokens, tokens_per_sample=longest, complete=True)
         if config.checkpoint.export_dir:
             export_pretrained(model, config.checkpoint.export_dir)
     finally:
@@ -99,13 +121,19 @@ def run(config: Config, device: torch.device) -> None:
 def train_step(model, optimizer, scheduler, stream, accum, config, device, pad: int) -> dict:
     """One optimizer step over ``accum`` micro-batches; loss averaged over micro-batches and ranks."""
     start = time.perf_counter()
-    losses, tokens = [], 0
+    losses, tokens, longest, data_time = [], 0, 0, 0.0
     for _ in range(accum):
+        data_start = time.perf_counter()
         batch = to_device(collate(stream.take(config.data.micro_batch_size), model.config, pad), device)
-        loss = model(**batch, use_cache=False).loss  # a KV cache would break recomputation (AC)
+        data_time += time.perf_counter() - data_start
+        loss = model_loss(model, batch)  # logits only where a label follows (train/loss.py)
+        batch.pop("pixel_values_videos", None)  # 1.2 GB at 64K tokens; autograd keeps what it needs
         (loss / accum).backward()
         losses.append(loss.detach().float())
-        tokens += int(batch["attention_mask"].sum())
+        lengths = batch["attention_mask"].sum(-1)
+        tokens += int(lengths.sum())
+        longest = max(longest, int(lengths.max()))
+    (longest,) = all_reduce_max([longest], device)
     grad_norm = 0.0
     if config.optim.clip_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.optim.clip_norm)
@@ -118,4 +146,5 @@ def train_step(model, optimizer, scheduler, stream, accum, config, device, pad: 
     world = dist.get_world_size()
     elapsed = time.perf_counter() - start
     return {"loss": loss_sum / (accum * world), "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": token_sum / elapsed, "step_time_s": elapsed}
+            "tokens_per_s": token_sum / elapsed, "step_time_s": elapsed, "data_time_s": data_time,
+            "tokens": int(token_sum), "longest_sample": int(longest)}

@@ -67,7 +67,7 @@ def read_frames(path: str | Path, fps: float, max_frames: int) -> torch.Tensor:
                 picked.append(previous)
     except VideoError:
         raise
-    except Exception as e:  # PyAV raises its own error family for corrupt files
+    except Exception as e:  # noqa: BLE001 (PyAV raises its own error family for corrupt files)
         raise VideoError(f"cannot decode {path}: {type(e).__name__}: {e}") from None
     if not picked:
         raise VideoError(f"no frames decoded from {path}")
