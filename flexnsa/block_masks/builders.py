@@ -89,9 +89,9 @@ def _selection_counts(selected, layout: QueryLayout, block_rows: int, num_sel_bl
     ids = torch.where(selected < 0, num_sel_blocks, selected)  # -1 -> a spare column
     counts = torch.zeros(B, Hkv, num_qb * (num_sel_blocks + 1), dtype=torch.int32, device=selected.device)
     ones = torch.ones_like(ids, dtype=torch.int32)
-    counts.scatter_add_(-1, (first_qb[:, None] * (num_sel_blocks + 1) + ids).flatten(2), ones.flatten(2))
+    counts = counts.scatter_add(-1, (first_qb[:, None] * (num_sel_blocks + 1) + ids).flatten(2), ones.flatten(2))
     straddles = (last_qb != first_qb).to(torch.int32)[:, None].expand_as(ids)  # folded rows of one token in 2 blocks
-    counts.scatter_add_(-1, (last_qb[:, None] * (num_sel_blocks + 1) + ids).flatten(2), straddles.flatten(2))
+    counts = counts.scatter_add(-1, (last_qb[:, None] * (num_sel_blocks + 1) + ids).flatten(2), straddles.flatten(2))
     return counts.view(B, Hkv, num_qb, num_sel_blocks + 1)[..., :num_sel_blocks]
 
 

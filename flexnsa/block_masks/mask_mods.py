@@ -70,5 +70,7 @@ def pack_selection_bits(selected: torch.Tensor, num_blocks: int) -> torch.Tensor
     ids = selected.clamp(min=0)
     bits = torch.ones_like(ids, dtype=torch.int32) << (ids % BITS_PER_WORD).to(torch.int32)
     bits = torch.where(valid, bits, torch.zeros_like(bits))
+    # Out of place: a mask_mod that captures a tensor mutated in place read the unmutated zeros
+    # when the whole op was compiled with inductor on a GPU (selection branch all masked).
     table = torch.zeros(*selected.shape[:-1], words, dtype=torch.int32, device=selected.device)
-    return table.scatter_add_(-1, ids // BITS_PER_WORD, bits)
+    return table.scatter_add(-1, ids // BITS_PER_WORD, bits)
