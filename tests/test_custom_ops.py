@@ -3,14 +3,16 @@ and the whole NSA op under torch.compile(fullgraph=True), which fails on any gra
 
 CPU runs Dynamo + AOTAutograd with the eager backend (``aot_eager``): inductor's CPU
 FlexAttention template cannot lower a query that is a view of a 5-D buffer (the GQA fold), an
-inductor CPU limitation unrelated to graph breaks. The GPU test compiles with inductor,
-forward and backward.
+inductor CPU limitation unrelated to graph breaks. On CUDA, inductor compiles the whole op
+without a graph break but its selection branch comes out wrong (torch 2.11), so the op refuses
+to be traced there (tested) and the numeric check is a strict xfail that flags a fix.
 """
 
 import pytest
 import torch
 
 from flexnsa import nsa_attention
+from flexnsa.backends import flex as flex_backend
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import custom_ops
 
@@ -42,13 +44,26 @@ def test_op_compiles_fullgraph_cpu(selection, fused):
         assert_rel(compiled(q, k, v, g), nsa_attention(q, k, v, g, cfg), 1e-6, "compiled vs eager")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_compiles_fullgraph_gpu(selection):
+def gpu_case(selection):
     cfg = SMALL.replace(compression_kernel="triton", selection=selection, check_inputs=False)
     inputs = random_inputs(2, 14, 2, 300, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True)
+    return cfg, inputs, torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True)
+
+
+@pytest.mark.gpu
+def test_whole_op_compile_on_cuda_is_refused():
+    _, inputs, compiled = gpu_case("block_shared")
+    with pytest.raises(Exception, match="whole NSA op .* on CUDA is refused"):
+        compiled(*inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="torch 2.11 inductor: selection branch wrong when the whole op is compiled (flex.py)")
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+def test_op_compiles_fullgraph_gpu(selection, monkeypatch):
+    monkeypatch.setattr(flex_backend, "ALLOW_WHOLE_OP_COMPILE_ON_CUDA", True)
+    cfg, inputs, compiled = gpu_case(selection)
     out = compiled(*inputs)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad)

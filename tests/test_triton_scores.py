@@ -125,8 +125,11 @@ def test_selection_top_n_interpreter(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
     "case", TOP_N_CASES + [("Q7B-per_token-T3000", 28, 4, 3000, 64, "per_token", 64),
-                           ("Q7B-shared-T3000", 28, 4, 3000, 64, "block_shared", 64)],
-    ids=[c[0] for c in TOP_N_CASES] + ["Q7B-per_token-T3000", "Q7B-shared-T3000"])
+                           ("Q7B-shared-T3000", 28, 4, 3000, 64, "block_shared", 64),
+                           ("Q7B-per_token-l16-3chunks", 28, 4, 3000, 16, "per_token", 16),
+                           ("Q7B-shared-l16-3chunks", 28, 4, 3000, 16, "block_shared", 16)],
+    ids=[c[0] for c in TOP_N_CASES] + ["Q7B-per_token-T3000", "Q7B-shared-T3000", "Q7B-per_token-l16-3chunks",
+                                       "Q7B-shared-l16-3chunks"])
 def test_selection_top_n_gpu(case, dtype):
     # Score gaps within the dtype's error of the reference count as ties (bf16 logits ~1e-2 rel.,
     # summed over up to 7 heads x 64 tokens of probability mass per tile).

@@ -142,7 +142,26 @@ def combine(gates, cmp, slc, win, layout: QueryLayout):
     return g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
 
 
+# Known defect (torch 2.11 + inductor, CUDA): when the *whole* op is traced by torch.compile, the
+# selection branch comes out wrong (relative error 1.0; compression and window branches exact;
+# profiling/debug_fullgraph.py). Until that is fixed the op refuses to be traced on CUDA instead
+# of returning wrong values; its flex_attention calls are compiled on their own either way.
+# tests/test_custom_ops.py flips this to check the numerics (a strict xfail that flags a fix).
+ALLOW_WHOLE_OP_COMPILE_ON_CUDA = False
+
+
+def check_not_traced_on_cuda(q) -> None:
+    if q.is_cuda and torch.compiler.is_compiling() and not ALLOW_WHOLE_OP_COMPILE_ON_CUDA:
+        raise RuntimeError(
+            "torch.compile of the whole NSA op (flex backend) on CUDA is refused: with torch "
+            f"{torch.__version__} + inductor its selection branch comes out wrong. Keep nsa_attention / "
+            "NSAAttention outside the compiled region (torch.compiler.disable); its FlexAttention calls "
+            "are compiled on their own."
+        )
+
+
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
+    check_not_traced_on_cuda(q)
     shape = check_nsa_inputs(q, k, v, gates, config)
     T, D = shape.seq_len, shape.head_dim
     check_flex_support(q, k, v, gates, D, config)
