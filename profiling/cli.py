@@ -103,12 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def pick_device(choice: str) -> torch.device:
+    """--device auto|cpu|cuda -> the device; cuda without a GPU is a UsageError."""
+    has_gpu = torch.cuda.is_available()
+    if choice == "cuda" and not has_gpu:
+        raise UsageError("--device cuda given but no CUDA GPU is available")
+    return torch.device("cuda" if (choice == "cuda" or (choice == "auto" and has_gpu)) else "cpu")
+
+
 def resolve(args) -> dict:
     """Validate arguments against the machine; raise UsageError with a clear message."""
-    has_gpu = torch.cuda.is_available()
-    if args.device == "cuda" and not has_gpu:
-        raise UsageError("--device cuda given but no CUDA GPU is available")
-    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and has_gpu)) else "cpu")
+    device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     lengths = parse_lengths(pick("lengths"))

@@ -37,7 +37,7 @@ from flexnsa import NSAConfig
 from flexnsa.config import COMPRESSION_KERNELS, SELECTION_MODES
 
 from . import report
-from .cli import UsageError, device_name, device_slug, git_state, parse_length
+from .cli import UsageError, device_name, device_slug, git_state, parse_length, pick_device
 from .timing import first_call_s, synchronize
 
 MODELS = ("7b", "tiny")
@@ -79,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> dict:
     """Validate the arguments against the machine; UsageError with a clear message otherwise."""
-    has_gpu = torch.cuda.is_available()
-    if args.device == "cuda" and not has_gpu:
-        raise UsageError("--device cuda given but no CUDA GPU is available")
-    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and has_gpu)) else "cpu")
+    device = pick_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     model_name = args.model or defaults["model"]
     dtype = DTYPES[args.dtype or defaults["dtype"]]
