@@ -161,8 +161,8 @@ def check_not_traced_on_cuda(q) -> None:
 
 
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
-    check_not_traced_on_cuda(q)
     shape = check_nsa_inputs(q, k, v, gates, config)
+    check_not_traced_on_cuda(q)
     T, D = shape.seq_len, shape.head_dim
     check_flex_support(q, k, v, gates, D, config)
     if T == 0:
