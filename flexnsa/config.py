@@ -39,6 +39,11 @@ class NSAConfig:
     It is slower on Hopper at 128K (the per-chunk sorts; profiling/NOTES.md, Lever 7), so it is
     opt-in.
 
+    ``gate_prune_epsilon`` (inference only, 0 = off): a selection row whose selection gates are all
+    below it (all query heads of the kv group, all tokens of the tile) gets no selected blocks, so
+    its selection branch costs nothing; the output changes by at most epsilon * max|v| per element
+    (``reference.prune_selection_by_gates``). VideoNSA finds selection gates fading in deep layers.
+
     ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
     sync per call, so compiled training loops and the profiler turn it off explicitly.
     """
@@ -59,6 +64,7 @@ class NSAConfig:
     layout: str = "gqa_folded"
     compression_kernel: str = "auto"
     fused_top_n: bool = False
+    gate_prune_epsilon: float = 0.0
     flex_block_q: int = 128
     flex_block_kv: int = 128
     scale: float | None = None
@@ -112,6 +118,9 @@ class NSAConfig:
                     "NSAConfig.fused_top_n=True needs block_size == stride == select_block_size, a power-of-two "
                     f"select_query_tile and num_selected <= {MAX_SELECTED}"
                 )
+        eps = self.gate_prune_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            raise ValueError(f"NSAConfig.gate_prune_epsilon must be a number in [0, 1), got {eps!r}")
         if self.compression_mlp_hidden is not None:
             _require_positive_int("compression_mlp_hidden", self.compression_mlp_hidden)
         if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):

@@ -138,6 +138,26 @@ def select_blocks(scores, seq_len: int, config: NSAConfig) -> torch.Tensor:
     return per_tile.repeat_interleave(tile, dim=2)[:, :, :seq_len]
 
 
+def prune_selection_by_gates(selected, gates, config: NSAConfig) -> torch.Tensor:
+    """Gate-aware pruning (inference option ``gate_prune_epsilon``): a selection row whose
+    selection gates are all below epsilon (every query head of the kv group, every token of the
+    block-shared tile) gets no blocks, so the selection branch is 0 there.
+
+    Bound: attention outputs are convex combinations of values, so dropping g_slc * slc changes
+    each output element by at most epsilon * max|v|.
+    """
+    eps = config.gate_prune_epsilon
+    if not eps:
+        return selected
+    B, Hkv, T = selected.shape[:3]
+    low = (gates[..., 1] < eps).unflatten(2, (Hkv, -1)).all(-1)  # [B, T, Hkv]
+    if config.selection == "block_shared":
+        tile = config.select_query_tile
+        padded = torch.nn.functional.pad(low, (0, 0, 0, -T % tile), value=True)
+        low = padded.unflatten(1, (-1, tile)).all(2).repeat_interleave(tile, dim=1)[:, :T]
+    return selected.masked_fill(low.permute(0, 2, 1)[..., None], -1)
+
+
 def selection_visibility(selected, seq_len: int, config: NSAConfig) -> torch.Tensor:
     """[B, Hkv, T, T] bool: key s is visible to token t iff block(s) is selected for t and s <= t."""
     B, Hkv, T, n = selected.shape
@@ -178,6 +198,7 @@ def nsa_reference(
         with torch.no_grad():
             scores = importance_scores(cmp_probs.detach(), T, config, Hkv)
             selected = select_blocks(scores, T, config)
+    selected = prune_selection_by_gates(selected, gates, config)
     slc, _, _ = masked_attention(q, k, v, selection_visibility(selected, T, config), scale)
     win, _, _ = masked_attention(q, k, v, window_visibility(T, config.window, q.device), scale)
     g = gates.permute(0, 2, 1, 3)  # [B, Hq, T, 3]

@@ -57,6 +57,12 @@ def check_nsa_inputs(q, k, v, gates, config: NSAConfig) -> NSAShape:
         raise ValueError(f"q/k/v/gates must be floating point, got {q.dtype}")
     if D == 0 or B == 0 or Hq == 0:
         raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    if config.gate_prune_epsilon and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
+        raise ValueError(
+            "NSAConfig.gate_prune_epsilon is an inference option: pruning drops the selection branch "
+            "where its gates are small, and with it that branch's gradient; run under torch.no_grad() "
+            "or set it to 0 for training"
+        )
     if config.check_inputs and T > 0:
         with torch.no_grad():
             for name, t in (("q", q), ("k", k), ("v", v), ("gates", gates)):

@@ -31,6 +31,7 @@ from ..compression import compress_kv
 from ..config import FLEX_HEAD_DIMS, NSAConfig
 from ..importance import importance_top_n
 from ..output import NSAOutput
+from ..reference import prune_selection_by_gates
 from ..triton_fallback import use_triton_compression_attention
 from ..validation import check_nsa_inputs
 
@@ -101,9 +102,13 @@ def check_flex_support(q, k, v, gates, head_dim: int, config: NSAConfig) -> None
 compress = compress_kv  # stage 1a: pooled K~, V~ [B, Hkv, C, D]
 
 
-def score_and_select(q, k_cmp, config: NSAConfig):
-    """Stage 2+3: importance + top-n (no grad). -> selected [B, Hkv, T, n], cmp lse [B, Hq, T]."""
-    return importance_top_n(q.detach(), k_cmp.detach(), config)
+def score_and_select(q, k_cmp, config: NSAConfig, gates=None):
+    """Stage 2+3: importance + top-n (no grad), then gate-aware pruning when the config asks
+    for it. -> selected [B, Hkv, T, n], cmp lse [B, Hq, T]."""
+    selected, lse = importance_top_n(q.detach(), k_cmp.detach(), config)
+    if config.gate_prune_epsilon:
+        selected = prune_selection_by_gates(selected, gates, config)
+    return selected, lse
 
 
 def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) -> NSAMasks:
@@ -172,7 +177,7 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     scale = config.softmax_scale(D)
     layout = QueryLayout(config.layout, shape.group)
     k_cmp, v_cmp = compress(k, v, config, compressors)
-    selected, cmp_lse = score_and_select(q, k_cmp, config)
+    selected, cmp_lse = score_and_select(q, k_cmp, config, gates)
     masks = build_masks(selected, T, layout, config)
     q_rows = layout.fold(q)
     cmp = compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
