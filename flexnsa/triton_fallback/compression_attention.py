@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_head_dim, load_blocks, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 BLOCK_C = 64
 
@@ -41,7 +41,6 @@ def _fwd_kernel(
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
-    d = tl.arange(0, D)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
@@ -50,9 +49,8 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
-        k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+        k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
+        v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -79,7 +77,6 @@ def _bwd_dq_kernel(
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, do, dq share strides)."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
-    d = tl.arange(0, D)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
@@ -88,9 +85,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
-        k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+        k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
+        v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
         seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
         p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -114,9 +110,8 @@ def _bwd_dkv_kernel(
     h = pid_bh % HKV
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     d = tl.arange(0, D)
-    kv_off = b * sk_b + h * sk_h + c[:, None] * sk_c + d[None, :]
-    k = tl.load(K + kv_off, mask=(c < C)[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=(c < C)[:, None], other=0.0)
+    k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
+    v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
     # Token tiles of this split that can see the tile's first block (t >= c*s + l - 1).
     first_tile = (pid_c * BLOCK_C * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T
     tile_lo = tl.maximum(pid_s * TILES_PER_SPLIT, first_tile)
@@ -155,8 +150,7 @@ def _launch_params(q, k_cmp):
 
 
 def _check(q, k_cmp, v_cmp):
-    if q.shape[-1] not in (16, 32, 64, 128, 256):
-        raise ValueError(f"compression_attention supports head_dim in 16..256 (powers of two), got {q.shape[-1]}")
+    check_head_dim(q.shape[-1], "compression_attention")
     if k_cmp.shape != v_cmp.shape or q.shape[1] % k_cmp.shape[1]:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
 

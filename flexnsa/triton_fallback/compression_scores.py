@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_head_dim, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 @triton.jit
@@ -39,11 +39,10 @@ def _group_scores_kernel(
     tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    d = tl.arange(0, D)
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # row of the scores chunk (token T0 + tok)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        k = tl.load(K + k_base + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
+        k = load_blocks(K, k_base, c, sk_c, C, D)
         s = tl.dot(q, tl.trans(k)) * scale
         p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.exp(s - lse_safe[:, None]), 0.0)
         grouped = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_C)), 1)
@@ -65,8 +64,7 @@ def compression_group_scores(
     G = Hq // Hkv
     if q.stride(-1) != 1 or k_cmp.stride(-1) != 1:
         raise ValueError("compression_group_scores needs q and k_cmp contiguous in head_dim")
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"compression_group_scores supports head_dim in 16..256 (powers of two), got {D}")
+    check_head_dim(D, "compression_group_scores")
     if not 0 <= t0 <= t1 <= T:
         raise ValueError(f"token range [{t0}, {t1}) is not inside [0, {T})")
     g_pad, block_t = rows_per_tile(G)

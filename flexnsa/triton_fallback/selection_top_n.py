@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_SELECTED, fused_top_n_supported
-from .tiles import row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_head_dim, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 
@@ -44,7 +44,6 @@ def _top_n_kernel(
     pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_base = pid * (SUB * BLOCK_T)
     k_base = b * sk_b + h * sk_h
-    d = tl.arange(0, D)
 
     # Pass 1: lse of every row, stored (pass 2 re-reads it per sub-tile).
     for sub in range(SUB):
@@ -65,7 +64,7 @@ def _top_n_kernel(
     best = tl.full([SEL_ROWS, BLOCK_C], -1, tl.int64)
     for c0 in range(0, block_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        k = tl.load(K + k_base + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
+        k = load_blocks(K, k_base, c, sk_c, C, D)
         tile_scores = tl.zeros([SEL_ROWS, BLOCK_C], tl.float32)
         for sub in range(SUB):
             t, g, row_ok = tile_rows(t_base + sub * BLOCK_T, T, G, G_PAD, BLOCK_T)
@@ -124,8 +123,7 @@ def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, fo
     ``num_warps`` is a tuning lever (profiling/top_n_levers.py)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"selection_top_n supports head_dim in 16..256 (powers of two), got {D}")
+    check_head_dim(D, "selection_top_n")
     g_pad, block_t = rows_per_tile(Hq // Hkv)
     sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
     selected = torch.empty(B, Hkv, triton.cdiv(T, tile), n, device=q.device, dtype=torch.int64)

@@ -11,6 +11,12 @@ import triton
 import triton.language as tl
 
 ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
+HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two head dims the kernels are written for
+
+
+def check_head_dim(head_dim: int, kernel: str) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{kernel} supports head_dim in {HEAD_DIMS}, got {head_dim}")
 
 
 def rows_per_tile(group: int, rows: int = ROWS) -> tuple[int, int]:
@@ -36,6 +42,13 @@ def row_offsets(b, h, t, g, s_b, s_h, s_t, G: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def load_blocks(PTR, base, c, s_c, C, D: tl.constexpr):
+    """Rows c of a [B, Hkv, C, D] tensor of pooled blocks (from ``base``, the (b, h) offset);
+    rows past C read as 0."""
+    return tl.load(PTR + base + c[:, None] * s_c + tl.arange(0, D)[None, :], mask=(c < C)[:, None], other=0.0)
+
+
+@triton.jit
 def visible_block_end(t_last, C, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Number of compressed blocks visible to token ``t_last`` (C-style division kept >= 0)."""
     return tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
@@ -50,12 +63,11 @@ def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Natural-log log-sum-exp of each row's visible compression logits (-inf where none)."""
-    d = tl.arange(0, D)
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     s_sum = tl.zeros([q.shape[0]], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        k = tl.load(K + k_base + c[:, None] * sk_c + d[None, :], mask=(c < C)[:, None], other=0.0)
+        k = load_blocks(K, k_base, c, sk_c, C, D)
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
