@@ -14,6 +14,7 @@ COMPRESSION_MODES = ("mean", "mlp")
 BACKENDS = ("flex", "reference")
 LAYOUTS = ("gqa_folded", "per_head")
 COMPRESSION_KERNELS = ("auto", "triton", "torch")
+SELECTION_KERNELS = ("auto", "triton", "flex")
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -39,6 +40,12 @@ class NSAConfig:
     It is slower on Hopper at 128K (the per-chunk sorts; profiling/NOTES.md, Lever 7), so it is
     opt-in.
 
+    ``selection_kernel`` runs the selection branch: ``triton`` = the Triton selected-block kernel
+    (walks each row's n block ids directly; GPU, or CPU under the interpreter); ``flex`` =
+    FlexAttention with a BlockMask built from the ids; ``auto`` = ``triton`` on CUDA, ``flex`` on
+    CPU. FlexAttention's bf16 backward on Hopper needs 128-wide kv blocks, so every 64-token
+    selection block is a partial block there (profiling/NOTES.md, Lever 9).
+
     ``gate_prune_epsilon`` (inference only, 0 = off): a selection row whose selection gates are all
     below it (all query heads of the kv group, all tokens of the tile) gets no selected blocks, so
     its selection branch costs nothing; the output changes by at most epsilon * max|v| per element
@@ -63,6 +70,7 @@ class NSAConfig:
     backend: str = "flex"
     layout: str = "gqa_folded"
     compression_kernel: str = "auto"
+    selection_kernel: str = "auto"
     fused_top_n: bool = False
     gate_prune_epsilon: float = 0.0
     flex_block_q: int = 128
@@ -101,6 +109,7 @@ class NSAConfig:
         _require_choice("backend", self.backend, BACKENDS)
         _require_choice("layout", self.layout, LAYOUTS)
         _require_choice("compression_kernel", self.compression_kernel, COMPRESSION_KERNELS)
+        _require_choice("selection_kernel", self.selection_kernel, SELECTION_KERNELS)
         if self.select_block_size % self.select_query_tile:
             raise ValueError(
                 f"NSAConfig.select_query_tile ({self.select_query_tile}) must divide "

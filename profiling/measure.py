@@ -91,7 +91,10 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         selected, _ = stages.score_and_select(q, k_cmp, config)
         masks = stages.build_masks(selected, T, layout, config)
         q_rows = layout.fold(q)
-        branch = {name: stages.attend(q_rows, k, v, m, layout, scale) for name, m in (("slc", masks.selection), ("win", masks.window))}
+        branch = {
+            "slc": stages.selection_branch(q, q_rows, k, v, selected, masks, layout, config),
+            "win": stages.attend(q_rows, k, v, masks.window, layout, scale),
+        }
         branch["cmp"] = stages.compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
     q_l, q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q, q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
@@ -105,7 +108,9 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         "compression": _with_backward(compression, grad_rows, backward),
         "scores_topk": lambda: stages.score_and_select(q, k_cmp, config),
         "mask_build": lambda: stages.build_masks(selected, T, layout, config),
-        "selection": _with_backward(lambda: stages.attend(q_rows, k_l, v_l, masks.selection, layout, scale), grad_rows, backward),
+        "selection": _with_backward(
+            lambda: stages.selection_branch(q_l, q_rows, k_l, v_l, selected, masks, layout, config), grad_rows, backward
+        ),
         "window": _with_backward(lambda: stages.attend(q_rows, k_l, v_l, masks.window, layout, scale), grad_rows, backward),
         "combine": _with_backward(
             lambda: (layout.fold(q), layout.unfold(stages.combine(gates_l, cmp, slc, win, layout)))[1], grad_out, backward

@@ -4,8 +4,9 @@ and the whole NSA op under torch.compile(fullgraph=True), which fails on any gra
 CPU runs Dynamo + AOTAutograd with the eager backend (``aot_eager``): inductor's CPU
 FlexAttention template cannot lower a query that is a view of a 5-D buffer (the GQA fold), an
 inductor CPU limitation unrelated to graph breaks. On CUDA, inductor compiles the whole op
-without a graph break but its selection branch comes out wrong (torch 2.11), so the op refuses
-to be traced there (tested) and the numeric check is a strict xfail that flags a fix.
+without a graph break; with the FlexAttention selection branch that branch comes out wrong
+(torch 2.11), so that configuration refuses to be traced there (tested) and its numeric check is a
+strict xfail that flags a fix. The default Triton selection kernel is checked for real.
 """
 
 import pytest
@@ -34,9 +35,14 @@ def test_opcheck_selection_top_n_and_group_scores():
     torch.library.opcheck(custom_ops.compression_group_scores, (q, k_cmp, 8, 8, 0.25, 5, 33), test_utils=utils)
 
 
-@pytest.mark.parametrize("selection,fused", [("per_token", False), ("block_shared", False), ("block_shared", True)])
-def test_op_compiles_fullgraph_cpu(selection, fused):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, fused_top_n=fused, check_inputs=False)
+@pytest.mark.parametrize(
+    "selection,fused,selection_kernel",
+    [("per_token", False, "flex"), ("block_shared", False, "flex"), ("block_shared", True, "flex"),
+     ("per_token", False, "triton"), ("block_shared", False, "triton")],
+)
+def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, fused_top_n=fused,
+                        selection_kernel=selection_kernel, check_inputs=False)
     q, k, v, g = random_inputs(1, 7, 1, 80, 16, seed=1)
     torch._dynamo.reset()
     compiled = torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True, backend="aot_eager")
@@ -44,8 +50,8 @@ def test_op_compiles_fullgraph_cpu(selection, fused):
         assert_rel(compiled(q, k, v, g), nsa_attention(q, k, v, g, cfg), 1e-6, "compiled vs eager")
 
 
-def gpu_case(selection):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, check_inputs=False)
+def gpu_case(selection, selection_kernel="flex"):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, selection_kernel=selection_kernel, check_inputs=False)
     inputs = random_inputs(2, 14, 2, 300, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
     torch._dynamo.reset()
     return cfg, inputs, torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True)
@@ -54,16 +60,11 @@ def gpu_case(selection):
 @pytest.mark.gpu
 def test_whole_op_compile_on_cuda_is_refused():
     _, inputs, compiled = gpu_case("block_shared")
-    with pytest.raises(Exception, match="whole NSA op .* on CUDA is refused"):
+    with pytest.raises(Exception, match="whole NSA op with selection_kernel='flex' on CUDA is refused"):
         compiled(*inputs)
 
 
-@pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="torch 2.11 inductor: selection branch wrong when the whole op is compiled (flex.py)")
-@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_compiles_fullgraph_gpu(selection, monkeypatch):
-    monkeypatch.setattr(flex_backend, "ALLOW_WHOLE_OP_COMPILE_ON_CUDA", True)
-    cfg, inputs, compiled = gpu_case(selection)
+def check_compiled_equals_eager(cfg, inputs, compiled):
     out = compiled(*inputs)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad)
@@ -74,3 +75,17 @@ def test_op_compiles_fullgraph_gpu(selection, monkeypatch):
     assert_rel(out, ref, 2e-2, "out")
     for name, a, b in zip("qkvg", grads, ref_grads):
         assert_rel(a, b, 3e-2, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+def test_op_compiles_fullgraph_gpu(selection):
+    check_compiled_equals_eager(*gpu_case(selection, selection_kernel="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="torch 2.11 inductor: flex selection branch wrong when the whole op is compiled (flex.py)")
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+def test_op_compiles_fullgraph_flex_selection_gpu(selection, monkeypatch):
+    monkeypatch.setattr(flex_backend, "ALLOW_WHOLE_OP_COMPILE_ON_CUDA", True)
+    check_compiled_equals_eager(*gpu_case(selection))

@@ -24,6 +24,15 @@ CASES = [
     ("G7-selblock32", 14, 2, 211, 16, SMALL.replace(select_block_size=32, select_query_tile=16, flex_block_kv=16)),
     ("G7-mlp", 14, 2, 140, 16, SMALL.replace(compression="mlp")),
     ("G7-videonsa-T300", 7, 1, 300, 32, NSAConfig()),
+    # The selection branch on its other kernel (Triton on CPU = interpreter; FlexAttention on GPU).
+    ("G7-slc-triton", 14, 2, 200, 16, SMALL.replace(selection_kernel="triton")),
+    ("G7-slc-triton-shared", 14, 2, 200, 16, SMALL.replace(selection_kernel="triton", selection="block_shared")),
+]
+# On GPU the default (auto) selection kernel is Triton; these keep FlexAttention's tested there.
+FLEX_SELECTION_CASES = [
+    ("G7-slc-flex", 14, 2, 200, 16, SMALL.replace(selection_kernel="flex")),
+    ("G7-slc-flex-shared", 14, 2, 200, 16, SMALL.replace(selection_kernel="flex", selection="block_shared")),
+    ("Q7B-T1000-slc-flex", 28, 4, 1000, 128, NSAConfig(selection_kernel="flex")),
 ]
 
 
@@ -72,7 +81,11 @@ def test_flex_forward_cpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("case", CASES + [("Q7B-T1000", 28, 4, 1000, 128, NSAConfig())], ids=[c[0] for c in CASES] + ["Q7B-T1000"])
+@pytest.mark.parametrize(
+    "case",
+    CASES + FLEX_SELECTION_CASES + [("Q7B-T1000", 28, 4, 1000, 128, NSAConfig())],
+    ids=[c[0] for c in CASES + FLEX_SELECTION_CASES] + ["Q7B-T1000"],
+)
 def test_flex_forward_backward_gpu(case, dtype):
     # The reference runs on the bf16-rounded inputs, so only kernel arithmetic counts: bf16
     # probabilities/outputs (unit roundoff 3.9e-3) compound to ~1e-2; fp32 dots may run as

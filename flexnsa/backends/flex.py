@@ -25,6 +25,7 @@ from ..block_masks import (
     QueryLayout,
     compression_block_mask,
     selection_block_mask,
+    selection_rows,
     window_block_mask,
 )
 from ..compression import compress_kv
@@ -32,7 +33,7 @@ from ..config import FLEX_HEAD_DIMS, NSAConfig
 from ..importance import importance_top_n
 from ..output import NSAOutput
 from ..reference import prune_selection_by_gates
-from ..triton_fallback import use_triton_compression_attention
+from ..triton_fallback import use_triton_compression_attention, use_triton_selection
 from ..validation import check_nsa_inputs
 
 RECOMPILE_LIMIT = 64
@@ -68,7 +69,7 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
 
 class NSAMasks(NamedTuple):
     compression: BlockMask | None  # None with the Triton kernel, or while no whole block exists
-    selection: BlockMask
+    selection: BlockMask | None  # None with the Triton selection kernel
     window: BlockMask
 
 
@@ -116,7 +117,7 @@ def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) 
     flex_compression = config.num_compressed_blocks(seq_len) > 0 and not use_triton_compression_attention(config, device)
     return NSAMasks(
         compression_block_mask(seq_len, layout, config, device) if flex_compression else None,
-        selection_block_mask(selected, layout, config),
+        None if use_triton_selection(config, device) else selection_block_mask(selected, layout, config),
         window_block_mask(seq_len, layout, config, device),
     )
 
@@ -134,6 +135,19 @@ def compression_branch(q, q_rows, k_cmp, v_cmp, masks: NSAMasks, layout: QueryLa
     return attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
 
 
+def selection_branch(q, q_rows, k, v, selected, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
+    """Stage 4b: selected-block attention on query rows: the Triton kernel (walks the ids) or
+    FlexAttention with the selection BlockMask (see ``NSAConfig.selection_kernel``)."""
+    scale = config.softmax_scale(q.shape[-1])
+    if masks.selection is None:
+        from ..triton_fallback.selection_attention import selection_attention
+
+        tile = config.select_query_tile if config.selection == "block_shared" else 1
+        out, _ = selection_attention(q, k, v, selection_rows(selected, config), config.select_block_size, tile, scale)
+        return layout.fold(out)
+    return attend(q_rows, k, v, masks.selection, layout, scale)
+
+
 def attend(q_rows, k, v, block_mask, layout: QueryLayout, scale: float):
     """One branch's attention over query rows; a missing mask means nothing is visible (0)."""
     if block_mask is None:
@@ -147,27 +161,34 @@ def combine(gates, cmp, slc, win, layout: QueryLayout):
     return g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
 
 
-# Known defect (torch 2.11 + inductor, CUDA): when the *whole* op is traced by torch.compile, the
-# selection branch comes out wrong (relative error 1.0; compression and window branches exact;
-# profiling/debug_fullgraph.py). Until that is fixed the op refuses to be traced on CUDA instead
-# of returning wrong values; its flex_attention calls are compiled on their own either way.
+# Known defect (torch 2.11 + inductor, CUDA): when the *whole* op is traced by torch.compile with
+# the FlexAttention selection branch, that branch comes out wrong (relative error 1.0; compression
+# and window branches exact; profiling/debug_fullgraph.py): the one mask_mod that captures a
+# tensor computed inside the traced graph (the selection bit table). Until that is fixed the op
+# refuses to be traced on CUDA with selection_kernel='flex' instead of returning wrong values.
+# The Triton selection kernel (the CUDA default) is a custom op and has no such capture.
 # tests/test_custom_ops.py flips this to check the numerics (a strict xfail that flags a fix).
 ALLOW_WHOLE_OP_COMPILE_ON_CUDA = False
 
 
-def check_not_traced_on_cuda(q) -> None:
-    if q.is_cuda and torch.compiler.is_compiling() and not ALLOW_WHOLE_OP_COMPILE_ON_CUDA:
+def check_not_traced_on_cuda(q, config: NSAConfig) -> None:
+    if (
+        q.is_cuda
+        and torch.compiler.is_compiling()
+        and not use_triton_selection(config, q.device)
+        and not ALLOW_WHOLE_OP_COMPILE_ON_CUDA
+    ):
         raise RuntimeError(
-            "torch.compile of the whole NSA op (flex backend) on CUDA is refused: with torch "
-            f"{torch.__version__} + inductor its selection branch comes out wrong. Keep nsa_attention / "
-            "NSAAttention outside the compiled region (torch.compiler.disable); its FlexAttention calls "
-            "are compiled on their own."
+            "torch.compile of the whole NSA op with selection_kernel='flex' on CUDA is refused: with torch "
+            f"{torch.__version__} + inductor its selection branch comes out wrong. Use selection_kernel='auto' "
+            "(the Triton selection kernel), or keep nsa_attention / NSAAttention outside the compiled region "
+            "(torch.compiler.disable); its FlexAttention calls are compiled on their own."
         )
 
 
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
     shape = check_nsa_inputs(q, k, v, gates, config)
-    check_not_traced_on_cuda(q)
+    check_not_traced_on_cuda(q, config)
     T, D = shape.seq_len, shape.head_dim
     check_flex_support(q, k, v, gates, D, config)
     if T == 0:
@@ -181,7 +202,7 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     masks = build_masks(selected, T, layout, config)
     q_rows = layout.fold(q)
     cmp = compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
-    slc = attend(q_rows, k, v, masks.selection, layout, scale)
+    slc = selection_branch(q, q_rows, k, v, selected, masks, layout, config)
     win = attend(q_rows, k, v, masks.window, layout, scale)
     out = combine(gates, cmp, slc, win, layout)
     return NSAOutput(*(layout.unfold(x) for x in (out, cmp, slc, win)), selected, cmp_lse)

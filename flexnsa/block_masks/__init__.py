@@ -4,6 +4,7 @@ from .builders import (
     block_mask_from_tables,
     compression_block_mask,
     selection_block_mask,
+    selection_rows,
     window_block_mask,
 )
 from .layout import QueryLayout
@@ -22,6 +23,7 @@ __all__ = [
     "pack_selection_bits",
     "selected_blocks_mask",
     "selection_block_mask",
+    "selection_rows",
     "sliding_window_mask",
     "window_block_mask",
 ]

@@ -105,6 +105,12 @@ def _to_kv_blocks(table, sel_block: int, kv_block: int, pad_value: bool, reduce)
     return reduce(table.unflatten(-1, (-1, per_kv)), dim=-1)
 
 
+def selection_rows(selected: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Per-token ids [B, Hkv, T, n] -> one row per selection row [B, Hkv, R, n]: each token
+    (per-token) or each query tile (block-shared, whose tokens all hold the tile's ids)."""
+    return selected[:, :, :: config.select_query_tile] if config.selection == "block_shared" else selected
+
+
 def selection_block_mask(selected: torch.Tensor, layout: QueryLayout, config: NSAConfig) -> BlockMask:
     """Selected blocks, causal inside the current block, from per-token ids [B, Hkv, T, n].
 
@@ -132,10 +138,6 @@ def selection_block_mask(selected: torch.Tensor, layout: QueryLayout, config: NS
     if not layout.folded:
         partial = partial.repeat_interleave(layout.group, dim=1)
         full = full.repeat_interleave(layout.group, dim=1)
-    if config.selection == "block_shared":
-        table_rows = selected[:, :, :: config.select_query_tile]
-        tokens_per_row = config.select_query_tile
-    else:
-        table_rows, tokens_per_row = selected, 1
-    mask_mod = selected_blocks_mask(pack_selection_bits(table_rows, num_sel), l_sel, tokens_per_row, layout)
+    tokens_per_row = config.select_query_tile if config.selection == "block_shared" else 1
+    mask_mod = selected_blocks_mask(pack_selection_bits(selection_rows(selected, config), num_sel), l_sel, tokens_per_row, layout)
     return block_mask_from_tables(partial, full, (bq, bk), mask_mod, (layout.num_rows(T), T))

@@ -1,10 +1,11 @@
 """Triton kernels for the compression branch (compressed attention with lse and backward;
-fused importance scores), GQA-native, and the switch that picks them.
+fused importance scores) and the selection branch, GQA-native, and the switches that pick them.
 
 Kernels run natively on GPUs and under TRITON_INTERPRET=1 on CPU (fp32 there: the interpreter's
 bf16 dot is wrong). Modules: ``tiles`` (shared row/visibility arithmetic), ``compression_scores``
 (group scores for the chunked scorer), ``selection_top_n`` (fused scores + top-n),
-``compression_attention`` (forward with lse, backward).
+``compression_attention`` (forward with lse, backward), ``selection_attention`` (the selection
+branch: selected-block attention, forward with lse, backward over reverse block lists).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import os
 import torch
 
 
-def _triton_allowed(config, device: torch.device) -> bool:
+def _triton_allowed(field: str, device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            "NSAConfig.compression_kernel='triton' on CPU needs the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before flexnsa is imported); use 'torch' or 'auto'"
+            f"NSAConfig.{field}='triton' on CPU needs the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before flexnsa is imported); use 'auto' or the non-Triton choice"
         )
     return True
 
@@ -28,7 +29,7 @@ def use_triton_scorer(config, device: torch.device) -> bool:
     kind = config.compression_kernel
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return False
-    return _triton_allowed(config, device)
+    return _triton_allowed("compression_kernel", device)
 
 
 def use_triton_compression_attention(config, device: torch.device) -> bool:
@@ -36,6 +37,14 @@ def use_triton_compression_attention(config, device: torch.device) -> bool:
     backward starves on the short compressed key axis (one program per kv block), which the
     Triton backward's split query axis avoids (profiling/NOTES.md)."""
     return use_triton_scorer(config, device)
+
+
+def use_triton_selection(config, device: torch.device) -> bool:
+    """Triton selected-block attention: 'auto' on CUDA and 'triton' anywhere (interpreter on CPU)."""
+    kind = config.selection_kernel
+    if kind == "flex" or (kind == "auto" and device.type != "cuda"):
+        return False
+    return _triton_allowed("selection_kernel", device)
 
 
 MAX_SELECTED = 128  # the fused top-n keeps a power of two >= n keys per row

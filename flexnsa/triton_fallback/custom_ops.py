@@ -6,6 +6,8 @@ backward (itself a custom op, so compiled autograd graphs stay whole too).
 Ops (namespace ``flexnsa``):
   compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
   compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp)
+  selection_attention(q, k, v, rows, select_block, tile, scale) -> (out, lse)               differentiable
+  selection_attention_backward(...) -> (dq, dk, dv)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
   compression_group_scores(q, k_cmp, block, stride, scale, t0, t1) -> (scores, lse rows [t0, t1))
 """
@@ -17,7 +19,7 @@ import triton
 from torch import Tensor
 
 from . import compression_attention as cmp_attn
-from . import compression_scores, selection_top_n as top_n
+from . import compression_scores, selection_attention as slc_attn, selection_top_n as top_n
 
 
 @torch.library.custom_op("flexnsa::compression_attention", mutates_args=())
@@ -57,6 +59,44 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 compression_attention.register_autograd(_backward, setup_context=_save)
+
+
+@torch.library.custom_op("flexnsa::selection_attention", mutates_args=())
+def selection_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, block_size: int, tile: int, scale: float) -> tuple[Tensor, Tensor]:
+    return slc_attn.selection_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), rows.contiguous(), block_size, tile, scale)
+
+
+@selection_attention.register_fake
+def _(q, k, v, rows, block_size, tile, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("flexnsa::selection_attention_backward", mutates_args=())
+def selection_attention_backward(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, tile: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, rows = (x.contiguous() for x in (q, k, v, rows))
+    return slc_attn.selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size, tile, scale)
+
+
+@selection_attention_backward.register_fake
+def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _save_selection(ctx, inputs, output):
+    q, k, v, rows, block_size, tile, scale = inputs
+    ctx.save_for_backward(q, k, v, rows, *output)
+    ctx.params = (block_size, tile, scale)
+
+
+def _selection_backward(ctx, grad_out, grad_lse):
+    q, k, v, rows, out, lse = ctx.saved_tensors
+    dq, dk, dv = selection_attention_backward(q, k, v, rows, out, lse, grad_out.contiguous(), *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+selection_attention.register_autograd(_selection_backward, setup_context=_save_selection)
 
 
 @torch.library.custom_op("flexnsa::selection_top_n", mutates_args=())

@@ -1,0 +1,284 @@
+"""Selected-block attention (NSA's selection branch) in Triton: forward with lse, backward.
+
+q [B, Hq, T, D] attends to the tokens of its selected blocks of k, v [B, Hkv, T, D], causal
+inside the current block (DESIGN.md step 4). ``rows`` [B, Hkv, R, n] holds the block ids
+(ascending, -1 = unused) of each selection row; a row serves ``tile`` consecutive tokens
+(1 = per-token selection, ``select_query_tile`` = block-shared), so token t uses row t // tile.
+
+Why not FlexAttention here: the selection blocks are 64 tokens, FlexAttention's only bf16 Hopper
+backward config needs 128-wide kv blocks, and then every selected 64-block sits in a partial
+128-block, so the mask_mod runs everywhere and half the keys are wasted (profiling/NOTES.md,
+Lever 2). Here a program walks its row's n blocks directly.
+
+Tiling: a program's rows are BLOCK_T tokens sharing one selection row x the G heads of one kv
+group (``tiles.tile_rows``), so each selected K/V block is loaded once for the G heads. The
+dK/dV pass walks the reverse lists (which selection rows chose kv block j), split into chunks of
+at most ``CHUNK`` rows so the initial block, chosen by every row, does not serialise on one
+program; chunks of a block that has several add into fp32 buffers with atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import check_head_dim, row_offsets, tile_rows
+
+LOG2E = 1.4426950408889634
+CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
+CHUNK_PER_TOKEN = 64
+
+
+@triton.jit
+def _block_keys(SEL_ROW, i, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key positions of the i-th selected block of a row and which of them exist."""
+    blk = tl.load(SEL_ROW + i)
+    j = tl.arange(0, BLOCK_N)
+    keys = blk * L + j
+    return keys, (blk >= 0) & (j < L) & (keys < T)
+
+
+@triton.jit
+def _load_keys(PTR, base, keys, key_ok, s_t, D: tl.constexpr):
+    return tl.load(PTR + base + keys[:, None] * s_t + tl.arange(0, D)[None, :], mask=key_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, SEL, O, LSE,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
+    T, qk_scale,
+    N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+):
+    """One program: BLOCK_T tokens x G heads over the N_SEL blocks of their selection row.
+    Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_first = pid_t * BLOCK_T
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+    q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
+    kv_base = b * sk_b + h * sk_h
+    m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    for i in range(N_SEL):
+        keys, key_ok = _block_keys(sel_row, i, T, L, BLOCK_N)
+        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
+        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+        s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        s_sum = s_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
+    o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(s_sum > 0, (m + tl.log2(tl.where(s_sum > 0, s_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h):
+    """Each row's lse in base 2 (+inf where nothing is visible, so exp2(s - lse) = 0) and
+    delta = rowsum(dO * O)."""
+    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, SEL, LSE, DELTA, DQ,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
+    T, scale, qk_scale,
+    N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+):
+    """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, do, dq share strides)."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_first = pid_t * BLOCK_T
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+    row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+    lse2, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
+    kv_base = b * sk_b + h * sk_h
+    dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    for i in range(N_SEL):
+        keys, key_ok = _block_keys(sel_row, i, T, L, BLOCK_N)
+        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
+        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+        p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
+    T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
+    TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+):
+    """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
+    dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads."""
+    pid = tl.program_id(0)
+    owner = tl.load(ITEMS + pid)  # (b * HKV + h) * NUM_BLOCKS + j, or -1 past the last item
+    if owner >= 0:
+        lo = tl.load(ITEMS + MAX_ITEMS + pid)
+        hi = tl.load(ITEMS + 2 * MAX_ITEMS + pid)
+        alone = tl.load(ITEMS + 3 * MAX_ITEMS + pid)
+        bh = owner // NUM_BLOCKS
+        b = bh // HKV
+        h = bh % HKV
+        j = tl.arange(0, BLOCK_N)
+        keys = (owner % NUM_BLOCKS) * L + j
+        key_ok = (j < L) & (keys < T)
+        kv_base = b * sk_b + h * sk_h
+        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
+        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        for e in range(lo, hi):
+            first_token = tl.load(ROW_OF_ENTRY + e) * TILE
+            for sub in range(TILE // BLOCK_T):
+                t, g, row_ok = tile_rows(first_token + sub * BLOCK_T, T, G, G_PAD, BLOCK_T)
+                row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+                q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+                do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+                lse2, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+                seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+                p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        out = b * sd_b + h * sd_h + keys[:, None] * sd_t + tl.arange(0, D)[None, :]
+        if alone != 0:
+            tl.store(DK + out, dk * scale, mask=key_ok[:, None])
+            tl.store(DV + out, dv, mask=key_ok[:, None])
+        else:
+            tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
+            tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
+
+
+def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
+    """dK/dV work items from the selection rows [B, Hkv, R, n], with no host sync.
+
+    Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
+    1 if the item is its block's only chunk; row_of_entry [B*Hkv*R*n] int32: the selection row
+    of each entry, entries sorted by owner). M = BH*num_blocks + ceil(BH*R*n / chunk) bounds the
+    item count, so the grid is static.
+    """
+    B, Hkv, R, n = rows.shape
+    BH, per_bh = B * Hkv, R * n
+    device = rows.device
+    spare = num_blocks + 1  # column num_blocks collects the -1 slots
+    ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, per_bh)
+    key = (ids + torch.arange(BH, device=device)[:, None] * spare).flatten()
+    order = torch.argsort(key, stable=True)
+    row_of_entry = ((order % per_bh) // n).to(torch.int32)
+    counts_all = torch.bincount(key, minlength=BH * spare)
+    starts = (torch.cumsum(counts_all, 0) - counts_all).view(BH, spare)[:, :num_blocks].flatten()
+    counts = counts_all.view(BH, spare)[:, :num_blocks].flatten()
+    chunks = (counts + chunk - 1) // chunk
+    chunk_end = torch.cumsum(chunks, 0)
+    max_items = BH * num_blocks + -(-BH * per_bh // chunk)
+    pid = torch.arange(max_items, device=device)
+    owner = torch.searchsorted(chunk_end, pid, right=True)
+    valid = owner < BH * num_blocks
+    owner = owner.clamp(max=BH * num_blocks - 1)
+    lo = starts[owner] + (pid - (chunk_end[owner] - chunks[owner])) * chunk
+    hi = torch.minimum(lo + chunk, starts[owner] + counts[owner])
+    items = torch.stack([torch.where(valid, owner, -1), lo, hi, (chunks[owner] == 1).long()])
+    return items.to(torch.int32).contiguous(), row_of_entry
+
+
+def _launch_params(q, k, v, rows, block_size: int, tile: int, num_rows: int | None):
+    """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
+    of two dividing the tile, at least 16 rows (the smallest tl.dot)."""
+    check_head_dim(q.shape[-1], "selection_attention")
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape != v.shape or k.shape[2] != T or q.shape[1] % Hkv or rows.shape[:2] != (B, Hkv) or rows.shape[2] != -(-T // tile):
+        raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, rows {tuple(rows.shape)}, tile {tile}")
+    G = Hq // Hkv
+    g_pad = triton.next_power_of_2(G)
+    target = num_rows or (64 if D >= 128 else 128)
+    block_t = 1
+    while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
+        block_t *= 2
+    g_pad = max(g_pad, 16 // block_t)
+    return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
+                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D)
+
+
+def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, num_rows=None, num_warps=None):
+    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
+    consts = _launch_params(q, k, v, rows, block_size, tile, num_rows)
+    rows = rows.to(torch.int32)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    _fwd_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
+        q, k, v, rows, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3],
+        num_warps=num_warps or 4, **consts,
+    )
+    return out, lse
+
+
+def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float,
+                            num_rows=None, num_warps=None):
+    """(dq, dk, dv) for selection_attention_fwd; inputs contiguous."""
+    consts = _launch_params(q, k, v, rows, block_size, tile, num_rows)
+    rows = rows.to(torch.int32)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    grad_out = grad_out.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    if T == 0:
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
+    q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    warps = num_warps or 4
+    _bwd_dq_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
+        q, k, v, grad_out, rows, lse, delta, dq, *q_strides,
+        rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
+        T, scale, scale * LOG2E, N_SEL=rows.shape[3], num_warps=warps, **consts,
+    )
+    num_blocks = -(-T // block_size)
+    items, row_of_entry = reverse_lists(rows, num_blocks, CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    max_items = items.shape[1]
+    _bwd_dkv_kernel[(max_items,)](
+        q, k, v, grad_out, lse, delta, dk, dv, items, row_of_entry, *q_strides,
+        lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
+        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, num_warps=warps, **consts,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float):
+    """Selected-block attention: (out [B, Hq, T, D], lse [B, Hq, T] fp32), differentiable in q,
+    k, v, through the ``flexnsa::selection_attention`` custom op. ``rows`` [B, Hkv, ceil(T/tile), n]
+    int64 block ids (-1 = unused)."""
+    from .custom_ops import selection_attention as op
+
+    return op(q.contiguous(), k.contiguous(), v.contiguous(), rows.contiguous(), block_size, tile, scale)

@@ -1,0 +1,126 @@
+"""Triton selected-block attention == float64 reference: output, lse, dq, dk, dv, for random valid
+selection rows (ascending ids, -1 padded, some rows empty). Interpreter on CPU (fp32), native on
+GPU (bf16, fp32)."""
+
+import pytest
+import torch
+
+from flexnsa import NSAConfig
+from flexnsa.reference import masked_attention, selection_visibility
+from flexnsa.triton_fallback import custom_ops, use_triton_selection
+from flexnsa.triton_fallback import selection_attention as slc
+from flexnsa.triton_fallback.selection_attention import reverse_lists, selection_attention
+
+from helpers import assert_rel, random_inputs
+
+# (id, Hq, Hkv, T, D, select block l', tile (1 = per-token), n): G = 7 and 1, T not a multiple
+# of the block, T < l', tile < l', n larger than the eligible blocks.
+CASES = [
+    ("G7-T200-shared", 14, 2, 200, 16, 16, 16, 4),
+    ("G1-T150-per_token", 2, 2, 150, 16, 16, 1, 3),
+    ("G7-T10-short", 7, 1, 10, 16, 16, 16, 4),
+    ("G7-T333-l32-tile8", 7, 1, 333, 32, 32, 8, 5),
+    ("G7-T90-per_token", 7, 1, 90, 16, 16, 1, 4),
+]
+
+
+def random_rows(B, Hkv, T, block, tile, n, seed):
+    """Valid selection rows [B, Hkv, ceil(T/tile), n]: distinct eligible ids (<= the row's current
+    block) ascending, -1 padded; every 5th row and batch 1's first row empty (what gate pruning produces)."""
+    gen = torch.Generator().manual_seed(seed)
+    R = -(-T // tile)
+    rows = torch.full((B, Hkv, R, n), -1, dtype=torch.int64)
+    for b in range(B):
+        for h in range(Hkv):
+            for r in range(R):
+                if r % 5 == 4 or (b == 1 and r == 0):
+                    continue
+                ids = torch.randperm(r * tile // block + 1, generator=gen)[:n].sort().values
+                rows[b, h, r, : len(ids)] = ids
+    return rows
+
+
+def check(case, dtype, device, tol, seed=0):
+    _, Hq, Hkv, T, D, block, tile, n = case
+    cfg = NSAConfig(block_size=block, stride=block, select_block_size=block, num_selected=n, select_query_tile=block)
+    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed, requires_grad=True)
+    rows = random_rows(2, Hkv, T, block, tile, n, seed).to(device)
+    out, lse = selection_attention(q, k, v, rows, block, tile, D**-0.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    visible = selection_visibility(rows.cpu().repeat_interleave(tile, dim=2)[:, :, :T], T, cfg)
+    ref, _, ref_lse = masked_attention(q64, k64, v64, visible, D**-0.5)
+    ref.backward(grad.double().cpu())
+    assert_rel(out, ref, tol, "out")
+    finite = torch.isfinite(ref_lse)
+    assert (~finite).any() and torch.equal(torch.isfinite(lse).cpu(), finite), "empty rows must give lse -inf"
+    torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite].float(), rtol=tol, atol=tol)
+    assert (out.detach().cpu()[~finite] == 0).all(), "empty rows must give 0"
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_rel(a.grad, b.grad, 2 * tol, name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_selection_attention_interpreter(case):
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
+def test_dkv_blocks_split_into_several_chunks(monkeypatch):
+    # Chunks of 2 rows: every block chosen by > 2 rows is split, and its chunks add by atomics.
+    monkeypatch.setattr(slc, "CHUNK", 2)
+    check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=3)
+
+
+def test_reverse_lists_cover_every_selection_once():
+    rows = random_rows(2, 3, 150, 16, 16, 4, seed=5)
+    num_blocks, chunk = -(-150 // 16), 3
+    items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
+    owner, lo, hi, alone = (x.long() for x in items)
+    seen = []
+    for i in torch.nonzero(owner >= 0).flatten().tolist():
+        bh, j = divmod(owner[i].item(), num_blocks)
+        assert 0 < hi[i] - lo[i] <= chunk
+        seen += [(bh, j, r) for r in row_of_entry[lo[i]:hi[i]].tolist()]
+    expected = [(bh, j, r) for bh, row_ids in enumerate(rows.flatten(0, 1)) for r, ids in enumerate(row_ids) for j in ids.tolist() if j >= 0]
+    assert sorted(seen) == sorted(expected)
+    counts = torch.bincount(torch.tensor([bh * num_blocks + j for bh, j, _ in expected]), minlength=6 * num_blocks)
+    valid = owner >= 0
+    assert torch.equal(alone[valid].bool(), counts[owner[valid]] <= chunk)
+
+
+def test_opcheck_selection_attention():
+    q, k, v, _ = random_inputs(1, 7, 1, 40, 16, seed=2, requires_grad=True)
+    rows = random_rows(1, 1, 40, 8, 8, 3, seed=2)
+    torch.library.opcheck(custom_ops.selection_attention, (q, k, v, rows, 8, 8, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_shapes_raise():
+    q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
+    with pytest.raises(ValueError, match="bad shapes"):
+        selection_attention(q, k, v, random_rows(1, 1, 40, 8, 8, 3, seed=0), 8, 4, 0.25)  # rows for tile 8, not 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "case",
+    CASES + [("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), ("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32)],
+    ids=[c[0] for c in CASES] + ["Q7B-T3000-shared", "Q7B-T1000-per_token"],
+)
+def test_selection_attention_gpu(case, dtype):
+    # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
+    check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_selection_kernel_switch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = NSAConfig()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        use_triton_selection(cfg.replace(selection_kernel="triton"), torch.device("cpu"))
+    assert not use_triton_selection(cfg, torch.device("cpu"))  # auto on CPU: FlexAttention
+    assert use_triton_selection(cfg, torch.device("cuda"))  # auto on CUDA: Triton
+    assert not use_triton_selection(cfg.replace(selection_kernel="flex"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="selection_kernel"):
+        cfg.replace(selection_kernel="cuda")
