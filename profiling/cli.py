@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from flexnsa import NSAConfig
-from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS
+from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS
 
 from . import report
 from .baselines import fla_version, measure_fla, measure_sdpa
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=list(LAYOUTS), default="gqa_folded")
     p.add_argument("--compression-kernel", choices=list(COMPRESSION_KERNELS), default="auto",
                    help="compression branch: Triton kernels or FlexAttention + PyTorch scorer")
+    p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto",
+                   help="selection branch: Triton selected-block kernel or FlexAttention BlockMask")
     for name, default in (("block-size", 64), ("stride", 64), ("select-block-size", 64), ("num-selected", 32),
                           ("window", 256), ("select-query-tile", 64), ("flex-block-q", 128), ("flex-block-kv", 128)):
         p.add_argument(f"--{name}", type=int, default=default)
@@ -144,7 +146,7 @@ def resolve(args) -> dict:
                          num_selected=args.num_selected, window=args.window, select_query_tile=args.select_query_tile,
                          flex_block_q=args.flex_block_q, flex_block_kv=args.flex_block_kv, selection=s,
                          layout=args.layout, backend=args.backend, compression_kernel=args.compression_kernel,
-                         check_inputs=False)
+                         selection_kernel=args.selection_kernel, check_inputs=False)
             for s in selections
         }
     except ValueError as e:

@@ -28,6 +28,10 @@ from .tiles import check_head_dim, row_offsets, tile_rows
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
+# Launch tuning, one place (profiling/selection_kernel_levers.py sweeps it): rows per program
+# (None = 64 at head_dim >= 128, else 128), warps, pipeline stages (None = 1 for 4-byte inputs at
+# head_dim >= 128, whose K/V tiles would overflow shared memory, else 2).
+TUNING = {"rows": None, "num_warps": 4, "num_stages": None}
 
 
 @triton.jit
@@ -204,7 +208,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
     return items.to(torch.int32).contiguous(), row_of_entry
 
 
-def _launch_params(q, k, v, rows, block_size: int, tile: int, num_rows: int | None):
+def _launch_params(q, k, v, rows, block_size: int, tile: int):
     """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
     of two dividing the tile, at least 16 rows (the smallest tl.dot)."""
     check_head_dim(q.shape[-1], "selection_attention")
@@ -214,18 +218,19 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, num_rows: int | No
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, rows {tuple(rows.shape)}, tile {tile}")
     G = Hq // Hkv
     g_pad = triton.next_power_of_2(G)
-    target = num_rows or (64 if D >= 128 else 128)
+    target = TUNING["rows"] or (64 if D >= 128 else 128)
     block_t = 1
     while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
         block_t *= 2
     g_pad = max(g_pad, 16 // block_t)
+    stages = TUNING["num_stages"] or (1 if q.element_size() == 4 and D >= 128 else 2)
     return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D)
+                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=TUNING["num_warps"], num_stages=stages)
 
 
-def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, num_rows=None, num_warps=None):
+def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
-    consts = _launch_params(q, k, v, rows, block_size, tile, num_rows)
+    consts = _launch_params(q, k, v, rows, block_size, tile)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -237,16 +242,14 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
         q, k, v, rows, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3],
-        num_warps=num_warps or 4, **consts,
+        lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
     return out, lse
 
 
-def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float,
-                            num_rows=None, num_warps=None):
+def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float):
     """(dq, dk, dv) for selection_attention_fwd; inputs contiguous."""
-    consts = _launch_params(q, k, v, rows, block_size, tile, num_rows)
+    consts = _launch_params(q, k, v, rows, block_size, tile)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -258,11 +261,10 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    warps = num_warps or 4
     _bwd_dq_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
         q, k, v, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
-        T, scale, scale * LOG2E, N_SEL=rows.shape[3], num_warps=warps, **consts,
+        T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
     num_blocks = -(-T // block_size)
     items, row_of_entry = reverse_lists(rows, num_blocks, CHUNK if tile > 1 else CHUNK_PER_TOKEN)
@@ -270,7 +272,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     _bwd_dkv_kernel[(max_items,)](
         q, k, v, grad_out, lse, delta, dk, dv, items, row_of_entry, *q_strides,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, num_warps=warps, **consts,
+        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
