@@ -184,13 +184,17 @@ def device_slug(name: str) -> str:
 
 
 def git_state() -> tuple[str, bool]:
+    """(commit, dirty). FLEXNSA_COMMIT, when set, wins: the GPU machine's copy of the tree can
+    carry a stale .git (its HEAD was the session's first commit, "dirty" with later ones)."""
+    if os.environ.get("FLEXNSA_COMMIT"):
+        return os.environ["FLEXNSA_COMMIT"], False
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FLEXNSA_COMMIT") or "unknown", False
+        return "unknown", False
 
 
 def metadata(run: dict, args_list: list[str]) -> dict:

@@ -41,7 +41,8 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
     lines = [
         f"# flexnsa profile: {meta['device_name']}",
         "",
-        f"- date {meta['date']}, commit `{meta['commit']}`{' (dirty tree)' if meta.get('dirty') else ''}",
+        f"- date {meta['date']}, commit `{meta['commit']}`{' (dirty tree)' if meta.get('dirty') else ''}"
+        + (f" ({meta['commit_note']})" if meta.get("commit_note") else ""),
         f"- torch {meta['torch']}, triton {meta['triton']}, fla {meta.get('fla') or 'not importable'}",
         f"- shape B={shape['batch']} Hq={shape['q_heads']} Hkv={shape['kv_heads']} D={shape['head_dim']} {shape['dtype']}",
         f"- measured matmul rate {_fmt(meta.get('matmul_tflops'), 0)} TFLOP/s (floor = FLOPs / this rate; fwd+bwd = 3.5x fwd FLOPs)",
