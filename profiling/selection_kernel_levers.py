@@ -1,7 +1,7 @@
 """Lever experiment for the selection branch (profiling/NOTES.md, Lever 9): at the Q7B shape, the
 selection stage as the op runs it with FlexAttention (BlockMask from the ids) against the Triton
-selected-block kernel, and the kernel's launch tuning one knob at a time. Selections come from the
-real scorer on random inputs; each Triton variant's output is compared with FlexAttention's.
+selected-block kernel (its launch tuning: profiling/kernel_tuning.py). Selections come from the
+real scorer on random inputs; the Triton output is compared with FlexAttention's.
 
     python -m profiling.selection_kernel_levers --lengths 32K,128K --out DIR   (GPU only)
 """
@@ -18,21 +18,11 @@ import torch
 from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
 from flexnsa.block_masks import QueryLayout
-from flexnsa.triton_fallback import selection_attention as kernel
-
 from .cli import git_state, parse_lengths
 from .measure import Shape, random_inputs
 from .timing import median_ms
 
-DEFAULT = dict(kernel.TUNING)
-# (name, selection kernel, tuning changes from the default): one knob per variant.
-VARIANTS = [
-    ("flex", "flex", {}),
-    ("triton", "triton", {}),
-    ("triton_rows128", "triton", {"rows": 128}),
-    ("triton_8warps", "triton", {"num_warps": 8}),
-    ("triton_3stages", "triton", {"num_stages": 3}),
-]
+VARIANTS = ["flex", "triton"]
 
 
 def selection_fn(q, k, v, selected, cfg: NSAConfig, grad_rows, backward: bool):
@@ -70,10 +60,8 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 selected, _ = stages.score_and_select(q, stages.compress(k, v, cfg)[0], cfg)
                 reference = None
-            for name, which, tuning in VARIANTS:
-                kernel.TUNING.clear()
-                kernel.TUNING.update(DEFAULT, **tuning)
-                vcfg = cfg.replace(selection_kernel=which)
+            for name in VARIANTS:
+                vcfg = cfg.replace(selection_kernel=name)
                 with torch.no_grad():
                     out = selection_fn(q, k, v, selected, vcfg, None, False)()
                 if reference is None:
@@ -90,13 +78,11 @@ def main(argv=None) -> None:
                     rows.append({"seq_len": T, "selection": selection, "variant": name, "mode": mode, "ms": ms,
                                  "rel_err_vs_flex": err})
                     print(f"T={T} {selection:12s} {name:16s} {mode:7s} {ms:9.3f} ms  rel.err vs flex {err:.2e}", flush=True)
-    kernel.TUNING.clear()
-    kernel.TUNING.update(DEFAULT)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0], "default_tuning": DEFAULT}
+            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0]}
     (args.out / "selection_kernel_levers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

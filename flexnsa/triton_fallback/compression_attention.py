@@ -135,17 +135,25 @@ def _bwd_dkv_kernel(
         tl.atomic_add(DV + out, dv, mask=(c < C)[:, None])
 
 
-def _launch_params(q, k_cmp):
-    """Tile constants. At head_dim >= 128 the first H100 run needed 248-262 KB of shared memory
-    (limit 227 KB) with 64-wide compressed tiles and 3 pipeline stages: 32-wide tiles and one
-    stage there, and 64-row tiles for fp32 (twice the bytes per element)."""
+DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token axis)
+# Launch tuning per kernel, one place (profiling/kernel_tuning.py sweeps it); None = the rule in
+# ``_launch_params``.
+TUNING = {kernel: {"rows": None, "block_c": None, "num_warps": None, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
+
+
+def _launch_params(q, k_cmp, kernel: str):
+    """Tile constants of one kernel. Default rule: at head_dim >= 128 the first H100 run needed
+    248-262 KB of shared memory (limit 227 KB) with 64-wide compressed tiles and 3 pipeline
+    stages: 32-wide tiles and one stage there, and 64-row tiles for fp32 (twice the bytes per
+    element)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     G = Hq // Hkv
     big = D >= 128
-    g_pad, block_t = rows_per_tile(G, 64 if big and q.element_size() == 4 else 128)
-    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=32 if big else BLOCK_C, D=D,
-                  num_warps=8 if big else 4, num_stages=1 if big else 2)
+    tune = TUNING[kernel]
+    g_pad, block_t = rows_per_tile(G, tune["rows"] or (64 if big and q.element_size() == 4 else 128))
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=tune["block_c"] or (32 if big else BLOCK_C), D=D,
+                  num_warps=tune["num_warps"] or (8 if big else 4), num_stages=tune["num_stages"] or (1 if big else 2))
     return B, Hq, Hkv, T, D, block_t, consts
 
 
@@ -158,7 +166,7 @@ def _check(q, k_cmp, v_cmp):
 def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
     _check(q, k_cmp, v_cmp)
-    B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp)
+    B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
@@ -174,7 +182,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
 
 def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
     """(dq, dk_cmp, dv_cmp) for compression_attention_fwd; inputs contiguous."""
-    B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp)
+    B, Hq, Hkv, T, D, _, _ = _launch_params(q, k_cmp, "dq")
     C = k_cmp.shape[2]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
@@ -184,15 +192,17 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     if T == 0 or C == 0:
         return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
-    block_c = consts["BLOCK_C"]
+    *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
         q, k_cmp, v_cmp, grad_out, lse, delta, dq, *strides, T, C, scale,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
-    # Split the token axis so the short compressed axis still fills the GPU (>= ~1024 programs).
+    # Split the token axis so the short compressed axis still fills the GPU (>= DKV_PROGRAMS).
+    *_, block_t, consts = _launch_params(q, k_cmp, "dkv")
+    block_c = consts["BLOCK_C"]
     tiles = triton.cdiv(T, block_t)
     per_split = triton.cdiv(C, block_c) * B * Hkv
-    splits = max(1, min(tiles, triton.cdiv(1024, per_split)))
+    splits = max(1, min(tiles, triton.cdiv(DKV_PROGRAMS, per_split)))
     tiles_per_split = triton.cdiv(tiles, splits)
     _bwd_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
         q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),

@@ -28,10 +28,12 @@ from .tiles import check_head_dim, row_offsets, tile_rows
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
-# Launch tuning, one place (profiling/selection_kernel_levers.py sweeps it): rows per program
+# Launch tuning per kernel, one place (profiling/kernel_tuning.py sweeps it): rows per program
 # (None = 64 at head_dim >= 128, else 128), warps, pipeline stages (None = 1 for 4-byte inputs at
 # head_dim >= 128, whose K/V tiles would overflow shared memory, else 2).
-TUNING = {"rows": None, "num_warps": 4, "num_stages": None}
+# The dK/dV kernel also takes "chunk" (selection rows per program; None = CHUNK / CHUNK_PER_TOKEN).
+TUNING = {kernel: {"rows": None, "num_warps": 4, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
+TUNING["dkv"]["chunk"] = None
 
 
 @triton.jit
@@ -208,7 +210,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
     return items.to(torch.int32).contiguous(), row_of_entry
 
 
-def _launch_params(q, k, v, rows, block_size: int, tile: int):
+def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
     """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
     of two dividing the tile, at least 16 rows (the smallest tl.dot)."""
     check_head_dim(q.shape[-1], "selection_attention")
@@ -218,19 +220,20 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int):
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, rows {tuple(rows.shape)}, tile {tile}")
     G = Hq // Hkv
     g_pad = triton.next_power_of_2(G)
-    target = TUNING["rows"] or (64 if D >= 128 else 128)
+    tune = TUNING[kernel]
+    target = tune["rows"] or (64 if D >= 128 else 128)
     block_t = 1
     while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
         block_t *= 2
     g_pad = max(g_pad, 16 // block_t)
-    stages = TUNING["num_stages"] or (1 if q.element_size() == 4 and D >= 128 else 2)
+    stages = tune["num_stages"] or (1 if q.element_size() == 4 and D >= 128 else 2)
     return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=TUNING["num_warps"], num_stages=stages)
+                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=tune["num_warps"], num_stages=stages)
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float):
     """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
-    consts = _launch_params(q, k, v, rows, block_size, tile)
+    consts = _launch_params(q, k, v, rows, block_size, tile, "fwd")
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -249,7 +252,7 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float):
     """(dq, dk, dv) for selection_attention_fwd; inputs contiguous."""
-    consts = _launch_params(q, k, v, rows, block_size, tile)
+    consts = _launch_params(q, k, v, rows, block_size, tile, "dq")
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -266,8 +269,10 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
+    consts = _launch_params(q, k, v, rows, block_size, tile, "dkv")
     num_blocks = -(-T // block_size)
-    items, row_of_entry = reverse_lists(rows, num_blocks, CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    chunk = TUNING["dkv"].get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _bwd_dkv_kernel[(max_items,)](
         q, k, v, grad_out, lse, delta, dk, dv, items, row_of_entry, *q_strides,

@@ -1,0 +1,146 @@
+"""Launch tuning of the Triton attention kernels at the Q7B shape (profiling/NOTES.md, Lever 10):
+each kernel's tile knobs changed one kernel at a time, the pass it belongs to timed (forward, or
+the whole backward), and its outputs compared with the default's so a broken variant shows.
+
+    python -m profiling.kernel_tuning --lengths 128K --out DIR   (GPU only)
+
+Variants that do not fit (shared memory, registers) are recorded as failed, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from flexnsa import NSAConfig
+from flexnsa.backends import flex as stages
+from flexnsa.block_masks import selection_rows
+from flexnsa.compression import compress_kv
+from flexnsa.triton_fallback import compression_attention as cmp_kernels
+from flexnsa.triton_fallback import selection_attention as slc_kernels
+
+from .cli import git_state, parse_lengths
+from .measure import Shape, random_inputs
+from .timing import median_ms
+
+CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
+    "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
+            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]],
+    "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
+           [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]],
+    "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
+            [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
+           + [{"programs": 4096}, {"programs": 256}],
+}
+SLC_VARIANTS = {
+    "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 2), (64, 2, 2)]],
+    "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]],
+    "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(32, 4, 2), (128, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
+           + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}],
+}
+
+# Per-token programs are one token x 16 padded heads whatever "rows" says: only warps, stages, chunk.
+SLC_PER_TOKEN_VARIANTS = {
+    "fwd": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 4), (4, 1)]],
+    "dq": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]],
+    "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]]
+           + [{"chunk": 16}, {"chunk": 32}, {"chunk": 128}, {"chunk": 256}],
+}
+
+
+@contextlib.contextmanager
+def tuned(module, kernel: str, changes: dict):
+    """Temporarily change one kernel's knobs (``programs`` is the compression dK~/dV~ split floor)."""
+    saved = dict(module.TUNING[kernel]), getattr(module, "DKV_PROGRAMS", None)
+    changes = dict(changes)
+    if "programs" in changes:
+        module.DKV_PROGRAMS = changes.pop("programs")
+    module.TUNING[kernel].update(changes)
+    try:
+        yield
+    finally:
+        module.TUNING[kernel].clear()
+        module.TUNING[kernel].update(saved[0])
+        if saved[1] is not None:
+            module.DKV_PROGRAMS = saved[1]
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def passes(op: str, q, k, v, cfg: NSAConfig, selected):
+    """(forward, backward) callables of one kernel family on fixed inputs, and the default outputs."""
+    scale = cfg.softmax_scale(q.shape[-1])
+    if op == "compression":
+        kc, vc = (x.contiguous() for x in compress_kv(k, v, cfg))
+        fwd = lambda: cmp_kernels.compression_attention_fwd(q, kc, vc, cfg.block_size, cfg.stride, scale)  # noqa: E731
+        out, lse = fwd()
+        grad = torch.randn_like(out)
+        bwd = lambda: cmp_kernels.compression_attention_bwd(q, kc, vc, out, lse, grad, cfg.block_size, cfg.stride, scale)  # noqa: E731
+    else:
+        rows = selection_rows(selected, cfg).contiguous()
+        tile = cfg.select_query_tile if cfg.selection == "block_shared" else 1
+        fwd = lambda: slc_kernels.selection_attention_fwd(q, k, v, rows, cfg.select_block_size, tile, scale)  # noqa: E731
+        out, lse = fwd()
+        grad = torch.randn_like(out)
+        bwd = lambda: slc_kernels.selection_attention_bwd(q, k, v, rows, out, lse, grad, cfg.select_block_size, tile, scale)  # noqa: E731
+    return fwd, bwd
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m profiling.kernel_tuning")
+    p.add_argument("--lengths", default="128K")
+    p.add_argument("--ops", default="compression:block_shared,selection:block_shared,selection:per_token")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="a tiny fp32 shape with 16-token blocks (checks the script on CPU)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = Shape(1, 7, 1, 16, torch.float32, device) if args.tiny else Shape(1, 28, 4, 128, torch.bfloat16, device)
+    small = dict(block_size=16, stride=16, select_block_size=16, select_query_tile=16, num_selected=4) if args.tiny else {}
+    rows = []
+    for T in parse_lengths(args.lengths):
+        q, k, v, _ = random_inputs(shape, T, seed=0, requires_grad=False)
+        for spec in args.ops.split(","):
+            op, selection = spec.split(":")
+            cfg = NSAConfig(selection=selection, check_inputs=False, compression_kernel="triton", **small)
+            with torch.no_grad():
+                selected, _ = stages.score_and_select(q, stages.compress(k, v, cfg)[0], cfg)
+            module, variants = (cmp_kernels, CMP_VARIANTS) if op == "compression" else (slc_kernels, SLC_VARIANTS)
+            if op == "selection" and selection == "per_token":
+                variants = SLC_PER_TOKEN_VARIANTS
+            fwd, bwd = passes(op, q, k, v, cfg, selected)
+            base = {"fwd": fwd(), "bwd": bwd()}
+            for kernel, knobs in [("default", [{}])] + list(variants.items()):
+                for change in knobs:
+                    which = "fwd" if kernel in ("fwd", "default") else "bwd"
+                    fn = fwd if which == "fwd" else bwd
+                    record = {"seq_len": T, "op": op, "selection": selection, "kernel": kernel, "change": change, "pass": which}
+                    try:
+                        with tuned(module, kernel if kernel != "default" else "fwd", change):
+                            res = fn()
+                            record["rel_diff_vs_default"] = max(rel(a, b) for a, b in zip(res, base[which]) if a.is_floating_point())
+                            record["ms"] = median_ms(fn, device, rep_ms=150)
+                    except Exception as e:  # a variant that does not compile or fit is data, not a crash
+                        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                    rows.append(record)
+                    shown = f"{record['ms']:8.3f} ms (diff {record['rel_diff_vs_default']:.1e})" if "ms" in record else record["error"]
+                    print(f"T={T} {op:11s} {selection:12s} {kernel:7s} {which} {json.dumps(change):60s} {shown}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0],
+            "defaults": {"compression": cmp_kernels.TUNING, "selection": slc_kernels.TUNING}}
+    (args.out / "kernel_tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
