@@ -3,10 +3,10 @@
 Stages (the report's branches):
   compression  pooling + compressed attention (+ their backward)
   scores_topk  importance scores + top-n (no grad: same in both modes)
-  mask_build   the three BlockMasks from indices (no grad)
+  mask_build   the BlockMasks the FlexAttention branches need, from indices (no grad)
   selection    selected-block attention (+ backward)
-  window       sliding-window attention (+ backward)
-  combine      GQA fold of q, gated combine, unfold of the output (+ backward)
+  window       sliding-window attention, unfolded to per-head layout (+ backward)
+  combine      GQA fold of q (the window's query rows), gated combine per head (+ backward)
 The op's total is measured separately; the report shows the stage sum next to it.
 """
 
@@ -83,8 +83,7 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
 
 def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool):
     """Callables running each stage alone on precomputed inputs, and the leaves whose grads they fill."""
-    T, D = q.shape[2], q.shape[3]
-    scale = config.softmax_scale(D)
+    T = q.shape[2]
     layout = QueryLayout(config.layout, q.shape[1] // k.shape[1])
     with torch.no_grad():
         k_cmp, v_cmp = stages.compress(k, v, config)
@@ -93,28 +92,26 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         q_rows = layout.fold(q)
         branch = {
             "slc": stages.selection_branch(q, q_rows, k, v, selected, masks, layout, config),
-            "win": stages.attend(q_rows, k, v, masks.window, layout, scale),
+            "win": stages.window_branch(q_rows, k, v, masks, layout, config),
         }
         branch["cmp"] = stages.compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
     q_l, q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q, q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
-    grad_rows = layout.fold(grad_out)
 
     def compression():
         kc, vc = stages.compress(k_l, v_l, config)
         return stages.compression_branch(q_l, q_rows, kc, vc, masks, layout, config)
 
     fns = {
-        "compression": _with_backward(compression, grad_rows, backward),
+        "compression": _with_backward(compression, grad_out, backward),
         "scores_topk": lambda: stages.score_and_select(q, k_cmp, config),
         "mask_build": lambda: stages.build_masks(selected, T, layout, config),
         "selection": _with_backward(
-            lambda: stages.selection_branch(q_l, q_rows, k_l, v_l, selected, masks, layout, config), grad_rows, backward
+            lambda: stages.selection_branch(q_l, q_rows, k_l, v_l, selected, masks, layout, config), grad_out, backward
         ),
-        "window": _with_backward(lambda: stages.attend(q_rows, k_l, v_l, masks.window, layout, scale), grad_rows, backward),
-        "combine": _with_backward(
-            lambda: (layout.fold(q), layout.unfold(stages.combine(gates_l, cmp, slc, win, layout)))[1], grad_out, backward
-        ),
+        "window": _with_backward(lambda: stages.window_branch(q_rows, k_l, v_l, masks, layout, config), grad_out, backward),
+        # The GQA fold of q (the window's FlexAttention rows) is counted here with the gated sum.
+        "combine": _with_backward(lambda: (layout.fold(q), stages.combine(gates_l, cmp, slc, win))[1], grad_out, backward),
     }
     return fns, [q_l, q_rows, k_l, v_l, gates_l, cmp, slc, win]
 

@@ -25,7 +25,7 @@ from .timing import median_ms
 VARIANTS = ["flex", "triton"]
 
 
-def selection_fn(q, k, v, selected, cfg: NSAConfig, grad_rows, backward: bool):
+def selection_fn(q, k, v, selected, cfg: NSAConfig, grad, backward: bool):
     layout = QueryLayout(cfg.layout, q.shape[1] // k.shape[1])
     with torch.no_grad():
         masks = stages.build_masks(selected, q.shape[2], layout, cfg)
@@ -34,7 +34,7 @@ def selection_fn(q, k, v, selected, cfg: NSAConfig, grad_rows, backward: bool):
     def run():
         out = stages.selection_branch(q, q_rows, k, v, selected, masks, layout, cfg)
         if backward:
-            out.backward(grad_rows)
+            out.backward(grad)
         return out
 
     return run
@@ -56,7 +56,6 @@ def main(argv=None) -> None:
         grad = torch.randn_like(q)
         for selection in args.selection.split(","):
             cfg = NSAConfig(selection=selection, check_inputs=False)
-            layout = QueryLayout(cfg.layout, 7)
             with torch.no_grad():
                 selected, _ = stages.score_and_select(q, stages.compress(k, v, cfg)[0], cfg)
                 reference = None
@@ -72,7 +71,7 @@ def main(argv=None) -> None:
                         continue
                     backward = mode == "fwd+bwd"
                     with torch.set_grad_enabled(backward):
-                        fn = selection_fn(q, k, v, selected, vcfg, layout.fold(grad), backward)
+                        fn = selection_fn(q, k, v, selected, vcfg, grad, backward)
                         fn()
                         ms = median_ms(fn, device, rep_ms=200, grad_to_none=[q, k, v])
                     rows.append({"seq_len": T, "selection": selection, "variant": name, "mode": mode, "ms": ms,

@@ -123,41 +123,46 @@ def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) 
 
 
 def compression_branch(q, q_rows, k_cmp, v_cmp, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
-    """Stage 1b: compressed attention on query rows: the Triton kernel (its backward splits the
-    query axis; opt-in, see ``use_triton_compression_attention``) or FlexAttention with the
+    """Stage 1b: compressed attention, [B, Hq, T, D]: the Triton kernel (its backward splits the
+    query axis; see ``use_triton_compression_attention``) or FlexAttention over query rows with the
     causal compression mask."""
     scale = config.softmax_scale(q.shape[-1])
     if k_cmp.shape[2] and use_triton_compression_attention(config, q.device):
         from ..triton_fallback.compression_attention import compression_attention
 
-        out, _ = compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)
-        return layout.fold(out)
+        return compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)[0]
     return attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
 
 
 def selection_branch(q, q_rows, k, v, selected, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
-    """Stage 4b: selected-block attention on query rows: the Triton kernel (walks the ids) or
-    FlexAttention with the selection BlockMask (see ``NSAConfig.selection_kernel``)."""
+    """Stage 4b: selected-block attention, [B, Hq, T, D]: the Triton kernel (walks the ids) or
+    FlexAttention over query rows with the selection BlockMask (``NSAConfig.selection_kernel``)."""
     scale = config.softmax_scale(q.shape[-1])
     if masks.selection is None:
         from ..triton_fallback.selection_attention import selection_attention
 
         tile = config.select_query_tile if config.selection == "block_shared" else 1
-        out, _ = selection_attention(q, k, v, selection_rows(selected, config), config.select_block_size, tile, scale)
-        return layout.fold(out)
+        return selection_attention(q, k, v, selection_rows(selected, config), config.select_block_size, tile, scale)[0]
     return attend(q_rows, k, v, masks.selection, layout, scale)
 
 
+def window_branch(q_rows, k, v, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
+    """Stage 5: sliding-window attention (FlexAttention over query rows), [B, Hq, T, D]."""
+    return attend(q_rows, k, v, masks.window, layout, config.softmax_scale(q_rows.shape[-1]))
+
+
 def attend(q_rows, k, v, block_mask, layout: QueryLayout, scale: float):
-    """One branch's attention over query rows; a missing mask means nothing is visible (0)."""
+    """One branch's FlexAttention over query rows, returned per head [B, Hq, T, D]; a missing mask
+    means nothing is visible (0)."""
     if block_mask is None:
-        return torch.zeros_like(q_rows)
-    return run_flex(q_rows, k, v, block_mask, scale, layout.enable_gqa)
+        return layout.unfold(torch.zeros_like(q_rows))
+    return layout.unfold(run_flex(q_rows, k, v, block_mask, scale, layout.enable_gqa))
 
 
-def combine(gates, cmp, slc, win, layout: QueryLayout):
-    """Stage 6 on query rows: gates [B, T, Hq, 3] -> o = g_cmp*cmp + g_slc*slc + g_win*win."""
-    g = layout.fold(gates.permute(0, 2, 1, 3))
+def combine(gates, cmp, slc, win):
+    """Stage 6, per head: gates [B, T, Hq, 3] -> o = g_cmp*cmp + g_slc*slc + g_win*win. Branches
+    arrive per head (the Triton kernels write that layout), so nothing is folded back here."""
+    g = gates.permute(0, 2, 1, 3)
     return g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
 
 
@@ -195,7 +200,6 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
         empty = q.new_zeros(q.shape)
         selected = torch.full((shape.batch, shape.kv_heads, 0, config.num_selected), -1, dtype=torch.int64, device=q.device)
         return NSAOutput(empty, empty, empty, empty, selected, q.new_zeros(q.shape[:3], dtype=torch.float32))
-    scale = config.softmax_scale(D)
     layout = QueryLayout(config.layout, shape.group)
     k_cmp, v_cmp = compress(k, v, config, compressors)
     selected, cmp_lse = score_and_select(q, k_cmp, config, gates)
@@ -203,6 +207,5 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     q_rows = layout.fold(q)
     cmp = compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
     slc = selection_branch(q, q_rows, k, v, selected, masks, layout, config)
-    win = attend(q_rows, k, v, masks.window, layout, scale)
-    out = combine(gates, cmp, slc, win, layout)
-    return NSAOutput(*(layout.unfold(x) for x in (out, cmp, slc, win)), selected, cmp_lse)
+    win = window_branch(q_rows, k, v, masks, layout, config)
+    return NSAOutput(combine(gates, cmp, slc, win), cmp, slc, win, selected, cmp_lse)
