@@ -124,3 +124,21 @@ def test_selection_kernel_switch(monkeypatch):
     assert not use_triton_selection(cfg.replace(selection_kernel="flex"), torch.device("cuda"))
     with pytest.raises(ValueError, match="selection_kernel"):
         cfg.replace(selection_kernel="cuda")
+
+
+def test_tuning_file_and_tuned_shape(tmp_path, monkeypatch):
+    from flexnsa.triton_fallback.tiles import load_tuning_file, tuning_for
+
+    table = {"fwd": {"rows": None, "num_warps": None}, "dkv": {"chunk": None}}
+    path = tmp_path / "best.json"
+    path.write_text('{"selection": {"fwd": {"rows": 128}, "dkv": {"chunk": 8}}, "compression": {"fwd": {"rows": 7}}}')
+    monkeypatch.setenv("FLEXNSA_TUNING", str(path))
+    load_tuning_file("selection", table)
+    assert table == {"fwd": {"rows": 128, "num_warps": None}, "dkv": {"chunk": 8}}
+    # Overrides apply at the shape they were measured at (16-bit, head_dim 128) only.
+    assert tuning_for(table, "fwd", torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)) == {"rows": 128}
+    assert tuning_for(table, "fwd", torch.empty(1, 1, 1, 128, dtype=torch.float32)) == {}
+    assert tuning_for(table, "fwd", torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)) == {}
+    path.write_text('{"selection": {"fwd": {"rowz": 128}}}')
+    with pytest.raises(ValueError, match="unknown selection kernel or knob"):
+        load_tuning_file("selection", table)

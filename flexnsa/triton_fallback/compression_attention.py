@@ -18,7 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_head_dim, load_blocks, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import (
+    check_head_dim,
+    load_blocks,
+    load_tuning_file,
+    row_offsets,
+    rows_per_tile,
+    tile_rows,
+    tuning_for,
+    visible,
+    visible_block_end,
+)
 
 BLOCK_C = 64
 
@@ -136,9 +146,11 @@ def _bwd_dkv_kernel(
 
 
 DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token axis)
-# Launch tuning per kernel, one place (profiling/kernel_tuning.py sweeps it); None = the rule in
-# ``_launch_params``.
+# Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
+# measures them); None = the rule in ``_launch_params``. dK~/dV~ also takes "programs".
 TUNING = {kernel: {"rows": None, "block_c": None, "num_warps": None, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
+TUNING["dkv"]["programs"] = None
+load_tuning_file("compression", TUNING)
 
 
 def _launch_params(q, k_cmp, kernel: str):
@@ -150,10 +162,10 @@ def _launch_params(q, k_cmp, kernel: str):
     Hkv = k_cmp.shape[1]
     G = Hq // Hkv
     big = D >= 128
-    tune = TUNING[kernel]
-    g_pad, block_t = rows_per_tile(G, tune["rows"] or (64 if big and q.element_size() == 4 else 128))
-    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=tune["block_c"] or (32 if big else BLOCK_C), D=D,
-                  num_warps=tune["num_warps"] or (8 if big else 4), num_stages=tune["num_stages"] or (1 if big else 2))
+    tune = tuning_for(TUNING, kernel, q)
+    g_pad, block_t = rows_per_tile(G, tune.get("rows") or (64 if big and q.element_size() == 4 else 128))
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
+                  num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
     return B, Hq, Hkv, T, D, block_t, consts
 
 
@@ -202,7 +214,8 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     block_c = consts["BLOCK_C"]
     tiles = triton.cdiv(T, block_t)
     per_split = triton.cdiv(C, block_c) * B * Hkv
-    splits = max(1, min(tiles, triton.cdiv(DKV_PROGRAMS, per_split)))
+    programs = tuning_for(TUNING, "dkv", q).get("programs") or DKV_PROGRAMS
+    splits = max(1, min(tiles, triton.cdiv(programs, per_split)))
     tiles_per_split = triton.cdiv(tiles, splits)
     _bwd_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
         q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),

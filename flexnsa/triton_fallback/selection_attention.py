@@ -23,17 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_head_dim, row_offsets, tile_rows
+from .tiles import check_head_dim, load_tuning_file, row_offsets, tile_rows, tuning_for
 
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
-# Launch tuning per kernel, one place (profiling/kernel_tuning.py sweeps it): rows per program
-# (None = 64 at head_dim >= 128, else 128), warps, pipeline stages (None = 1 for 4-byte inputs at
-# head_dim >= 128, whose K/V tiles would overflow shared memory, else 2).
-# The dK/dV kernel also takes "chunk" (selection rows per program; None = CHUNK / CHUNK_PER_TOKEN).
-TUNING = {kernel: {"rows": None, "num_warps": 4, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
+# Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
+# measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
+# 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
+# memory). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK / CHUNK_PER_TOKEN).
+TUNING = {kernel: {"rows": None, "num_warps": None, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
 TUNING["dkv"]["chunk"] = None
+load_tuning_file("selection", TUNING)
 
 
 @triton.jit
@@ -220,15 +221,15 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, rows {tuple(rows.shape)}, tile {tile}")
     G = Hq // Hkv
     g_pad = triton.next_power_of_2(G)
-    tune = TUNING[kernel]
-    target = tune["rows"] or (64 if D >= 128 else 128)
+    tune = tuning_for(TUNING, kernel, q)
+    target = tune.get("rows") or (64 if D >= 128 else 128)
     block_t = 1
     while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
         block_t *= 2
     g_pad = max(g_pad, 16 // block_t)
-    stages = tune["num_stages"] or (1 if q.element_size() == 4 and D >= 128 else 2)
+    stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
     return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=tune["num_warps"], num_stages=stages)
+                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=tune.get("num_warps") or 4, num_stages=stages)
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float):
@@ -271,7 +272,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     )
     consts = _launch_params(q, k, v, rows, block_size, tile, "dkv")
     num_blocks = -(-T // block_size)
-    chunk = TUNING["dkv"].get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _bwd_dkv_kernel[(max_items,)](

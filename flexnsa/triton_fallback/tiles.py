@@ -7,11 +7,37 @@ G_PAD, a power of two, in registers only): row r is token ``t_first + r // G_PAD
 
 from __future__ import annotations
 
+import json
+import os
+
 import triton
 import triton.language as tl
 
 ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
 HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two head dims the kernels are written for
+
+
+def tuning_for(table: dict, kernel: str, q) -> dict:
+    """A kernel's measured launch overrides (``table[kernel]``, None = keep the rule) for the shape
+    they were measured at, 16-bit inputs at head_dim 128 (Q7B); other shapes keep each kernel's
+    rule, since their shared-memory and register budgets differ."""
+    if q.element_size() == 2 and q.shape[-1] == 128:
+        return {k: v for k, v in table[kernel].items() if v is not None}
+    return {}
+
+
+def load_tuning_file(family: str, table: dict) -> None:
+    """Overrides from the JSON file named by FLEXNSA_TUNING ({family: {kernel: {knob: value}}}),
+    as written by ``python -m profiling.kernel_tuning``; unknown kernels or knobs are errors."""
+    path = os.environ.get("FLEXNSA_TUNING")
+    if not path:
+        return
+    with open(path) as f:
+        wanted = json.load(f).get(family, {})
+    for kernel, knobs in wanted.items():
+        if kernel not in table or set(knobs) - set(table[kernel]):
+            raise ValueError(f"FLEXNSA_TUNING {path}: unknown {family} kernel or knob in {kernel}: {knobs}")
+        table[kernel].update(knobs)
 
 
 def check_head_dim(head_dim: int, kernel: str) -> None:
