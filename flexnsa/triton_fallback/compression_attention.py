@@ -148,8 +148,13 @@ def _bwd_dkv_kernel(
 DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token axis)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule in ``_launch_params``. dK~/dV~ also takes "programs".
-TUNING = {kernel: {"rows": None, "block_c": None, "num_warps": None, "num_stages": None} for kernel in ("fwd", "dq", "dkv")}
-TUNING["dkv"]["programs"] = None
+# Measured winners at 128K on an H100 (profiling/results/h100/kernel_tuning, NOTES Lever 10): 64-row
+# tiles, 4 warps and 2 stages everywhere; 32-wide compressed tiles for fwd/dQ, 64 for dK~/dV~.
+TUNING = {
+    "fwd": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2},
+    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2},
+    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": None},
+}
 load_tuning_file("compression", TUNING)
 
 
