@@ -197,6 +197,14 @@ def git_state() -> tuple[str, bool]:
         return "unknown", False
 
 
+def device_stamp() -> dict:
+    """GPU, torch, triton and commit: the stamp of every lever script's results file."""
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "commit": git_state()[0]}
+
+
 def metadata(run: dict, args_list: list[str]) -> dict:
     import triton
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import compression_attention as cmp_kernels
 from flexnsa.triton_fallback import selection_attention as slc_kernels
 
-from .cli import git_state, parse_lengths
+from .cli import device_stamp, parse_lengths
 from .measure import Shape, random_inputs
 from .timing import median_ms
 
@@ -145,11 +144,7 @@ def main(argv=None) -> None:
                 shown = f"{record['ms']:8.3f} ms (diff {record['rel_diff_vs_default']:.1e})" if "ms" in record else record["error"]
                 print(f"T={T} {op:11s} {selection:12s} {kernel:7s} {which} {json.dumps(change):60s} {shown}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    import triton
-
-    meta = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0],
-            "defaults": {"compression": cmp_kernels.TUNING, "selection": slc_kernels.TUNING}}
+    meta = device_stamp() | {"defaults": {"compression": cmp_kernels.TUNING, "selection": slc_kernels.TUNING}}
     (args.out / "kernel_tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     best = best_overrides(rows)
     (args.out / "best.json").write_text(json.dumps(best, indent=1))

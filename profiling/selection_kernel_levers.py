@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
 from flexnsa.block_masks import QueryLayout
-from .cli import git_state, parse_lengths
+from .cli import device_stamp, parse_lengths
 from .measure import Shape, random_inputs
 from .timing import median_ms
 
@@ -78,10 +77,7 @@ def main(argv=None) -> None:
                                  "rel_err_vs_flex": err})
                     print(f"T={T} {selection:12s} {name:16s} {mode:7s} {ms:9.3f} ms  rel.err vs flex {err:.2e}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    import triton
-
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0]}
+    meta = device_stamp()
     (args.out / "selection_kernel_levers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

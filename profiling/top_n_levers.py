@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from flexnsa import NSAConfig, importance
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import compression_scores, selection_top_n
 
-from .cli import git_state, parse_lengths
+from .cli import device_stamp, parse_lengths
 from .timing import median_ms
 
 
@@ -61,10 +60,7 @@ def main(argv=None) -> None:
                     rows.append({"seq_len": T, "selection": selection, "variant": name, "ms": ms})
                     print(f"T={T} {selection:12s} {name:18s} {ms:9.3f} ms", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    import triton
-
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": os.environ.get("FLEXNSA_COMMIT") or git_state()[0]}
+    meta = device_stamp()
     (args.out / "top_n_levers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -24,6 +24,8 @@ from .tiles import (
     load_tuning_file,
     row_offsets,
     rows_per_tile,
+    softmax_finish,
+    softmax_step,
     tile_rows,
     tuning_for,
     visible,
@@ -62,17 +64,10 @@ def _fwd_kernel(
         k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
         v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
+        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, False)
+    out, lse = softmax_finish(m, s_sum, acc, False)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
 
 

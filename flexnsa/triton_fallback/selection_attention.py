@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_head_dim, load_tuning_file, row_offsets, tile_rows, tuning_for
+from .tiles import check_head_dim, load_tuning_file, row_offsets, softmax_finish, softmax_step, tile_rows, tuning_for
 
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
@@ -82,17 +82,10 @@ def _fwd_kernel(
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
         s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        s_sum = s_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    out = tl.where(s_sum[:, None] > 0, acc / tl.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
+        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, True)
+    out, lse = softmax_finish(m, s_sum, acc, True)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = tl.where(s_sum > 0, (m + tl.log2(tl.where(s_sum > 0, s_sum, 1.0))) / 1.4426950408889634, float("-inf"))
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
 
 

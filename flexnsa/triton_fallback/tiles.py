@@ -100,3 +100,32 @@ def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
         s_sum = s_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
     return tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
+
+
+@triton.jit
+def softmax_step(s, m, s_sum, acc, v, BASE2: tl.constexpr):
+    """One online-softmax step over a tile of logits ``s`` (-inf = hidden) and its values ``v``:
+    rescale the running (max, sum, accumulator) and add the tile. BASE2: ``s`` is in log2 units
+    (scale folded with log2 e, exp2), else natural (exp)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if BASE2:
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+    return m_new, s_sum * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def softmax_finish(m, s_sum, acc, BASE2: tl.constexpr):
+    """(output, natural-log lse) of the rows; rows that saw nothing give 0 and -inf."""
+    seen = s_sum > 0
+    safe_sum = tl.where(seen, s_sum, 1.0)
+    out = tl.where(seen[:, None], acc / safe_sum[:, None], 0.0)
+    if BASE2:
+        lse = (m + tl.log2(safe_sum)) * 0.6931471805599453  # log2 units -> natural log
+    else:
+        lse = m + tl.log(safe_sum)
+    return out, tl.where(seen, lse, float("-inf"))
