@@ -36,6 +36,8 @@ def test_file_and_overrides(tmp_path):
         ("", ["nsa.stride=128"], "stride"),
         ("", ["optim.lr"], "expected section.key=value"),
         ("[train\n", [], "invalid TOML"),
+        ("", ["log.profile_steps=[0]"], "log.profile_steps holds step numbers"),
+        ("", ["log.profile_steps=3"], "log.profile_steps must be a list"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, overrides, message):

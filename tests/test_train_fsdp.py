@@ -56,7 +56,7 @@ def metrics(output_dir):
 def run_a(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run_a")
     torchrun(tmp, "train.steps=6", f"train.output_dir={tmp / 'out'}", "checkpoint.interval=3",
-             f"checkpoint.export_dir={tmp / 'export'}")
+             f"checkpoint.export_dir={tmp / 'export'}", "log.profile_steps=[2]")
     return tmp
 
 
@@ -68,6 +68,14 @@ def test_loss_decreases(run_a):
     assert all(steps[s]["tokens_per_s"] > 0 and steps[s]["peak_memory_gib"] > 0 for s in steps)
     assert events[0]["world_size"] == 2 and events[0]["grad_accumulation"] == 2
     assert events[-1]["skipped"] == {"bad_video": 0, "too_long": 0}
+
+
+def test_profiled_step_writes_trace_and_top_table_per_rank(run_a):
+    folder = run_a / "out" / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"step2.rank{r}.{kind}" for r in (0, 1) for kind in ("pt.trace.json.gz", "top.txt")
+    ]
+    assert "Self CPU" in (folder / "step2.rank0.top.txt").read_text()
 
 
 def test_resume_reproduces_losses_exactly(run_a, tmp_path):

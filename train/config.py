@@ -92,6 +92,11 @@ class LogSection:
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False
     timing_warmup_steps: int = 3  # results.json: steps left out of the medians (compile, warm-up)
+    profile_steps: list[int] = field(default_factory=list)  # torch.profiler traces of these steps (train/profiling.py)
+
+    def __post_init__(self) -> None:
+        if any(s < 1 for s in self.profile_steps):
+            raise ConfigError(f"log.profile_steps holds step numbers (>= 1), got {self.profile_steps}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .loss import model_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
+from .profiling import profiled_step
 from .sampler import SampleStream
 from .tokenizer import load_tokenizer
 
@@ -95,7 +96,8 @@ def run(config: Config, device: torch.device) -> None:
     try:
         while step < config.train.steps:
             step += 1
-            record = train_step(model, optimizer, scheduler, stream, accum, config, device, tokenizer.special.pad)
+            with profiled_step(step, config.log.profile_steps, output, rank, device):
+                record = train_step(model, optimizer, scheduler, stream, accum, config, device, tokenizer.special.pad)
             step_times.append(record["step_time_s"])
             step_tokens.append(record.pop("tokens"))
             longest = max(longest, record.pop("longest_sample"))
