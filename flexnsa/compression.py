@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import NSAConfig
+from .init_rules import COMPRESSOR_POS_STD
 
 
 def block_view(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ class MLPCompressor(nn.Module):
         super().__init__()
         hidden = hidden or head_dim
         self.block_size = block_size
-        self.pos = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(block_size, head_dim) * COMPRESSOR_POS_STD)
         self.fc1 = nn.Linear(block_size * head_dim, hidden)
         self.fc2 = nn.Linear(hidden, head_dim)
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from .compression import MLPCompressor
 from .config import NSAConfig
+from .init_rules import apply_rules, gate_projection_rules
 from .ops import nsa_attention
 
 
@@ -30,9 +31,8 @@ class NSAGates(nn.Module):
         self.temperature = temperature
         self.g_proj_1 = nn.Linear(hidden_size, hidden_size)
         self.g_proj_2 = nn.Linear(hidden_size, 3 * num_heads)
-        nn.init.zeros_(self.g_proj_1.bias)
-        nn.init.zeros_(self.g_proj_2.weight)
-        nn.init.zeros_(self.g_proj_2.bias)
+        for name in ("g_proj_1", "g_proj_2"):
+            apply_rules(getattr(self, name), gate_projection_rules(name, getattr(self, name)))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return gate_values(hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads, self.temperature)

@@ -20,10 +20,11 @@ Any parameter or buffer no rule covers is an error: nothing is left as uninitial
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
+
+from flexnsa.init_rules import COMPRESSOR_POS_STD, gate_projection_rules, linear_default_rules
 
 try:
     from torch.distributed.tensor import DTensor
@@ -95,15 +96,13 @@ def init_plan(model: nn.Module) -> list[tuple[str, torch.Tensor, str, float, nn.
         if not own:
             continue
         std = vision_std if is_vision(name) else text_std
-        default_bound = 1 / math.sqrt(module.in_features) if isinstance(module, nn.Linear) else None
-        if name.endswith("self_attn.g_proj_2"):  # NSAGates: zero, so every gate starts at 0.5
-            rules = {key: ("fill", 0.0) for key in own}
-        elif name.endswith("self_attn.g_proj_1"):  # NSAGates: nn.Linear's default weight, zero bias
-            rules = {"weight": ("uniform", default_bound), "bias": ("fill", 0.0)}
+        last = name.rsplit(".", 1)[-1]
+        if ".self_attn." in f".{name}" and last in ("g_proj_1", "g_proj_2"):  # the library's gate rules
+            rules = gate_projection_rules(last, module)
         elif ".compress_" in name and isinstance(module, nn.Linear):  # MLPCompressor fc1/fc2: nn.Linear defaults
-            rules = {key: ("uniform", default_bound) for key in own}
+            rules = linear_default_rules(module)
         elif type(module).__name__ == "MLPCompressor":
-            rules = {"pos": ("normal", 0.02)}
+            rules = {"pos": ("normal", COMPRESSOR_POS_STD)}
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             rules = {"weight": ("normal", std), "bias": ("fill", 0.0)}
         elif isinstance(module, nn.Embedding):
