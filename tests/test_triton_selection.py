@@ -142,3 +142,16 @@ def test_tuning_file_and_tuned_shape(tmp_path, monkeypatch):
     path.write_text('{"selection": {"fwd": {"rowz": 128}}}')
     with pytest.raises(ValueError, match="unknown selection kernel or knob"):
         load_tuning_file("selection", table)
+
+
+def test_inputs_beyond_32bit_offsets_are_refused():
+    # A stride-0 view: 2^34 elements without the memory. The check runs before any copy or launch.
+    from flexnsa.triton_fallback.compression_attention import compression_attention
+    from flexnsa.triton_fallback.selection_attention import selection_attention_fwd
+
+    q = torch.zeros(1, 1, 1, 16).expand(4, 2**14, 2**12, 16)
+    k = torch.zeros(1, 1, 1, 16).expand(4, 2**11, 2**12, 16)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        selection_attention_fwd(q, k, k, torch.zeros(4, 2**11, 2**8, 1, dtype=torch.int64), 16, 16, 0.25)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        compression_attention(q, k[:, :, :4], k[:, :, :4], 16, 16, 0.25)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    check_head_dim,
+    check_query,
     load_blocks,
     load_tuning_file,
     row_offsets,
@@ -170,7 +170,7 @@ def _launch_params(q, k_cmp, kernel: str):
 
 
 def _check(q, k_cmp, v_cmp):
-    check_head_dim(q.shape[-1], "compression_attention")
+    check_query(q, "compression_attention")
     if k_cmp.shape != v_cmp.shape or q.shape[1] % k_cmp.shape[1]:
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_head_dim, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_query, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def compression_group_scores(
     G = Hq // Hkv
     if q.stride(-1) != 1 or k_cmp.stride(-1) != 1:
         raise ValueError("compression_group_scores needs q and k_cmp contiguous in head_dim")
-    check_head_dim(D, "compression_group_scores")
+    check_query(q, "compression_group_scores")
     if not 0 <= t0 <= t1 <= T:
         raise ValueError(f"token range [{t0}, {t1}) is not inside [0, {T})")
     g_pad, block_t = rows_per_tile(G)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_head_dim, load_tuning_file, row_offsets, softmax_finish, softmax_step, tile_rows, tuning_for
+from .tiles import check_query, load_tuning_file, row_offsets, softmax_finish, softmax_step, tile_rows, tuning_for
 
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
@@ -212,7 +212,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
 def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
     """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
     of two dividing the tile, at least 16 rows (the smallest tl.dot)."""
-    check_head_dim(q.shape[-1], "selection_attention")
+    check_query(q, "selection_attention")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if k.shape != v.shape or k.shape[2] != T or q.shape[1] % Hkv or rows.shape[:2] != (B, Hkv) or rows.shape[2] != -(-T // tile):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_SELECTED, fused_top_n_supported
-from .tiles import check_head_dim, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_query, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 
@@ -123,7 +123,7 @@ def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, fo
     ``num_warps`` is a tuning lever (profiling/top_n_levers.py)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
-    check_head_dim(D, "selection_top_n")
+    check_query(q, "selection_top_n")
     g_pad, block_t = rows_per_tile(Hq // Hkv)
     sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
     selected = torch.empty(B, Hkv, triton.cdiv(T, tile), n, device=q.device, dtype=torch.int64)

@@ -40,9 +40,16 @@ def load_tuning_file(family: str, table: dict) -> None:
         table[kernel].update(knobs)
 
 
-def check_head_dim(head_dim: int, kernel: str) -> None:
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{kernel} supports head_dim in {HEAD_DIMS}, got {head_dim}")
+def check_query(q, kernel: str) -> None:
+    """Head dims the kernels are written for, and sizes their 32-bit element offsets can address
+    (q is the largest tensor a kernel indexes; B x Hq x T x D >= 2^31 would wrap silently)."""
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{kernel} supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
+    if q.numel() >= 2**31:
+        raise ValueError(
+            f"{kernel}: q {tuple(q.shape)} has {q.numel()} elements, beyond the kernels' 32-bit offsets "
+            "(2^31); split the batch"
+        )
 
 
 def rows_per_tile(group: int, rows: int = ROWS) -> tuple[int, int]:
