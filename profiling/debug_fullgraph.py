@@ -4,7 +4,9 @@
 Seen on an H200 with torch 2.11 (session 3): selected blocks equal, compression and window
 branches exact, selection branch relative error 1.0, in every variant below (Triton or torch
 compression kernels, folded or per-head layout, q fold forced to a copy), and unchanged after
-building the selection bit table out of place. Hence the op refuses whole-op tracing on CUDA.
+building the selection bit table out of place. Hence the op refuses whole-op tracing on CUDA with
+``selection_kernel='flex'`` (what this script runs; the Triton selection kernel, the CUDA default
+since session 4, compiles whole and equals eager: tests/test_custom_ops.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def compare(cfg: NSAConfig, tag: str) -> None:
 def main() -> None:
     flex_backend.ALLOW_WHOLE_OP_COMPILE_ON_CUDA = True  # this script measures the refused case
     base = NSAConfig(block_size=16, stride=16, select_block_size=16, num_selected=4, window=32,
-                     select_query_tile=16, check_inputs=False)
+                     select_query_tile=16, selection_kernel="flex", check_inputs=False)
+    compare(base.replace(selection_kernel="triton"), "triton selection (control)")
     compare(base, "triton, gqa_folded")
     compare(base.replace(compression_kernel="torch"), "torch, gqa_folded")
     compare(base.replace(layout="per_head"), "triton, per_head")
