@@ -32,15 +32,19 @@ def gate_projection_rules(name: str, linear: nn.Linear) -> dict[str, tuple[str, 
 
 
 @torch.no_grad()
-def apply_rules(module: nn.Module, rules: dict[str, tuple[str, float]], generator: torch.Generator | None = None) -> None:
+def fill_by_rule(tensor: torch.Tensor, kind: str, value: float, generator: torch.Generator | None = None) -> None:
+    """Fill ``tensor`` in place by one rule (train/init.py calls it on each rank's local shard)."""
+    if kind == "uniform":
+        tensor.uniform_(-value, value, generator=generator)
+    elif kind == "normal":
+        tensor.normal_(0.0, value, generator=generator)
+    elif kind == "fill":
+        tensor.fill_(value)
+    else:
+        raise ValueError(f"unknown init rule {kind!r}")
+
+
+def apply_rules(module: nn.Module, rules: dict[str, tuple[str, float]]) -> None:
     """Fill ``module``'s own parameters in place by their rules."""
     for key, (kind, value) in rules.items():
-        param = getattr(module, key)
-        if kind == "uniform":
-            param.uniform_(-value, value, generator=generator)
-        elif kind == "normal":
-            param.normal_(0.0, value, generator=generator)
-        elif kind == "fill":
-            param.fill_(value)
-        else:
-            raise ValueError(f"unknown init rule {kind!r} for {key}")
+        fill_by_rule(getattr(module, key), kind, value)

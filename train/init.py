@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flexnsa.init_rules import COMPRESSOR_POS_STD, gate_projection_rules, linear_default_rules
+from flexnsa.init_rules import COMPRESSOR_POS_STD, fill_by_rule, gate_projection_rules, linear_default_rules
 
 try:
     from torch.distributed.tensor import DTensor
@@ -49,21 +49,6 @@ def local_row_offset(param: torch.Tensor) -> int:
     rows = param.shape[0]
     chunk = -(-rows // mesh.size())
     return min(chunk * mesh.get_local_rank(), rows)
-
-
-class Initializer:
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def normal(self, param, std: float) -> None:
-        local_tensor(param).normal_(0.0, std, generator=self.generator)
-
-    def uniform(self, param, bound: float) -> None:
-        local_tensor(param).uniform_(-bound, bound, generator=self.generator)
-
-    @staticmethod
-    def fill(param, value: float) -> None:
-        local_tensor(param).fill_(value)
 
 
 def parameter_device(model: nn.Module) -> torch.device:
@@ -127,21 +112,14 @@ def init_plan(model: nn.Module) -> list[tuple[str, torch.Tensor, str, float, nn.
 def init_weights(model: nn.Module, *, seed: int, rank: int = 0) -> None:
     """Initialise every parameter (local shards) and rotary buffer of a materialised model in place."""
     device = parameter_device(model)
-    init = Initializer(torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank))
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
     for _, param, kind, scale, module in init_plan(model):
-        if kind == "normal":
-            init.normal(param, scale)
-        elif kind == "uniform":
-            init.uniform(param, scale)
-        elif kind == "fill":
-            init.fill(param, scale)
-        else:  # embedding
-            init.normal(param, scale)
-            if module.padding_idx is not None:
-                row = module.padding_idx - local_row_offset(param)
-                local = local_tensor(param)
-                if 0 <= row < local.shape[0]:
-                    local[row].zero_()
+        local = local_tensor(param)
+        fill_by_rule(local, "normal" if kind == "embedding" else kind, scale, generator)
+        if kind == "embedding" and module.padding_idx is not None:
+            row = module.padding_idx - local_row_offset(param)
+            if 0 <= row < local.shape[0]:
+                local[row].zero_()
     init_rotary_buffers(model, device)
 
 

@@ -15,21 +15,22 @@ import os
 import torch
 
 
-def _triton_allowed(field: str, device: torch.device) -> bool:
+def _wants_triton(config, field: str, other: str, device: torch.device) -> bool:
+    """``config.<field>``: 'triton' anywhere (the interpreter on CPU), 'auto' on CUDA, ``other`` never."""
+    kind = getattr(config, field)
+    if kind == other or (kind == "auto" and device.type != "cuda"):
+        return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"NSAConfig.{field}='triton' on CPU needs the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before flexnsa is imported); use 'auto' or the non-Triton choice"
+            f"(TRITON_INTERPRET=1 set before flexnsa is imported); use 'auto' or '{other}'"
         )
     return True
 
 
 def use_triton_scorer(config, device: torch.device) -> bool:
     """Fused importance scores: 'auto' on CUDA and 'triton' anywhere (interpreter on CPU)."""
-    kind = config.compression_kernel
-    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
-        return False
-    return _triton_allowed("compression_kernel", device)
+    return _wants_triton(config, "compression_kernel", "torch", device)
 
 
 def use_triton_compression_attention(config, device: torch.device) -> bool:
@@ -41,10 +42,7 @@ def use_triton_compression_attention(config, device: torch.device) -> bool:
 
 def use_triton_selection(config, device: torch.device) -> bool:
     """Triton selected-block attention: 'auto' on CUDA and 'triton' anywhere (interpreter on CPU)."""
-    kind = config.selection_kernel
-    if kind == "flex" or (kind == "auto" and device.type != "cuda"):
-        return False
-    return _triton_allowed("selection_kernel", device)
+    return _wants_triton(config, "selection_kernel", "flex", device)
 
 
 MAX_SELECTED = 128  # the fused top-n keeps a power of two >= n keys per row

@@ -194,8 +194,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
 
 def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
     """(dq, dk_cmp, dv_cmp) for compression_attention_fwd; inputs contiguous."""
-    B, Hq, Hkv, T, D, _, _ = _launch_params(q, k_cmp, "dq")
-    C = k_cmp.shape[2]
+    (B, Hq, T, D), (Hkv, C) = q.shape, k_cmp.shape[1:3]
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
     dq = torch.empty_like(q)

@@ -46,19 +46,22 @@ def _(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale):
             torch.empty_like(v_cmp, memory_format=torch.contiguous_format))
 
 
-def _save(ctx, inputs, output):
-    q, k_cmp, v_cmp, block_size, stride, scale = inputs
-    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
-    ctx.params = (block_size, stride, scale)
+def register_backward(op, backward_op, num_tensors: int) -> None:
+    """Autograd for ``op(*tensors, *params) -> (out, lse)`` through ``backward_op(*tensors, out, lse,
+    grad_out, *params) -> grads of the leading differentiable tensors`` (the rest get None)."""
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:num_tensors], *output)
+        ctx.params = inputs[num_tensors:]
+
+    def backward(ctx, grad_out, grad_lse):
+        grads = backward_op(*ctx.saved_tensors, grad_out.contiguous(), *ctx.params)
+        return (*grads, *[None] * (num_tensors + len(ctx.params) - len(grads)))
+
+    op.register_autograd(backward, setup_context=save)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k_cmp, v_cmp, out, lse = ctx.saved_tensors
-    dq, dk, dv = compression_attention_backward(q, k_cmp, v_cmp, out, lse, grad_out.contiguous(), *ctx.params)
-    return dq, dk, dv, None, None, None
-
-
-compression_attention.register_autograd(_backward, setup_context=_save)
+register_backward(compression_attention, compression_attention_backward, num_tensors=3)
 
 
 @torch.library.custom_op("flexnsa::selection_attention", mutates_args=())
@@ -84,19 +87,7 @@ def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def _save_selection(ctx, inputs, output):
-    q, k, v, rows, block_size, tile, scale = inputs
-    ctx.save_for_backward(q, k, v, rows, *output)
-    ctx.params = (block_size, tile, scale)
-
-
-def _selection_backward(ctx, grad_out, grad_lse):
-    q, k, v, rows, out, lse = ctx.saved_tensors
-    dq, dk, dv = selection_attention_backward(q, k, v, rows, out, lse, grad_out.contiguous(), *ctx.params)
-    return dq, dk, dv, None, None, None, None
-
-
-selection_attention.register_autograd(_selection_backward, setup_context=_save_selection)
+register_backward(selection_attention, selection_attention_backward, num_tensors=4)  # rows: no grad
 
 
 @torch.library.custom_op("flexnsa::selection_top_n", mutates_args=())
