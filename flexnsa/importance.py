@@ -79,33 +79,37 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
     lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
     if use_triton_scorer(config, q.device):
+        from .triton_fallback.compression_scores import tokens_summed_in_kernel
         from .triton_fallback.custom_ops import compression_group_scores
 
-        step = _chunk_tokens(B * Hkv * max(C, 1), tile)
+        # block-shared: the kernel returns tile sums and holds only its partials (tokens / in_kernel rows)
+        step = _chunk_tokens(B * Hkv * max(C, 1) // tokens_summed_in_kernel(q, Hq // Hkv, tile), tile)
         scale = config.softmax_scale(D)
 
-        def group_scores(t0, t1):
-            scores, lse[:, :, t0:t1] = compression_group_scores(q, k_cmp, config.block_size, config.stride, scale, t0, t1)
+        def tile_scores(t0, t1):
+            args = (config.block_size, config.stride, scale, t0, t1, tile)
+            scores, lse[:, :, t0:t1] = compression_group_scores(q, k_cmp, *args)
             return scores
 
     else:
         step = _chunk_tokens(B * Hq * max(C, 1), tile)
-        group_scores = lambda t0, t1: torch_group_scores(q, k_cmp, config, t0, t1, lse)  # noqa: E731
+
+        def tile_scores(t0, t1):
+            scores = torch_group_scores(q, k_cmp, config, t0, t1, lse)
+            if tile == 1:
+                return scores
+            pad = -(t1 - t0) % tile
+            return torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(2, (-1, tile)).sum(dim=3)
+
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        grouped = group_scores(t0, t1)  # [B, Hkv, tc, C]
+        grouped = tile_scores(t0, t1)  # [B, Hkv, rows (tiles or tokens), C]: sums commute with the block map
         n_elig = (t1 - 1) // l_sel + 1  # later selection blocks can never be chosen in this chunk
         if identity_map:  # l = s = l': compressed block i is selection block i
-            scores = torch.nn.functional.pad(grouped[..., :n_elig], (0, max(0, n_elig - C)))
+            scores = grouped[..., :n_elig] if n_elig <= C else torch.nn.functional.pad(grouped, (0, n_elig - C))
         else:
             scores = grouped @ overlap[:, :n_elig]
-        if shared:
-            pad = -(t1 - t0) % tile
-            scores = torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(2, (-1, tile)).sum(dim=3)
-            first = torch.arange(t0, t1, tile, device=q.device)
-            chosen = top_n_blocks(scores, first // l_sel, config).repeat_interleave(tile, dim=2)
-            selected[:, :, t0:t1] = chosen[:, :, : t1 - t0]
-        else:
-            tokens = torch.arange(t0, t1, device=q.device)
-            selected[:, :, t0:t1] = top_n_blocks(scores, tokens // l_sel, config)
+        first = torch.arange(t0, t1, tile, device=q.device)  # each row's first token
+        chosen = top_n_blocks(scores, first // l_sel, config)
+        selected[:, :, t0:t1] = chosen.repeat_interleave(tile, dim=2)[:, :, : t1 - t0] if shared else chosen
     return selected, lse

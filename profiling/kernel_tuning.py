@@ -1,6 +1,7 @@
-"""Launch tuning of the Triton attention kernels at the Q7B shape (profiling/NOTES.md, Lever 10):
+"""Launch tuning of the Triton kernels at the Q7B shape (profiling/NOTES.md, Levers 10, 12):
 each kernel's tile knobs changed one kernel at a time, the pass it belongs to timed (forward, or
-the whole backward), and its outputs compared with the default's so a broken variant shows.
+the whole backward; the group-score kernel as the whole scores + top-n stage), and its outputs
+compared with the default's so a broken variant shows.
 
     python -m profiling.kernel_tuning --lengths 128K --out DIR   (GPU only)
 
@@ -20,7 +21,9 @@ from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
 from flexnsa.block_masks import selection_rows
 from flexnsa.compression import compress_kv
+from flexnsa.importance import importance_top_n
 from flexnsa.triton_fallback import compression_attention as cmp_kernels
+from flexnsa.triton_fallback import compression_scores as score_kernels
 from flexnsa.triton_fallback import selection_attention as slc_kernels
 
 from .cli import device_stamp, parse_lengths
@@ -41,6 +44,12 @@ SLC_VARIANTS = {
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]],
     "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(32, 4, 2), (128, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
            + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}],
+}
+
+SCORE_VARIANTS = {
+    "scores": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
+               [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),
+                (256, 64, 8, 2), (64, 32, 4, 3)]],
 }
 
 # Per-token programs are one token x 16 padded heads whatever "rows" says: only warps, stages, chunk.
@@ -68,10 +77,10 @@ def best_overrides(rows: list[dict], margin: float = 0.97) -> dict:
     """{family: {kernel: knobs}}: per kernel, the fastest block-shared variant when it beats the
     default pass by more than 3% (the FLEXNSA_TUNING file format)."""
     best: dict = {}
-    for family in ("compression", "selection"):
+    for family in ("compression", "selection", "scores"):
         mine = [r for r in rows if r["op"] == family and r["selection"] == "block_shared" and "ms" in r]
         default = {r["pass"]: r["ms"] for r in mine if r["kernel"] == "default"}
-        for kernel in ("fwd", "dq", "dkv"):
+        for kernel in ("fwd", "dq", "dkv", "scores"):
             tried = [r for r in mine if r["kernel"] == kernel]
             if tried and default:
                 fastest = min(tried, key=lambda r: r["ms"])
@@ -85,8 +94,11 @@ def rel(a, b) -> float:
 
 
 def passes(op: str, q, k, v, cfg: NSAConfig, selected):
-    """(forward, backward) callables of one kernel family on fixed inputs, and the default outputs."""
+    """(forward, backward or None) callables of one kernel family on fixed inputs."""
     scale = cfg.softmax_scale(q.shape[-1])
+    if op == "scores":
+        kc = compress_kv(k, v, cfg)[0].contiguous()
+        return (lambda: importance_top_n(q, kc, cfg)), None
     if op == "compression":
         kc, vc = (x.contiguous() for x in compress_kv(k, v, cfg))
         fwd = lambda: cmp_kernels.compression_attention_fwd(q, kc, vc, cfg.block_size, cfg.stride, scale)  # noqa: E731
@@ -121,18 +133,19 @@ def main(argv=None) -> None:
             cfg = NSAConfig(selection=selection, check_inputs=False, compression_kernel="triton", **small)
             with torch.no_grad():
                 selected, _ = stages.score_and_select(q, stages.compress(k, v, cfg)[0], cfg)
-            module, variants = (cmp_kernels, CMP_VARIANTS) if op == "compression" else (slc_kernels, SLC_VARIANTS)
+            module, variants = {"compression": (cmp_kernels, CMP_VARIANTS), "selection": (slc_kernels, SLC_VARIANTS),
+                                "scores": (score_kernels, SCORE_VARIANTS)}[op]
             if op == "selection" and selection == "per_token":
                 variants = SLC_PER_TOKEN_VARIANTS
             fwd, bwd = passes(op, q, k, v, cfg, selected)
-            base = {"fwd": fwd(), "bwd": bwd()}
-            runs = [("default", "fwd", {}), ("default", "bwd", {})]
+            base = {"fwd": fwd(), "bwd": bwd() if bwd else None}
+            runs = [("default", "fwd", {})] + ([("default", "bwd", {})] if bwd else [])
             runs += [(kernel, "fwd" if kernel == "fwd" else "bwd", change) for kernel, knobs in variants.items() for change in knobs]
             for kernel, which, change in runs:
                 fn = fwd if which == "fwd" else bwd
                 record = {"seq_len": T, "op": op, "selection": selection, "kernel": kernel, "change": change, "pass": which}
                 try:
-                    with tuned(module, kernel if kernel != "default" else "fwd", change):
+                    with tuned(module, kernel if kernel != "default" else next(iter(module.TUNING)), change):
                         res = fn()
                         record["rel_diff_vs_default"] = max(rel(a, b) for a, b in zip(res, base[which]) if a.is_floating_point())
                         record["ms"] = median_ms(fn, device, rep_ms=150)
@@ -144,7 +157,8 @@ def main(argv=None) -> None:
                 shown = f"{record['ms']:8.3f} ms (diff {record['rel_diff_vs_default']:.1e})" if "ms" in record else record["error"]
                 print(f"T={T} {op:11s} {selection:12s} {kernel:7s} {which} {json.dumps(change):60s} {shown}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = device_stamp() | {"defaults": {"compression": cmp_kernels.TUNING, "selection": slc_kernels.TUNING}}
+    defaults = {"compression": cmp_kernels.TUNING, "selection": slc_kernels.TUNING, "scores": score_kernels.TUNING}
+    meta = device_stamp() | {"defaults": defaults}
     (args.out / "kernel_tuning.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     best = best_overrides(rows)
     (args.out / "best.json").write_text(json.dumps(best, indent=1))

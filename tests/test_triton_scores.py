@@ -35,14 +35,22 @@ def reference_group_scores(q, k, block, stride):
     return probs.reshape(B, Hkv, Hq // Hkv, T, kc.shape[2]).sum(2), lse, kc
 
 
-def check_kernel(case, dtype, device, tol):
+def sum_tokens(scores, tokens_per_sum):
+    """[..., T, C] -> [..., ceil(T / n), C]: sums of n consecutive token rows (the last one short)."""
+    pad = -scores.shape[-2] % tokens_per_sum
+    return torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(-2, (-1, tokens_per_sum)).sum(-2)
+
+
+def check_kernel(case, dtype, device, tol, tokens_per_sum=1):
     _, Hq, Hkv, T, D, block, stride, chunk = case
     q, k, _, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=3)
     ref_scores, ref_lse, kc = reference_group_scores(q, k, block, stride)
     t0, t1 = chunk or (0, T)
-    scores, lse = compression_group_scores(q, kc.to(device, dtype).contiguous(), block, stride, D**-0.5, t0, t1)
-    assert scores.shape == (2, Hkv, t1 - t0, kc.shape[2]) and lse.shape == (2, Hq, t1 - t0)
-    assert_rel(scores, ref_scores[:, :, t0:t1], tol, "group scores")
+    args = (block, stride, D**-0.5, t0, t1, tokens_per_sum)
+    scores, lse = compression_group_scores(q, kc.to(device, dtype).contiguous(), *args)
+    rows = -(-(t1 - t0) // tokens_per_sum)
+    assert scores.shape == (2, Hkv, rows, kc.shape[2]) and lse.shape == (2, Hq, t1 - t0)
+    assert_rel(scores, sum_tokens(ref_scores[:, :, t0:t1], tokens_per_sum), tol, "group scores")
     ref_lse = ref_lse[:, :, t0:t1]
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), visible)
@@ -54,13 +62,30 @@ def test_group_scores_interpreter(case):
     check_kernel(case, torch.float32, "cpu", tol=1e-5)  # interpreter dots are exact fp32
 
 
+# tokens_per_sum (block-shared tile sums): in registers only (8: G = 7 programs hold 16 tokens),
+# in registers then PyTorch (48 = 16 x 3), PyTorch only (3), a chunk not starting on a tile.
+SUM_CASES = [(CASES[0], 8), (CASES[0], 48), (CASES[1], 3), (CASES[4], 16)]
+
+
+@pytest.mark.parametrize("case,tokens_per_sum", SUM_CASES, ids=[f"{c[0]}-sum{n}" for c, n in SUM_CASES])
+def test_group_scores_token_sums_interpreter(case, tokens_per_sum):
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum)
+
+
+def test_group_scores_refuse_bad_token_sum():
+    q, k, _, _ = random_inputs(1, 7, 1, 40, 16, seed=2)
+    with pytest.raises(ValueError, match="tokens_per_sum"):
+        compression_group_scores(q, k[:, :, :4].contiguous(), 8, 8, 0.25, 0, 40, 0)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens_per_sum", [1, 64], ids=["per-token", "tile64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", CASES + [("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000))], ids=[c[0] for c in CASES] + ["Q7B-T3000"])
-def test_group_scores_gpu(case, dtype):
+def test_group_scores_gpu(case, dtype, tokens_per_sum):
     # Reference on the rounded inputs; bf16 products accumulate in fp32 (rel. ~1e-3); fp32 dots
-    # run as TF32 on Hopper (~5e-4).
-    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+    # run as TF32 on Hopper (~5e-4). Tile sums add positive terms: the relative error stays.
+    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum)
 
 
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])
@@ -153,3 +178,23 @@ def test_fused_top_n_needs_the_triton_kernels():
         SMALL.replace(compression_kernel="torch", fused_top_n=True)
     with pytest.raises(ValueError, match="fused_top_n must be a bool"):
         SMALL.replace(fused_top_n=1)
+
+
+@pytest.mark.parametrize("stride", [16, 8], ids=["l=s", "overlap"])
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+def test_importance_chunks_match_one_pass(monkeypatch, selection, kernel, stride):
+    """Several query chunks (a tiny CHUNK_ELEMENTS) select what one pass selects, and the tile
+    sums (in the kernel, then PyTorch) give a valid top-n under the float64 scores."""
+    from flexnsa import importance
+    from flexnsa.compression import compress_kv
+
+    cfg = SMALL.replace(selection=selection, compression_kernel=kernel, stride=stride, select_query_tile=8)
+    q, k, v, _ = random_inputs(1, 7, 1, 181, 16, seed=4)
+    k_cmp, _ = compress_kv(k, v, cfg)
+    whole, lse = importance.importance_top_n(q, k_cmp, cfg)
+    monkeypatch.setattr(importance, "CHUNK_ELEMENTS", 1)  # one tile (or token) per chunk
+    chunked, chunked_lse = importance.importance_top_n(q, k_cmp, cfg)
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(chunked_lse, lse, rtol=1e-6, atol=1e-6)  # reduction widths differ by chunk
+    assert_valid_top_n(whole, reference_scores(q, k, v, cfg), cfg, atol=1e-5)

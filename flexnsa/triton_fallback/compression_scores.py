@@ -7,6 +7,10 @@ computes each row's log-sum-exp (online max/sum), the second p = exp(s - lse), s
 group's heads and writes one fp32 score per (token, compressed block). The PyTorch scorer wrote
 and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T, C] once.
 
+Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
+consecutive tokens: the power of two of them that fits a program is summed in registers before
+the store (16x fewer bytes at Q7B's tile of 64), the rest by PyTorch over the much smaller partials.
+
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
 (fp32 only there: the interpreter's bf16 dot is wrong, PITFALLS).
@@ -18,7 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_query, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import (
+    check_query, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows, tuning_for, visible,
+    visible_block_end,
+)
+
+# Launch overrides at the tuned shape (``tiles.tuning_for``; ``python -m profiling.kernel_tuning
+# --ops scores:block_shared`` measures them); None = the rule in ``_launch_params``.
+TUNING = {"scores": {"rows": None, "block_c": None, "num_warps": None, "num_stages": None}}
+load_tuning_file("scores", TUNING)
 
 
 @triton.jit
@@ -27,7 +39,7 @@ def _group_scores_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, ss_b, ss_h, ss_t,
     T0, T1, C, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T)
@@ -39,22 +51,43 @@ def _group_scores_kernel(
     tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # row of the scores chunk (token T0 + tok)
+    # row of the scores chunk: the sum over tokens T0 + SUM * row + [0, SUM); rows are token-major,
+    # so a row's SUM tokens x G_PAD heads are consecutive tile rows (invisible ones are 0)
+    row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = load_blocks(K, k_base, c, sk_c, C, D)
         s = tl.dot(q, tl.trans(k)) * scale
         p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.exp(s - lse_safe[:, None]), 0.0)
-        grouped = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_C)), 1)
-        ptr = SCORES + b * ss_b + h * ss_h + tok[:, None] * ss_t + c[None, :]
-        tl.store(ptr, grouped, mask=(T0 + tok < T1)[:, None] & (c < C)[None, :])
+        grouped = tl.sum(tl.reshape(p, (BLOCK_T // SUM, SUM * G_PAD, BLOCK_C)), 1)
+        ptr = SCORES + b * ss_b + h * ss_h + row[:, None] * ss_t + c[None, :]
+        tl.store(ptr, grouped, mask=(T0 + row * SUM < T1)[:, None] & (c < C)[None, :])
+
+
+def _launch_params(q, group: int) -> tuple[int, int, dict]:
+    """(G_PAD, BLOCK_T, launch constants): 128-row tiles, 64 compressed blocks per step."""
+    tune = tuning_for(TUNING, "scores", q)
+    g_pad, block_t = rows_per_tile(group, tune.get("rows") or 128)
+    consts = dict(BLOCK_C=tune.get("block_c") or 64, num_warps=tune.get("num_warps") or (8 if q.shape[-1] >= 128 else 4))
+    if tune.get("num_stages"):
+        consts["num_stages"] = tune["num_stages"]
+    return g_pad, block_t, consts
+
+
+def tokens_summed_in_kernel(q, group: int, tokens_per_sum: int) -> int:
+    """Tokens a program sums before its store: the largest power of two dividing tokens_per_sum
+    that fits the program's BLOCK_T tokens (1 = a row per token)."""
+    return min(tokens_per_sum & -tokens_per_sum, _launch_params(q, group)[1])
 
 
 def compression_group_scores(
     q: torch.Tensor, k_cmp: torch.Tensor, block_size: int, stride: int, scale: float, t0: int = 0, t1: int | None = None,
+    tokens_per_sum: int = 1,
 ):
-    """Group scores [B, Hkv, t1 - t0, C] fp32 of tokens [t0, t1) (sum over the G heads of the
-    compression probabilities; 0 where invisible) and their compression lse [B, Hq, t1 - t0] fp32.
+    """Group scores [B, Hkv, R, C] fp32 of tokens [t0, t1) (sum over the G heads of the
+    compression probabilities; 0 where invisible), row r the sum over tokens t0 + tokens_per_sum*r
+    + [0, tokens_per_sum) inside [t0, t1), R = ceil((t1 - t0) / tokens_per_sum); and the tokens'
+    compression lse [B, Hq, t1 - t0] fp32.
 
     q [B, Hq, T, D] the whole sequence (visibility uses absolute positions), k_cmp [B, Hkv, C, D].
     """
@@ -67,8 +100,13 @@ def compression_group_scores(
     check_query(q, "compression_group_scores")
     if not 0 <= t0 <= t1 <= T:
         raise ValueError(f"token range [{t0}, {t1}) is not inside [0, {T})")
-    g_pad, block_t = rows_per_tile(G)
-    scores = torch.zeros(B, Hkv, t1 - t0, C, device=q.device, dtype=torch.float32)
+    if tokens_per_sum < 1:
+        raise ValueError(f"tokens_per_sum must be >= 1, got {tokens_per_sum}")
+    g_pad, block_t, consts = _launch_params(q, G)
+    in_kernel = tokens_summed_in_kernel(q, G, tokens_per_sum)
+    rest = tokens_per_sum // in_kernel  # summed afterwards, over the kernel's partial rows
+    rows = triton.cdiv(t1 - t0, tokens_per_sum)
+    scores = torch.zeros(B, Hkv, rows * rest, C, device=q.device, dtype=torch.float32)
     lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
     if t1 == t0:
         return scores, lse
@@ -78,7 +116,6 @@ def compression_group_scores(
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
         t0, t1, C, scale,
-        G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=64, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride,
-        num_warps=8 if D >= 128 else 4,
+        G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, SUM=in_kernel, **consts,
     )
-    return scores, lse
+    return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), lse

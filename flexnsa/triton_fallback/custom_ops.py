@@ -9,7 +9,7 @@ Ops (namespace ``flexnsa``):
   selection_attention(q, k, v, rows, select_block, tile, scale) -> (out, lse)               differentiable
   selection_attention_backward(...) -> (dq, dk, dv)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
-  compression_group_scores(q, k_cmp, block, stride, scale, t0, t1) -> (scores, lse rows [t0, t1))
+  compression_group_scores(q, k_cmp, block, stride, scale, t0, t1, tokens_per_sum) -> (scores, lse rows [t0, t1))
 """
 
 from __future__ import annotations
@@ -106,12 +106,16 @@ def _(q, k_cmp, block_size, num_selected, tile, forced_initial, forced_local, sc
 
 
 @torch.library.custom_op("flexnsa::compression_group_scores", mutates_args=())
-def compression_group_scores(q: Tensor, k_cmp: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int) -> tuple[Tensor, Tensor]:
-    return compression_scores.compression_group_scores(q.contiguous(), k_cmp.contiguous(), block_size, stride, scale, t0, t1)
+def compression_group_scores(
+    q: Tensor, k_cmp: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int, tokens_per_sum: int = 1
+) -> tuple[Tensor, Tensor]:
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    return compression_scores.compression_group_scores(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum)
 
 
 @compression_group_scores.register_fake
-def _(q, k_cmp, block_size, stride, scale, t0, t1):
+def _(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum=1):
     B, Hq = q.shape[:2]
     Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
-    return q.new_empty(B, Hkv, t1 - t0, C, dtype=torch.float32), q.new_empty(B, Hq, t1 - t0, dtype=torch.float32)
+    rows = triton.cdiv(t1 - t0, tokens_per_sum)
+    return q.new_empty(B, Hkv, rows, C, dtype=torch.float32), q.new_empty(B, Hq, t1 - t0, dtype=torch.float32)
