@@ -90,7 +90,10 @@ def best_overrides(rows: list[dict], margin: float = 0.97) -> dict:
 
 
 def rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    """Relative L2 difference over the finite entries (an lse is -inf where nothing is visible)."""
+    a, b = a.float(), b.float()
+    keep = torch.isfinite(b)
+    return ((a[keep] - b[keep]).norm() / b[keep].norm().clamp_min(1e-30)).item()
 
 
 def passes(op: str, q, k, v, cfg: NSAConfig, selected):
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
             fwd, bwd = passes(op, q, k, v, cfg, selected)
             base = {"fwd": fwd(), "bwd": bwd() if bwd else None}
             runs = [("default", "fwd", {})] + ([("default", "bwd", {})] if bwd else [])
-            runs += [(kernel, "fwd" if kernel == "fwd" else "bwd", change) for kernel, knobs in variants.items() for change in knobs]
+            runs += [(kernel, "bwd" if kernel in ("dq", "dkv") else "fwd", change) for kernel, knobs in variants.items() for change in knobs]
             for kernel, which, change in runs:
                 fn = fwd if which == "fwd" else bwd
                 record = {"seq_len": T, "op": op, "selection": selection, "kernel": kernel, "change": change, "pass": which}
@@ -148,6 +151,8 @@ def main(argv=None) -> None:
                     with tuned(module, kernel if kernel != "default" else next(iter(module.TUNING)), change):
                         res = fn()
                         record["rel_diff_vs_default"] = max(rel(a, b) for a, b in zip(res, base[which]) if a.is_floating_point())
+                        if op == "scores":  # selections may differ only at near-ties
+                            record["same_ids"] = (res[0] == base[which][0]).float().mean().item()
                         record["ms"] = median_ms(fn, device, rep_ms=150)
                 except Exception as e:  # a variant that does not compile or fit is data, not a crash
                     record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
