@@ -28,8 +28,10 @@ from .tiles import (
 )
 
 # Launch overrides at the tuned shape (``tiles.tuning_for``; ``python -m profiling.kernel_tuning
-# --ops scores:block_shared`` measures them); None = the rule in ``_launch_params``.
-TUNING = {"scores": {"rows": None, "block_c": None, "num_warps": None, "num_stages": None}}
+# --ops scores:block_shared`` measures them); None = the rule in ``_launch_params``. Measured at
+# 128K on an H100 (results/h100/session5-8K-32K-128K/kernel_tuning, NOTES Lever 12): 2 pipeline
+# stages instead of Triton's default 3 took the scores + top-n stage from 11.1 to 9.8 ms.
+TUNING = {"scores": {"rows": None, "block_c": None, "num_warps": None, "num_stages": 2}}
 load_tuning_file("scores", TUNING)
 
 
