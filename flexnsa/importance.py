@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from .config import NSAConfig
-from .reference import block_overlap, compression_visibility, top_n_blocks
+from .reference import block_overlap, compression_visibility, sum_rows, top_n_blocks
 from .triton_fallback import use_triton_scorer
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 scores (or per-head logits) per chunk: 128 MiB bounds the peak
@@ -96,10 +96,7 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
 
         def tile_scores(t0, t1):
             scores = torch_group_scores(q, k_cmp, config, t0, t1, lse)
-            if tile == 1:
-                return scores
-            pad = -(t1 - t0) % tile
-            return torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(2, (-1, tile)).sum(dim=3)
+            return scores if tile == 1 else sum_rows(scores, tile)
 
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)

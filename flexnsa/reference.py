@@ -130,12 +130,17 @@ def select_blocks(scores, seq_len: int, config: NSAConfig) -> torch.Tensor:
     if config.selection == "per_token":
         return top_n_blocks(scores, tokens // l_sel, config)
     tile = config.select_query_tile
-    num_tiles = -(-seq_len // tile)
-    padded = torch.nn.functional.pad(scores, (0, 0, 0, num_tiles * tile - seq_len))
-    tile_scores = padded.unflatten(2, (num_tiles, tile)).sum(dim=3)
-    tile_first = torch.arange(num_tiles, device=scores.device) * tile
+    tile_scores = sum_rows(scores, tile)
+    tile_first = torch.arange(tile_scores.shape[2], device=scores.device) * tile
     per_tile = top_n_blocks(tile_scores, tile_first // l_sel, config)
     return per_tile.repeat_interleave(tile, dim=2)[:, :, :seq_len]
+
+
+def sum_rows(scores, rows: int) -> torch.Tensor:
+    """[..., R, N] -> [..., ceil(R / rows), N]: sums of ``rows`` consecutive rows (the last group
+    may be short): per-token scores -> per-tile scores for block-shared selection."""
+    pad = -scores.shape[-2] % rows
+    return torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(-2, (-1, rows)).sum(-2)
 
 
 def prune_selection_by_gates(selected, gates, config: NSAConfig) -> torch.Tensor:

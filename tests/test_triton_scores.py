@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flexnsa import NSAConfig, nsa_attention, nsa_reference
-from flexnsa.reference import compression_visibility, masked_attention, reference_compress
+from flexnsa.reference import compression_visibility, masked_attention, reference_compress, sum_rows
 from flexnsa.triton_fallback import use_triton_compression_attention, use_triton_scorer
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import fused_top_n_supported
@@ -35,12 +35,6 @@ def reference_group_scores(q, k, block, stride):
     return probs.reshape(B, Hkv, Hq // Hkv, T, kc.shape[2]).sum(2), lse, kc
 
 
-def sum_tokens(scores, tokens_per_sum):
-    """[..., T, C] -> [..., ceil(T / n), C]: sums of n consecutive token rows (the last one short)."""
-    pad = -scores.shape[-2] % tokens_per_sum
-    return torch.nn.functional.pad(scores, (0, 0, 0, pad)).unflatten(-2, (-1, tokens_per_sum)).sum(-2)
-
-
 def check_kernel(case, dtype, device, tol, tokens_per_sum=1):
     _, Hq, Hkv, T, D, block, stride, chunk = case
     q, k, _, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=3)
@@ -50,7 +44,7 @@ def check_kernel(case, dtype, device, tol, tokens_per_sum=1):
     scores, lse = compression_group_scores(q, kc.to(device, dtype).contiguous(), *args)
     rows = -(-(t1 - t0) // tokens_per_sum)
     assert scores.shape == (2, Hkv, rows, kc.shape[2]) and lse.shape == (2, Hq, t1 - t0)
-    assert_rel(scores, sum_tokens(ref_scores[:, :, t0:t1], tokens_per_sum), tol, "group scores")
+    assert_rel(scores, sum_rows(ref_scores[:, :, t0:t1], tokens_per_sum), tol, "group scores")
     ref_lse = ref_lse[:, :, t0:t1]
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), visible)
