@@ -181,7 +181,7 @@ def gated_sum(gates, cmp, slc, win):
 
 
 # Eager, the sum is 5 passes forward and ~8 backward over [B, Hq, T, D] tensors (15 ms of 146 at
-# 128K fwd+bwd, NOTES Lever 12); inductor fuses each direction into one or two. Dynamic shapes:
+# 128K fwd+bwd, NOTES Lever 13); inductor fuses each direction into one or two. Dynamic shapes:
 # one graph per dtype whatever the span length, so new lengths do not recompile.
 compiled_gated_sum = torch.compile(gated_sum, fullgraph=True, dynamic=True)
 

@@ -1,0 +1,34 @@
+"""train.trace_summary groups a trace's GPU time by kernel kind and names the eager callers."""
+
+import gzip
+import json
+
+from train.trace_summary import main, summarize
+
+
+def test_summary_of_a_small_trace(tmp_path):
+    op = lambda name, ts, dur: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": 1}  # noqa: E731
+    launch = lambda ts, corr: {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": 1,  # noqa: E731
+                               "args": {"correlation": corr}}
+    kernel = lambda name, dur, corr: {"ph": "X", "cat": "kernel", "name": name, "ts": 1000, "dur": dur, "tid": 7,  # noqa: E731
+                                      "args": {"correlation": corr}}
+    events = [
+        op("aten::contiguous", 10, 50), op("aten::copy_", 20, 10), launch(25, 1),
+        kernel("void at::native::elementwise_kernel<128, 4>(x)", 3000, 1),
+        op("autograd::engine::evaluate_function: MulBackward0", 100, 50), op("aten::mul", 110, 10), launch(115, 2),
+        kernel("void at::native::elementwise_kernel<128, 4>(y)", 1000, 2),
+        launch(200, 3), kernel("_bwd_dkv_kernel", 5000, 3),
+        launch(300, 4), kernel("nvjet_sm90_tst_192x192", 2000, 4),
+    ]
+    path = tmp_path / "step.pt.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    text = summarize(path)
+    assert "GPU time 0.011 s in 4 kernels" in text
+    assert "| NSA Triton _bwd_dkv_kernel | 5.0 | 1 |" in text
+    assert "| GEMM | 2.0 | 1 |" in text
+    assert "| aten at::native::elementwise_kernel | 4.0 | 2 |" in text
+    assert "| 3.0 | `forward | aten::contiguous > aten::copy_` |" in text
+    assert "| 1.0 | `MulBackward0 | aten::mul` |" in text
+    main([str(path), "--out", str(tmp_path / "s.md")])
+    assert (tmp_path / "s.md").read_text().startswith("# GPU kernel time by kind and caller")

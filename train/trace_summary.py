@@ -1,0 +1,93 @@
+"""GPU kernel time of a torch.profiler trace, grouped by kind and by the CPU op that launched it.
+
+Why: comparing a profiled NSA training step with a dense one (``log.profile_steps``) kernel kind by
+kernel kind is what located session 5's gap (profiling/NOTES.md); the raw traces are megabytes, so
+the repo keeps this summary instead.
+
+    python -m train.trace_summary STEP.pt.trace.json.gz [...] --out summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+
+NSA_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkv_kernel", "_group_scores_kernel", "_top_n_kernel")
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_kind(name: str) -> str:
+    if name.startswith("nvjet") or "gemm" in name.lower() or ("cutlass" in name and "tensorop" in name):
+        return "GEMM"
+    if "sdpa" in name or "flash" in name.lower() or "fmha" in name:
+        return "dense attention (cuDNN/flash)"
+    if name in NSA_KERNELS:
+        return f"NSA Triton {name}"
+    if "flex_attention" in name:
+        return "NSA FlexAttention (window)"
+    if "nccl" in name.lower():
+        return "NCCL"
+    if name.startswith("triton_"):
+        return f"inductor {name.split('_')[1]}"
+    if name.startswith(("Memcpy", "Memset")):
+        return name.split(" (")[0]
+    return "aten " + re.sub(r"<.*", "", name.replace("void ", ""))[:50]
+
+
+def _caller_stacks(events):
+    """launch correlation id -> names of the CPU ops enclosing the launch, outermost first."""
+    ops = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X":
+            ops[e["tid"]].append(e)
+    for v in ops.values():
+        v.sort(key=lambda e: e["ts"])
+    starts = {t: [e["ts"] for e in v] for t, v in ops.items()}
+    stacks = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            mine = ops.get(e["tid"], [])[: bisect.bisect_right(starts.get(e["tid"], []), e["ts"])]
+            enclosing = sorted((o for o in mine if o["ts"] + o["dur"] >= e["ts"]), key=lambda o: (o["ts"], -o["dur"]))
+            stacks[e["args"]["correlation"]] = [o["name"] for o in enclosing]
+    return stacks
+
+
+def summarize(path: Path, top: int = 25) -> str:
+    events = json.load(gzip.open(path) if path.suffix == ".gz" else open(path))["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in GPU_EVENTS]
+    stacks = _caller_stacks(events)
+    kinds, counts, callers = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in gpu:
+        kind = kernel_kind(e["name"])
+        kinds[kind] += e["dur"]
+        counts[kind] += 1
+        if kind.startswith("aten") or kind == "Memcpy DtoD":  # the eager work: who launched it
+            stack = [s for s in stacks.get(e.get("args", {}).get("correlation"), ["?"])
+                     if not s.startswith(("FSDP", "Torch-Compiled", "ProfilerStep"))]
+            node = next((s.split(": ", 1)[1] for s in stack if s.startswith("autograd::engine")), "forward")
+            callers[f"{node[:50]} | {' > '.join(s for s in stack if not s.startswith('autograd::engine'))[:110]}"] += e["dur"]
+    lines = [f"## {path.name}", "", f"GPU time {sum(kinds.values()) / 1e6:.3f} s in {len(gpu)} kernels and copies.", "",
+             "| kernels | ms | count |", "|---|---|---|"]
+    lines += [f"| {k} | {v / 1e3:.1f} | {counts[k]} |" for k, v in kinds.most_common()]
+    lines += ["", f"Eager (aten) kernels by caller, top {top} (autograd node | enclosing CPU ops):", "",
+              "| ms | caller |", "|---|---|"]
+    lines += [f"| {v / 1e3:.1f} | `{k}` |" for k, v in callers.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m train.trace_summary")
+    p.add_argument("traces", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    args.out.write_text("# GPU kernel time by kind and caller\n\n" + "\n".join(summarize(t, args.top) for t in args.traces))
+
+
+if __name__ == "__main__":
+    main()
