@@ -19,13 +19,16 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    backward_lse,
     check_query,
+    load_delta,
     load_blocks,
     load_tuning_file,
     row_offsets,
     rows_per_tile,
     softmax_finish,
     softmax_step,
+    store_delta,
     tile_rows,
     tuning_for,
     visible,
@@ -33,14 +36,6 @@ from .tiles import (
 )
 
 BLOCK_C = 64
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h):
-    """Each row's lse (+inf where nothing is visible, so exp(s - lse) = 0) and delta = rowsum(dO*O)."""
-    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
-    return tl.where(lse == float("-inf"), float("inf"), lse), delta
 
 
 @triton.jit
@@ -73,19 +68,21 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
-    """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, do, dq share strides)."""
+    """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, o, do, dq share strides);
+    stores delta for the dK~/dV~ pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, False)
+    delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
@@ -128,7 +125,8 @@ def _bwd_dkv_kernel(
         row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
         q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-        lse, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+        lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, False)
+        delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
         seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
         p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
@@ -195,8 +193,8 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
 def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
     """(dq, dk_cmp, dv_cmp) for compression_attention_fwd; inputs contiguous."""
     (B, Hq, T, D), (Hkv, C) = q.shape, k_cmp.shape[1:3]
-    grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
+    grad_out, out = grad_out.contiguous(), out.contiguous()  # the strides of q (contiguous)
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     dq = torch.empty_like(q)
     dk = torch.zeros(B, Hkv, C, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
@@ -205,7 +203,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
-        q, k_cmp, v_cmp, grad_out, lse, delta, dq, *strides, T, C, scale,
+        q, k_cmp, v_cmp, out, grad_out, lse, delta, dq, *strides, T, C, scale,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     # Split the token axis so the short compressed axis still fills the GPU (>= DKV_PROGRAMS).

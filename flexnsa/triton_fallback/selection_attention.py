@@ -23,7 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import check_query, load_tuning_file, row_offsets, softmax_finish, softmax_step, tile_rows, tuning_for
+from .tiles import (
+    backward_lse, check_query, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
+    tile_rows, tuning_for,
+)
 
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
@@ -90,30 +93,23 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h):
-    """Each row's lse in base 2 (+inf where nothing is visible, so exp2(s - lse) = 0) and
-    delta = rowsum(dO * O)."""
-    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
-
-
-@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, SEL, LSE, DELTA, DQ,
+    Q, K, V, O, DO, SEL, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
     T, scale, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
 ):
-    """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, do, dq share strides)."""
+    """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, o, do, dq share strides);
+    stores delta for the dK/dV pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
     t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse2, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+    delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
     kv_base = b * sk_b + h * sk_h
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
@@ -162,7 +158,8 @@ def _bwd_dkv_kernel(
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-                lse2, delta = _row_stats(LSE, DELTA, b, qh, t, row_ok, sl_b, sl_h)
+                lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+                delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
                 seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
                 p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
@@ -255,16 +252,16 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    grad_out = grad_out.contiguous()
+    grad_out, out = grad_out.contiguous(), out.contiguous()  # the strides of q (contiguous)
     dq = torch.empty_like(q)
     dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     if T == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    delta = (grad_out.float() * out.float()).sum(-1)  # [B, Hq, T], rowsum(dO * O)
+    delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _bwd_dq_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
-        q, k, v, grad_out, rows, lse, delta, dq, *q_strides,
+        q, k, v, out, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )

@@ -110,6 +110,32 @@ def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
 
 
 @triton.jit
+def backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, BASE2: tl.constexpr):
+    """Each row's forward lse, in base 2 when BASE2 (logits scaled by log2 e), else natural; +inf
+    where the row saw nothing, so exp(s - lse) = 0 there."""
+    lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    if BASE2:
+        lse = lse * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h):
+    """delta = rowsum(dO * O) of the tile's rows (the softmax backward's correction), computed
+    from the dO tile already in registers and stored for the dK/dV pass. O shares dO's strides.
+    In PyTorch this was 4 fp32 passes over [B, Hq, T, D] per branch (NOTES Lever 15)."""
+    o = tl.load(O + row_off, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + b * sl_b + qh * sl_h + t, delta, mask=row_ok)
+    return delta
+
+
+@triton.jit
+def load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h):
+    return tl.load(DELTA + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def softmax_step(s, m, s_sum, acc, v, BASE2: tl.constexpr):
     """One online-softmax step over a tile of logits ``s`` (-inf = hidden) and its values ``v``:
     rescale the running (max, sum, accumulator) and add the tile. BASE2: ``s`` is in log2 units
