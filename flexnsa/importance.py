@@ -59,10 +59,12 @@ def _chunk_tokens(per_token_elements: int, tile: int) -> int:
 
 
 @torch.no_grad()
-def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
+def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, cmp_lse: torch.Tensor | None = None):
     """Selected block ids [B, Hkv, T, n] (per token, ascending, -1 padded) and cmp lse [B, Hq, T].
 
-    q [B, Hq, T, D]; k_cmp [B, Hkv, C, D] pooled keys.
+    q [B, Hq, T, D]; k_cmp [B, Hkv, C, D] pooled keys. ``cmp_lse``: the compression branch's lse
+    [B, Hq, T] fp32 when its forward already ran (same softmax): the Triton scorers then skip their
+    lse pass and it is returned as the lse (NOTES Lever 14). The PyTorch scorer computes its own.
     """
     B, Hq, T, D = q.shape
     Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
@@ -72,15 +74,19 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
     if config.fused_top_n and use_triton_scorer(config, q.device):
         from .triton_fallback.selection_top_n import selection_top_n
 
-        rows, lse = selection_top_n(q, k_cmp, config)
+        rows, lse = selection_top_n(q, k_cmp, config, lse=cmp_lse)
         return (rows.repeat_interleave(tile, dim=2)[:, :, :T] if tile > 1 else rows), lse
     identity_map = config.block_size == config.stride == l_sel
     overlap = None if identity_map else block_overlap(T, config, torch.float32, q.device)
     selected = torch.empty(B, Hkv, T, config.num_selected, dtype=torch.int64, device=q.device)
-    lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
-    if use_triton_scorer(config, q.device):
+    triton_scorer = use_triton_scorer(config, q.device)
+    if triton_scorer and cmp_lse is not None:
+        lse = cmp_lse
+    else:
+        lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
+    if triton_scorer:
         from .triton_fallback.compression_scores import tokens_summed_in_kernel
-        from .triton_fallback.custom_ops import compression_group_scores
+        from .triton_fallback.custom_ops import compression_group_scores, compression_group_scores_given_lse
 
         # block-shared: the kernel returns tile sums and holds only its partials (tokens / in_kernel rows)
         step = _chunk_tokens(B * Hkv * max(C, 1) // tokens_summed_in_kernel(q, Hq // Hkv, tile), tile)
@@ -88,6 +94,8 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig):
 
         def tile_scores(t0, t1):
             args = (config.block_size, config.stride, scale, t0, t1, tile)
+            if cmp_lse is not None:
+                return compression_group_scores_given_lse(q, k_cmp, cmp_lse, *args)
             scores, lse[:, :, t0:t1] = compression_group_scores(q, k_cmp, *args)
             return scores
 

@@ -100,8 +100,9 @@ def passes(op: str, q, k, v, cfg: NSAConfig, selected):
     """(forward, backward or None) callables of one kernel family on fixed inputs."""
     scale = cfg.softmax_scale(q.shape[-1])
     if op == "scores":
-        kc = compress_kv(k, v, cfg)[0].contiguous()
-        return (lambda: importance_top_n(q, kc, cfg)), None
+        kc, vc = (x.contiguous() for x in compress_kv(k, v, cfg))
+        lse = cmp_kernels.compression_attention_fwd(q, kc, vc, cfg.block_size, cfg.stride, scale)[1]
+        return (lambda: importance_top_n(q, kc, cfg, lse)), None  # with the compression lse, as the op runs it
     if op == "compression":
         kc, vc = (x.contiguous() for x in compress_kv(k, v, cfg))
         fwd = lambda: cmp_kernels.compression_attention_fwd(q, kc, vc, cfg.block_size, cfg.stride, scale)  # noqa: E731

@@ -87,24 +87,24 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
     layout = QueryLayout(config.layout, q.shape[1] // k.shape[1])
     with torch.no_grad():
         k_cmp, v_cmp = stages.compress(k, v, config)
-        selected, _ = stages.score_and_select(q, k_cmp, config)
-        masks = stages.build_masks(selected, T, layout, config)
         q_rows = layout.fold(q)
-        branch = {
-            "slc": stages.selection_branch(q, q_rows, k, v, selected, masks, layout, config),
-            "win": stages.window_branch(q_rows, k, v, masks, layout, config),
-        }
-        branch["cmp"] = stages.compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
+        branch = {}
+        branch["cmp"], cmp_lse = stages.compression_branch(q, q_rows, k_cmp, v_cmp, layout, config)
+        selected, _ = stages.score_and_select(q, k_cmp, config, cmp_lse=cmp_lse)
+        masks = stages.build_masks(selected, T, layout, config)
+        branch["slc"] = stages.selection_branch(q, q_rows, k, v, selected, masks, layout, config)
+        branch["win"] = stages.window_branch(q_rows, k, v, masks, layout, config)
     q_l, q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q, q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
 
     def compression():
         kc, vc = stages.compress(k_l, v_l, config)
-        return stages.compression_branch(q_l, q_rows, kc, vc, masks, layout, config)
+        return stages.compression_branch(q_l, q_rows, kc, vc, layout, config)[0]
 
     fns = {
         "compression": _with_backward(compression, grad_out, backward),
-        "scores_topk": lambda: stages.score_and_select(q, k_cmp, config),
+        # with the compression branch's lse, as the op runs it (the scorer skips its lse pass)
+        "scores_topk": lambda: stages.score_and_select(q, k_cmp, config, cmp_lse=cmp_lse),
         "mask_build": lambda: stages.build_masks(selected, T, layout, config),
         "selection": _with_backward(
             lambda: stages.selection_branch(q_l, q_rows, k_l, v_l, selected, masks, layout, config), grad_out, backward

@@ -32,8 +32,12 @@ def test_opcheck_selection_top_n_and_group_scores():
     k_cmp, _ = compress_kv(k, v, SMALL.replace(block_size=8, stride=8, select_block_size=8, select_query_tile=8))
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(custom_ops.selection_top_n, (q, k_cmp, 8, 4, 8, 1, 2, 0.25, 16), test_utils=utils)
+    lse = custom_ops.compression_attention(q, k_cmp, k_cmp, 8, 8, 0.25)[1]
+    torch.library.opcheck(custom_ops.selection_top_n_given_lse, (q, k_cmp, lse, 8, 4, 8, 1, 2, 0.25, 16), test_utils=utils)
     for tokens_per_sum in (1, 8):
         torch.library.opcheck(custom_ops.compression_group_scores, (q, k_cmp, 8, 8, 0.25, 5, 33, tokens_per_sum), test_utils=utils)
+        torch.library.opcheck(custom_ops.compression_group_scores_given_lse, (q, k_cmp, lse, 8, 8, 0.25, 5, 33, tokens_per_sum),
+                              test_utils=utils)
 
 
 @pytest.mark.parametrize(

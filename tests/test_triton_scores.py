@@ -10,6 +10,7 @@ from flexnsa.reference import compression_visibility, masked_attention, referenc
 from flexnsa.triton_fallback import use_triton_compression_attention, use_triton_scorer
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import fused_top_n_supported
+from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 from flexnsa.triton_fallback.selection_top_n import selection_top_n
 
@@ -35,14 +36,25 @@ def reference_group_scores(q, k, block, stride):
     return probs.reshape(B, Hkv, Hq // Hkv, T, kc.shape[2]).sum(2), lse, kc
 
 
-def check_kernel(case, dtype, device, tol, tokens_per_sum=1):
+def compression_lse(q, k_cmp, block, stride):
+    """The lse the op hands the scorers: the Triton compression branch's forward."""
+    return compression_attention_fwd(q, k_cmp, k_cmp, block, stride, q.shape[-1] ** -0.5)[1]
+
+
+def check_kernel(case, dtype, device, tol, tokens_per_sum=1, given_lse=False):
     _, Hq, Hkv, T, D, block, stride, chunk = case
     q, k, _, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=3)
     ref_scores, ref_lse, kc = reference_group_scores(q, k, block, stride)
+    kc = kc.to(device, dtype).contiguous()
     t0, t1 = chunk or (0, T)
     args = (block, stride, D**-0.5, t0, t1, tokens_per_sum)
-    scores, lse = compression_group_scores(q, kc.to(device, dtype).contiguous(), *args)
     rows = -(-(t1 - t0) // tokens_per_sum)
+    if given_lse:  # the second pass alone, from the compression forward's lse
+        scores, none = compression_group_scores(q, kc, *args, lse=compression_lse(q, kc, block, stride))
+        assert none is None and scores.shape == (2, Hkv, rows, kc.shape[2])
+        assert_rel(scores, sum_rows(ref_scores[:, :, t0:t1], tokens_per_sum), tol, "group scores (given lse)")
+        return
+    scores, lse = compression_group_scores(q, kc, *args)
     assert scores.shape == (2, Hkv, rows, kc.shape[2]) and lse.shape == (2, Hq, t1 - t0)
     assert_rel(scores, sum_rows(ref_scores[:, :, t0:t1], tokens_per_sum), tol, "group scores")
     ref_lse = ref_lse[:, :, t0:t1]
@@ -64,6 +76,22 @@ SUM_CASES = [(CASES[0], 8), (CASES[0], 48), (CASES[1], 3), (CASES[4], 16)]
 @pytest.mark.parametrize("case,tokens_per_sum", SUM_CASES, ids=[f"{c[0]}-sum{n}" for c, n in SUM_CASES])
 def test_group_scores_token_sums_interpreter(case, tokens_per_sum):
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum)
+
+
+@pytest.mark.parametrize("tokens_per_sum", [1, 8], ids=["per-token", "sum8"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=[CASES[i][0] for i in (0, 1, 4)])
+def test_group_scores_given_lse_interpreter(case, tokens_per_sum):
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=True)
+
+
+def test_given_lse_must_match_the_sequence():
+    q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
+    k_cmp = k[:, :, :4].contiguous()
+    for bad in (torch.zeros(1, 7, 63), torch.zeros(1, 7, 64, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="lse must be"):
+            compression_group_scores(q, k_cmp, 16, 16, 0.25, lse=bad)
+        with pytest.raises(ValueError, match="lse must be"):
+            selection_top_n(q, k_cmp, SMALL, lse=bad)
 
 
 def test_group_scores_refuse_bad_token_sum():
@@ -118,14 +146,16 @@ TOP_N_CASES = [
 ]
 
 
-def check_top_n(case, dtype, device, atol, block_c=None, D=16, B=1):
+def check_top_n(case, dtype, device, atol, block_c=None, D=16, B=1, given_lse=False):
     _, Hq, Hkv, T, block, selection, tile = case
     cfg = NSAConfig(block_size=block, stride=block, select_block_size=block, num_selected=4, window=32,
                     selection=selection, select_query_tile=tile)
     assert fused_top_n_supported(cfg)
     q, k, v, _ = random_inputs(B, Hq, Hkv, T, D, dtype=dtype, device=device, seed=5)
-    k_cmp, _ = compress_kv(k, v, cfg)
-    rows, lse = selection_top_n(q, k_cmp, cfg, block_c=block_c)
+    k_cmp = compress_kv(k, v, cfg)[0].contiguous()
+    given = compression_lse(q, k_cmp, block, block) if given_lse else None
+    rows, lse = selection_top_n(q, k_cmp, cfg, block_c=block_c, lse=given)
+    assert given is None or lse is given
     tile = tile if selection == "block_shared" else 1
     assert rows.shape == (B, Hkv, -(-T // tile), 4)
     assert_valid_top_n(rows.repeat_interleave(tile, 2)[:, :, :T], reference_scores(q, k, v, cfg), cfg, atol=atol)
@@ -138,6 +168,22 @@ def check_top_n(case, dtype, device, atol, block_c=None, D=16, B=1):
 @pytest.mark.parametrize("case", TOP_N_CASES, ids=[c[0] for c in TOP_N_CASES])
 def test_selection_top_n_interpreter(case):
     check_top_n(case, torch.float32, "cpu", atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [TOP_N_CASES[0], TOP_N_CASES[1]], ids=[c[0] for c in TOP_N_CASES[:2]])
+def test_selection_top_n_given_lse_interpreter(case):
+    check_top_n(case, torch.float32, "cpu", atol=1e-5, given_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
+def test_scorers_given_lse_gpu(selection, dtype):
+    """Q7B, T = 3000: both scorers from the compression forward's lse (the op's CUDA path)."""
+    tol = 5e-2 if dtype == torch.bfloat16 else 5e-3
+    tile = 64 if selection == "block_shared" else 1
+    check_kernel(("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000)), dtype, "cuda", tol, tile, given_lse=True)
+    check_top_n(("Q7B", 28, 4, 3000, 64, selection, 64), dtype, "cuda", atol=tol * tile, D=128, given_lse=True)
 
 
 @pytest.mark.gpu
@@ -192,3 +238,8 @@ def test_importance_chunks_match_one_pass(monkeypatch, selection, kernel, stride
     assert torch.equal(chunked, whole)
     torch.testing.assert_close(chunked_lse, lse, rtol=1e-6, atol=1e-6)  # reduction widths differ by chunk
     assert_valid_top_n(whole, reference_scores(q, k, v, cfg), cfg, atol=1e-5)
+    if kernel == "triton":  # from the compression forward's lse, as the op runs it on CUDA
+        given = compression_lse(q, k_cmp.contiguous(), cfg.block_size, cfg.stride)
+        from_given, lse_out = importance.importance_top_n(q, k_cmp, cfg, given)
+        assert lse_out is given
+        assert_valid_top_n(from_given, reference_scores(q, k, v, cfg), cfg, atol=1e-5)

@@ -1,7 +1,8 @@
 """FlexAttention backend: compression, selection and window as block-sparse flex_attention calls.
 
-The op is a sequence of named stages (``compress``, ``score_and_select``, ``build_masks``,
-``attend``, ``combine``); ``nsa_flex`` runs them in order and the profiler times each one, so
+The op is a sequence of named stages (``compress``, ``compression_branch``, ``score_and_select``
+(which reuses the compression branch's lse), ``build_masks``, the selection and window branches,
+``combine``); ``nsa_flex`` runs them in order and the profiler times each one, so
 the numbers describe exactly the code that runs.
 
 Every flex call goes through a module-level ``torch.compile(flex_attention)``. Uncompiled
@@ -69,7 +70,6 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
 
 
 class NSAMasks(NamedTuple):
-    compression: BlockMask | None  # None with the Triton kernel, or while no whole block exists
     selection: BlockMask | None  # None with the Triton selection kernel
     window: BlockMask
 
@@ -104,10 +104,12 @@ def check_flex_support(q, k, v, gates, head_dim: int, config: NSAConfig) -> None
 compress = compress_kv  # stage 1a: pooled K~, V~ [B, Hkv, C, D]
 
 
-def score_and_select(q, k_cmp, config: NSAConfig, gates=None):
+def score_and_select(q, k_cmp, config: NSAConfig, gates=None, cmp_lse=None):
     """Stage 2+3: importance + top-n (no grad), then gate-aware pruning when the config asks
-    for it. -> selected [B, Hkv, T, n], cmp lse [B, Hq, T]."""
-    selected, lse = importance_top_n(q.detach(), k_cmp.detach(), config)
+    for it. -> selected [B, Hkv, T, n], cmp lse [B, Hq, T]. ``cmp_lse``: the compression
+    branch's lse, when its kernel returned one (the scorer's lse pass is then skipped)."""
+    cmp_lse = None if cmp_lse is None else cmp_lse.detach()
+    selected, lse = importance_top_n(q.detach(), k_cmp.detach(), config, cmp_lse)
     if config.gate_prune_epsilon:
         selected = prune_selection_by_gates(selected, gates, config)
     return selected, lse
@@ -129,24 +131,24 @@ def static_mask(builder, seq_len: int, layout: QueryLayout, config: NSAConfig, d
 
 def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) -> NSAMasks:
     device = selected.device
-    flex_compression = config.num_compressed_blocks(seq_len) > 0 and not use_triton_compression_attention(config, device)
     return NSAMasks(
-        static_mask(compression_block_mask, seq_len, layout, config, device) if flex_compression else None,
         None if use_triton_selection(config, device) else selection_block_mask(selected, layout, config),
         static_mask(window_block_mask, seq_len, layout, config, device),
     )
 
 
-def compression_branch(q, q_rows, k_cmp, v_cmp, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
-    """Stage 1b: compressed attention, [B, Hq, T, D]: the Triton kernel (its backward splits the
-    query axis; see ``use_triton_compression_attention``) or FlexAttention over query rows with the
-    causal compression mask."""
+def compression_branch(q, q_rows, k_cmp, v_cmp, layout: QueryLayout, config: NSAConfig):
+    """Stage 1b: compressed attention -> (out [B, Hq, T, D], lse [B, Hq, T] or None): the Triton
+    kernel (its backward splits the query axis; see ``use_triton_compression_attention``), whose
+    lse the scorer reuses, or FlexAttention over query rows with the causal compression mask."""
     scale = config.softmax_scale(q.shape[-1])
+    T = q.shape[2]
     if k_cmp.shape[2] and use_triton_compression_attention(config, q.device):
         from ..triton_fallback.compression_attention import compression_attention
 
-        return compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)[0]
-    return attend(q_rows, k_cmp, v_cmp, masks.compression, layout, scale)
+        return compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)
+    mask = static_mask(compression_block_mask, T, layout, config, q.device) if k_cmp.shape[2] else None
+    return attend(q_rows, k_cmp, v_cmp, mask, layout, scale), None
 
 
 def selection_branch(q, q_rows, k, v, selected, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
@@ -233,10 +235,10 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     # and a video span sliced out of [B, T, H, D] projections is not (training profile, NOTES).
     q, k, v = (x.contiguous() for x in (q, k, v))
     k_cmp, v_cmp = compress(k, v, config, compressors)
-    selected, cmp_lse = score_and_select(q, k_cmp, config, gates)
-    masks = build_masks(selected, T, layout, config)
     q_rows = layout.fold(q)
-    cmp = compression_branch(q, q_rows, k_cmp, v_cmp, masks, layout, config)
+    cmp, cmp_lse = compression_branch(q, q_rows, k_cmp, v_cmp, layout, config)
+    selected, cmp_lse = score_and_select(q, k_cmp, config, gates, cmp_lse)
+    masks = build_masks(selected, T, layout, config)
     slc = selection_branch(q, q_rows, k, v, selected, masks, layout, config)
     win = window_branch(q_rows, k, v, masks, layout, config)
     return NSAOutput(combine(gates, cmp, slc, win), cmp, slc, win, selected, cmp_lse)

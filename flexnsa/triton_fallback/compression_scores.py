@@ -4,7 +4,8 @@ One program per (query tile, kv head, batch) holds a tile of BLOCK_T tokens x G 
 (G padded to a power of two in registers, never in memory), loads its group's pooled keys K~ once
 for all G heads, and makes two passes over the causally visible compressed blocks: the first
 computes each row's log-sum-exp (online max/sum), the second p = exp(s - lse), sums it over the
-group's heads and writes one fp32 score per (token, compressed block). The PyTorch scorer wrote
+group's heads and writes one fp32 score per (token, compressed block). Given the lse (the compression branch's
+forward computes the same softmax), only the second pass runs. The PyTorch scorer wrote
 and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T, C] once.
 
 Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
@@ -42,6 +43,7 @@ def _group_scores_kernel(
     T0, T1, C, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
+    GIVEN_LSE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T)
@@ -49,8 +51,11 @@ def _group_scores_kernel(
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = visible_block_end(tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)
     k_base = b * sk_b + h * sk_h
-    lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
-    tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
+    if GIVEN_LSE:  # the whole sequence's lse, from the compression branch's forward
+        lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    else:  # pass 1, stored as rows [T0, T1) of a chunk buffer
+        lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     # row of the scores chunk: the sum over tokens T0 + SUM * row + [0, SUM); rows are token-major,
@@ -84,14 +89,17 @@ def tokens_summed_in_kernel(q, group: int, tokens_per_sum: int) -> int:
 
 def compression_group_scores(
     q: torch.Tensor, k_cmp: torch.Tensor, block_size: int, stride: int, scale: float, t0: int = 0, t1: int | None = None,
-    tokens_per_sum: int = 1,
+    tokens_per_sum: int = 1, lse: torch.Tensor | None = None,
 ):
     """Group scores [B, Hkv, R, C] fp32 of tokens [t0, t1) (sum over the G heads of the
     compression probabilities; 0 where invisible), row r the sum over tokens t0 + tokens_per_sum*r
     + [0, tokens_per_sum) inside [t0, t1), R = ceil((t1 - t0) / tokens_per_sum); and the tokens'
-    compression lse [B, Hq, t1 - t0] fp32.
+    compression lse [B, Hq, t1 - t0] fp32, or None when ``lse`` was given.
 
     q [B, Hq, T, D] the whole sequence (visibility uses absolute positions), k_cmp [B, Hkv, C, D].
+    ``lse`` [B, Hq, T] fp32: the compression lse of the whole sequence when it is already known
+    (the compression branch's forward computes the same softmax); the kernel then skips its
+    first pass (NOTES Lever 14).
     """
     B, Hq, T, D = q.shape
     t1 = T if t1 is None else t1
@@ -104,20 +112,24 @@ def compression_group_scores(
         raise ValueError(f"token range [{t0}, {t1}) is not inside [0, {T})")
     if tokens_per_sum < 1:
         raise ValueError(f"tokens_per_sum must be >= 1, got {tokens_per_sum}")
+    given = lse is not None
+    if given and (lse.shape != (B, Hq, T) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
+        raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
     g_pad, block_t, consts = _launch_params(q, G)
     in_kernel = tokens_summed_in_kernel(q, G, tokens_per_sum)
     rest = tokens_per_sum // in_kernel  # summed afterwards, over the kernel's partial rows
     rows = triton.cdiv(t1 - t0, tokens_per_sum)
     scores = torch.zeros(B, Hkv, rows * rest, C, device=q.device, dtype=torch.float32)
-    lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
-    if t1 == t0:
-        return scores, lse
-    grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
-    _group_scores_kernel[grid](
-        q, k_cmp, lse, scores,
-        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
-        t0, t1, C, scale,
-        G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, SUM=in_kernel, **consts,
-    )
-    return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), lse
+    if not given:
+        lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
+    if t1 > t0:
+        grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
+        _group_scores_kernel[grid](
+            q, k_cmp, lse, scores,
+            q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+            lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
+            t0, t1, C, scale,
+            G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, SUM=in_kernel,
+            GIVEN_LSE=given, **consts,
+        )
+    return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), (None if given else lse)

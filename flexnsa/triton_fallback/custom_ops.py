@@ -9,7 +9,9 @@ Ops (namespace ``flexnsa``):
   selection_attention(q, k, v, rows, select_block, tile, scale) -> (out, lse)               differentiable
   selection_attention_backward(...) -> (dq, dk, dv)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
+  selection_top_n_given_lse(q, k_cmp, lse, block, n, tile, ...) -> ids   (the compression branch's lse)
   compression_group_scores(q, k_cmp, block, stride, scale, t0, t1, tokens_per_sum) -> (scores, lse rows [t0, t1))
+  compression_group_scores_given_lse(q, k_cmp, lse, ...) -> scores   (the compression branch's lse)
 """
 
 from __future__ import annotations
@@ -105,6 +107,21 @@ def _(q, k_cmp, block_size, num_selected, tile, forced_initial, forced_local, sc
     return ids, q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
+@torch.library.custom_op("flexnsa::selection_top_n_given_lse", mutates_args=())
+def selection_top_n_given_lse(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, block_size: int, num_selected: int, tile: int,
+    forced_initial: int, forced_local: int, scale: float, block_c: int,
+) -> Tensor:
+    args = (block_size, num_selected, tile, forced_initial, forced_local, scale, block_c)
+    return top_n.launch(q.contiguous(), k_cmp.contiguous(), *args, lse=lse.contiguous())[0]
+
+
+@selection_top_n_given_lse.register_fake
+def _(q, k_cmp, lse, block_size, num_selected, tile, forced_initial, forced_local, scale, block_c):
+    B, _, T, _ = q.shape
+    return q.new_empty(B, k_cmp.shape[1], triton.cdiv(T, tile), num_selected, dtype=torch.int64)
+
+
 @torch.library.custom_op("flexnsa::compression_group_scores", mutates_args=())
 def compression_group_scores(
     q: Tensor, k_cmp: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int, tokens_per_sum: int = 1
@@ -119,3 +136,16 @@ def _(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum=1):
     Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
     rows = triton.cdiv(t1 - t0, tokens_per_sum)
     return q.new_empty(B, Hkv, rows, C, dtype=torch.float32), q.new_empty(B, Hq, t1 - t0, dtype=torch.float32)
+
+
+@torch.library.custom_op("flexnsa::compression_group_scores_given_lse", mutates_args=())
+def compression_group_scores_given_lse(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int, tokens_per_sum: int = 1
+) -> Tensor:
+    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
+    return compression_scores.compression_group_scores(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum, lse)[0]
+
+
+@compression_group_scores_given_lse.register_fake
+def _(q, k_cmp, lse, block_size, stride, scale, t0, t1, tokens_per_sum=1):
+    return q.new_empty(q.shape[0], k_cmp.shape[1], triton.cdiv(t1 - t0, tokens_per_sum), k_cmp.shape[2], dtype=torch.float32)

@@ -39,22 +39,24 @@ def _top_n_kernel(
     T, C, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr, SEL_ROWS: tl.constexpr,
-    N_TOP: tl.constexpr, FORCED_INITIAL: tl.constexpr, FORCED_LOCAL: tl.constexpr,
+    N_TOP: tl.constexpr, FORCED_INITIAL: tl.constexpr, FORCED_LOCAL: tl.constexpr, GIVEN_LSE: tl.constexpr,
 ):
     pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_base = pid * (SUB * BLOCK_T)
     k_base = b * sk_b + h * sk_h
 
-    # Pass 1: lse of every row, stored (pass 2 re-reads it per sub-tile).
-    for sub in range(SUB):
-        t_first = t_base + sub * BLOCK_T
-        t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
-        q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
-        q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-        c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, BLOCK, BLOCK)
-        lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, BLOCK, BLOCK)
-        tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
-    tl.debug_barrier()  # the whole program's lse stores are visible to all its threads
+    # Pass 1 (skipped when the compression branch's forward already gave the lse): lse of every
+    # row, stored (pass 2 re-reads it per sub-tile).
+    if not GIVEN_LSE:
+        for sub in range(SUB):
+            t_first = t_base + sub * BLOCK_T
+            t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+            q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+            q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+            c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, BLOCK, BLOCK)
+            lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, BLOCK, BLOCK)
+            tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+        tl.debug_barrier()  # the whole program's lse stores are visible to all its threads
 
     # Pass 2: tile scores per chunk of blocks, merged into the running top-n.
     sel_row = pid * SEL_ROWS + tl.arange(0, SEL_ROWS)
@@ -91,16 +93,19 @@ def _top_n_kernel(
     tl.store(ptr, ids, mask=(first < T)[:, None] & (col[None, :] < N_TOP))
 
 
-def selection_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def selection_top_n(
+    q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int | None = None, lse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected block ids per selection row [B, Hkv, ceil(T / tile), n] int64 (ascending, -1
     padded; tile = 1 for per-token selection) and the compression lse [B, Hq, T] fp32, through
-    the ``flexnsa::selection_top_n`` custom op.
+    the ``flexnsa::selection_top_n`` custom op (``selection_top_n_given_lse`` when ``lse``, the
+    compression branch's, is given: the kernel skips its lse pass and returns that lse).
 
     q [B, Hq, T, D], k_cmp [B, Hkv, C, D] pooled keys. ``block_c``: blocks per chunk (= top-n
     buffer width, a power of two >= n and >= 16); default 64 on GPUs (one MMA-wide tile), 16
     under the CPU interpreter, whose sort runs elementwise in Python.
     """
-    from .custom_ops import selection_top_n as op
+    from .custom_ops import selection_top_n as op, selection_top_n_given_lse as op_given
 
     if not fused_top_n_supported(config):
         raise ValueError(
@@ -113,21 +118,29 @@ def selection_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config, block_c: int |
     if block_c < 16 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
     tile = config.select_query_tile if config.selection == "block_shared" else 1
-    return op(q, k_cmp, config.block_size, config.num_selected, tile, config.forced_initial, config.forced_local,
-              config.softmax_scale(q.shape[-1]), block_c)
+    args = (config.block_size, config.num_selected, tile, config.forced_initial, config.forced_local,
+            config.softmax_scale(q.shape[-1]), block_c)
+    if lse is None:
+        return op(q, k_cmp, *args)
+    return op_given(q, k_cmp, lse, *args), lse
 
 
 def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, forced_local: int, scale: float, block_c: int,
-           num_warps: int | None = None):
+           num_warps: int | None = None, lse: torch.Tensor | None = None):
     """Run the kernel on contiguous q, k_cmp (arguments checked by ``selection_top_n``);
-    ``num_warps`` is a tuning lever (profiling/top_n_levers.py)."""
+    ``num_warps`` is a tuning lever (profiling/top_n_levers.py). ``lse`` [B, Hq, T] fp32, when
+    given, is read instead of computed. -> (ids, lse: the given one or the computed one)."""
     B, Hq, T, D = q.shape
     Hkv = k_cmp.shape[1]
     check_query(q, "selection_top_n")
+    given = lse is not None
+    if given and (lse.shape != (B, Hq, T) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
+        raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
     g_pad, block_t = rows_per_tile(Hq // Hkv)
     sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
     selected = torch.empty(B, Hkv, triton.cdiv(T, tile), n, device=q.device, dtype=torch.int64)
-    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if not given:
+        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return selected, lse
     grid = (triton.cdiv(T, sub * block_t), Hkv, B)
@@ -138,7 +151,7 @@ def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, fo
         T, k_cmp.shape[2], scale,
         G=Hq // Hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=D,
         BLOCK=block_size, TILE=tile, SUB=sub, SEL_ROWS=sel_rows, N_TOP=n,
-        FORCED_INITIAL=forced_initial, FORCED_LOCAL=forced_local,
+        FORCED_INITIAL=forced_initial, FORCED_LOCAL=forced_local, GIVEN_LSE=given,
         num_warps=num_warps or (8 if D >= 128 else 4),
     )
     return selected, lse
