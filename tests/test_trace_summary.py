@@ -19,13 +19,15 @@ def test_summary_of_a_small_trace(tmp_path):
         kernel("void at::native::elementwise_kernel<128, 4>(y)", 1000, 2),
         launch(200, 3), kernel("_bwd_dkv_kernel", 5000, 3),
         launch(300, 4), kernel("nvjet_sm90_tst_192x192", 2000, 4),
+        op("flexnsa::selection_attention_backward", 400, 50), launch(410, 5), kernel("_bwd_dkv_kernel", 2000, 5),
     ]
     path = tmp_path / "step.pt.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     text = summarize(path)
-    assert "GPU time 0.011 s in 4 kernels" in text
+    assert "GPU time 0.013 s in 5 kernels" in text
     assert "| NSA Triton _bwd_dkv_kernel | 5.0 | 1 |" in text
+    assert "| NSA Triton _bwd_dkv_kernel (flexnsa::selection_attention_backward) | 2.0 | 1 |" in text
     assert "| GEMM | 2.0 | 1 |" in text
     assert "| aten at::native::elementwise_kernel | 4.0 | 2 |" in text
     assert "| 3.0 | `forward | aten::contiguous > aten::copy_` |" in text

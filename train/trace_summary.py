@@ -64,11 +64,14 @@ def summarize(path: Path, top: int = 25) -> str:
     kinds, counts, callers = collections.Counter(), collections.Counter(), collections.Counter()
     for e in gpu:
         kind = kernel_kind(e["name"])
+        stack = [s for s in stacks.get(e.get("args", {}).get("correlation"), ["?"])
+                 if not s.startswith(("FSDP", "Torch-Compiled", "ProfilerStep"))]
+        if kind.startswith("NSA Triton"):  # the same kernel names serve both branches: name the op
+            op = next((s for s in reversed(stack) if s.startswith("flexnsa::")), None)
+            kind += f" ({op})" if op else ""
         kinds[kind] += e["dur"]
         counts[kind] += 1
         if kind.startswith("aten") or kind == "Memcpy DtoD":  # the eager work: who launched it
-            stack = [s for s in stacks.get(e.get("args", {}).get("correlation"), ["?"])
-                     if not s.startswith(("FSDP", "Torch-Compiled", "ProfilerStep"))]
             node = next((s.split(": ", 1)[1] for s in stack if s.startswith("autograd::engine")), "forward")
             callers[f"{node[:50]} | {' > '.join(s for s in stack if not s.startswith('autograd::engine'))[:110]}"] += e["dur"]
     lines = [f"## {path.name}", "", f"GPU time {sum(kinds.values()) / 1e6:.3f} s in {len(gpu)} kernels and copies.", "",
