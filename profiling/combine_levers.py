@@ -2,8 +2,9 @@
 
 The profiler's combine stage times the window's GQA fold of q together with the gated sum; at
 128K its forward (6.9 ms) did not move when the sum was compiled (session 5). This times the
-pieces apart: the fold, the eager sum, the compiled sum (dynamic shapes, as the op runs it) and
-a static-shape compile of the same function.
+pieces apart: the fold, the eager sum, and the compiled sum with dynamic shapes (as the op runs
+it) or static ones, fed the model's token-major gates (a permuted view, session 5) or head-major
+gates (a contiguous copy, Lever 16).
 
     python -m profiling.combine_levers --out DIR [--lengths 128K]
 """
@@ -35,21 +36,24 @@ def main(argv=None) -> None:
     static_sum = torch.compile(stages.gated_sum, fullgraph=True, dynamic=False)
     rows = []
     for T in parse_lengths(args.lengths):
-        q, _, _, gates = random_inputs(shape, T, seed=0, requires_grad=False)
+        q, _, _, gates = random_inputs(shape, T, seed=0, requires_grad=False)  # gates [B, T, Hq, 3]
         cmp, slc, win = (torch.randn_like(q) for _ in range(3))
         layout = QueryLayout("gqa_folded", 7)
+        token_major = gates.transpose(1, 2)  # the model's [B, T, Hq, 3] gates seen head-major (session 5's input)
+        head_major = token_major.contiguous()
         pieces = {
             "fold": lambda: layout.fold(q),
-            "sum_eager": lambda: stages.gated_sum(gates, cmp, slc, win),
-            "sum_compiled_dynamic": lambda: stages.compiled_gated_sum(gates, cmp, slc, win),
-            "sum_compiled_static": lambda: static_sum(gates, cmp, slc, win),
+            "sum_eager": lambda: stages.gated_sum(head_major, cmp, slc, win),
+            "sum_compiled_dynamic token-major gates": lambda: stages.compiled_gated_sum(token_major, cmp, slc, win),
+            "sum_compiled_static token-major gates": lambda: static_sum(token_major, cmp, slc, win),
+            "sum_compiled_dynamic head-major gates": lambda: stages.compiled_gated_sum(head_major, cmp, slc, win),
             "stage (fold + combine)": lambda: (layout.fold(q), stages.combine(gates, cmp, slc, win)),
         }
         for name, fn in pieces.items():
             fn()
             ms = median_ms(fn, device, rep_ms=200)
             rows.append({"seq_len": T, "piece": name, "ms": ms})
-            print(f"T={T} {name:24s} {ms:8.3f} ms", flush=True)
+            print(f"T={T} {name:40s} {ms:8.3f} ms", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "combine_levers.json").write_text(json.dumps({"meta": device_stamp(), "rows": rows}, indent=1))
 

@@ -188,7 +188,7 @@ def test_compiled_gated_sum_equals_eager():
     torch._dynamo.utils.counters.clear()
     for T in (37, 64):
         gen = torch.Generator().manual_seed(T)
-        gates = torch.rand(2, T, 7, 3, generator=gen, dtype=torch.float64)
+        gates = torch.rand(2, 7, T, 3, generator=gen, dtype=torch.float64)  # head-major, as combine passes them
         branches = [torch.randn(2, 7, T, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
         leaves = [x.clone().requires_grad_() for x in (gates, *branches)]
         twins = [x.clone().requires_grad_() for x in (gates, *branches)]

@@ -31,8 +31,10 @@ from .tiles import (
 # Launch overrides at the tuned shape (``tiles.tuning_for``; ``python -m profiling.kernel_tuning
 # --ops scores:block_shared`` measures them); None = the rule in ``_launch_params``. Measured at
 # 128K on an H100 (results/h100/session5-8K-32K-128K/kernel_tuning, NOTES Lever 12): 2 pipeline
-# stages instead of Triton's default 3 took the scores + top-n stage from 11.1 to 9.8 ms.
-TUNING = {"scores": {"rows": None, "block_c": None, "num_warps": None, "num_stages": 2}}
+# stages instead of Triton's default 3 took the scores + top-n stage from 11.1 to 9.8 ms. With the
+# lse given (one pass, Lever 14; results/h100/session6-8K-32K-128K/kernel_tuning): 32-wide
+# compressed tiles and 4 warps, 6.6 -> 5.4 ms.
+TUNING = {"scores": {"rows": 128, "block_c": 32, "num_warps": 4, "num_stages": 2}}
 load_tuning_file("scores", TUNING)
 
 
