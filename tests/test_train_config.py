@@ -38,6 +38,7 @@ def test_file_and_overrides(tmp_path):
         ("[train\n", [], "invalid TOML"),
         ("", ["log.profile_steps=[0]"], "log.profile_steps holds step numbers"),
         ("", ["log.profile_steps=3"], "log.profile_steps must be a list"),
+        ("", ["data.prefetch=-1"], "data.prefetch counts micro-batches"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, overrides, message):

@@ -120,3 +120,71 @@ def test_stream_splits_ranks_and_resumes():
     for a, b in zip(after, fresh.take(3)):
         assert torch.equal(a["input_ids"], b["input_ids"])
     assert len(first) == 4
+
+
+class FailsAt:
+    """A dataset whose sample ``bad`` raises a non-sample error (a bug, not a bad video) and whose
+    samples in ``skip`` are unusable (counted skips)."""
+
+    def __init__(self, dataset, bad: int, skip=()):
+        self.dataset, self.bad, self.skip = dataset, bad, skip
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if index == self.bad:
+            raise OSError(f"disk error reading sample {index}")
+        if index in self.skip:
+            raise SampleError("bad_video", f"sample {index} does not decode")
+        return self.dataset[index]
+
+
+def ids_of(batch):
+    return batch["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetched_batches_and_resume_point_match_the_stream(depth):
+    """Read ahead or not, the micro-batches come in the stream's order, and the checkpointed state
+    is the one after the last batch taken (not the thread's read position), so a resume continues
+    exactly there."""
+    from train.prefetch import BatchPrefetcher
+
+    dataset = SyntheticDataset(CONFIG, count=7, max_length=30)
+    build = lambda samples: collate(samples, CONFIG, pad_id=0)  # noqa: E731
+    expected = SampleStream(dataset, rank=0, world_size=1, seed=3)
+    batches = BatchPrefetcher(SampleStream(dataset, rank=0, world_size=1, seed=3), 2, build, depth)
+    try:
+        for _ in range(3):
+            assert ids_of(batches.next()) == ids_of(build(expected.take(2)))
+        state = batches.state_dict()
+        assert state == expected.state_dict()  # position 6, although the thread has read further
+        resumed_stream = SampleStream(dataset, rank=0, world_size=1, seed=3)
+        resumed_stream.load_state_dict(state)
+        resumed = BatchPrefetcher(resumed_stream, 2, build, depth)
+        try:
+            assert ids_of(resumed.next()) == ids_of(batches.next()) == ids_of(build(expected.take(2)))
+        finally:
+            resumed.close()
+    finally:
+        batches.close()
+
+
+def test_prefetch_raises_errors_at_their_batch_and_counts_only_taken_skips():
+    from train.prefetch import BatchPrefetcher
+
+    base = SyntheticDataset(CONFIG, count=8, max_length=30)
+    stream = SampleStream(FailsAt(base, bad=6, skip=(1, 4)), rank=0, world_size=1, seed=0, shuffle=False)
+    batches = BatchPrefetcher(stream, 2, lambda s: collate(s, CONFIG, pad_id=0), depth=2)
+    try:
+        batches.next()  # samples 0, 2 (1 skipped)
+        assert batches.skipped["bad_video"] == 1  # whatever the thread has read since (sample 4 too)
+        batches.next()  # samples 3, 5 (4 skipped)
+        assert batches.skipped["bad_video"] == 2 and batches.state_dict()["position"] == 6
+        with pytest.raises(OSError, match="disk error reading sample 6"):
+            batches.next()
+    finally:
+        batches.close()
+    with pytest.raises(ValueError, match="data.prefetch must be >= 0"):
+        BatchPrefetcher(stream, 2, lambda s: s, depth=-1)

@@ -44,6 +44,7 @@ class DataSection:
     on_bad_video: str = "skip"  # skip (logged, counted) | error
     global_batch_size: int = 2  # samples per optimizer step over all ranks
     micro_batch_size: int = 1  # samples per forward on one rank
+    prefetch: int = 2  # micro-batches collated (pinned on GPUs) ahead by a background thread; 0 = in the step (train/prefetch.py)
     shuffle: bool = True
     synthetic_samples: int = 8  # synthetic: the distinct samples cycled through (learnable by memorising)
     synthetic_text: int = 12  # synthetic: text tokens after the video (the labelled ones)
@@ -51,6 +52,10 @@ class DataSection:
     synthetic_frame_patches: list[int] = field(default_factory=lambda: [16, 16])  # synthetic_tensor: (h, w) patches per frame
     answer_tokens: int = 256  # synthetic_tensor: labelled tokens at the end of each sample
     synthetic_video_multiple: int = 1  # synthetic_tensor: video tokens rounded down to a multiple of this
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch counts micro-batches read ahead (>= 0), got {self.prefetch}")
 
 
 @dataclass

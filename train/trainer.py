@@ -26,6 +26,7 @@ from .loss import model_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
+from .prefetch import BatchPrefetcher
 from .profiling import profiled_step
 from .sampler import SampleStream
 from .tokenizer import load_tokenizer
@@ -87,6 +88,8 @@ def run(config: Config, device: torch.device) -> None:
     if resume and rank == 0:
         log.info("resumed from %s at step %d", resume, step)
 
+    batches = BatchPrefetcher(stream, config.data.micro_batch_size, batch_builder(model.config, tokenizer.special.pad, device),
+                              config.data.prefetch)  # after the resume: it reads on from the restored position
     logger = MetricsLogger(output, rank=rank, total_steps=config.train.steps, start_step=step,
                            progress=config.log.progress, tensorboard=config.log.tensorboard)
     if step == 0:
@@ -97,7 +100,7 @@ def run(config: Config, device: torch.device) -> None:
         while step < config.train.steps:
             step += 1
             with profiled_step(step, config.log.profile_steps, output, rank, device):
-                record = train_step(model, optimizer, scheduler, stream, accum, config, device, tokenizer.special.pad)
+                record = train_step(model, optimizer, scheduler, batches, accum, device, config.optim.clip_norm)
             step_times.append(record["step_time_s"])
             step_tokens.append(record.pop("tokens"))
             longest = max(longest, record.pop("longest_sample"))
@@ -107,38 +110,53 @@ def run(config: Config, device: torch.device) -> None:
                           step_tokens=step_tokens, tokens_per_sample=longest, complete=False)
             interval = config.checkpoint.interval
             if (interval and step % interval == 0) or (config.checkpoint.at_end and step == config.train.steps):
-                save_checkpoint(checkpoints, step, model, optimizer, scheduler, stream)
+                save_checkpoint(checkpoints, step, model, optimizer, scheduler, batches)
         skipped = {}
         for kind in ("bad_video", "too_long"):
-            (skipped[kind],) = all_reduce_sum([stream.skipped.get(kind, 0)], device)
+            (skipped[kind],) = all_reduce_sum([batches.skipped.get(kind, 0)], device)
         logger.event({"event": "end", "step": step, "skipped": {k: int(v) for k, v in skipped.items()}})
         write_results(output / "results.json", config=config, device=device, world=world, step_times=step_times,
                       step_tokens=step_tokens, tokens_per_sample=longest, complete=True)
         if config.checkpoint.export_dir:
             export_pretrained(model, config.checkpoint.export_dir)
     finally:
+        batches.close()
         logger.close()
 
 
-def train_step(model, optimizer, scheduler, stream, accum, config, device, pad: int) -> dict:
-    """One optimizer step over ``accum`` micro-batches; loss averaged over micro-batches and ranks."""
+def batch_builder(model_config, pad: int, device):
+    """samples -> collated micro-batch, in pinned memory when it goes to a GPU (so the copy in the
+    step is asynchronous); runs in the prefetch thread."""
+
+    def build(samples):
+        batch = collate(samples, model_config, pad)
+        return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
+
+    return build
+
+
+def train_step(model, optimizer, scheduler, batches, accum, device, clip_norm: float) -> dict:
+    """One optimizer step over ``accum`` micro-batches; loss averaged over micro-batches and ranks.
+    ``data_time_s`` is the time spent waiting for micro-batches (0 when the prefetch kept up)."""
     start = time.perf_counter()
     losses, tokens, longest, data_time = [], 0, 0, 0.0
     for _ in range(accum):
         data_start = time.perf_counter()
-        batch = to_device(collate(stream.take(config.data.micro_batch_size), model.config, pad), device)
+        host_batch = batches.next()
+        batch = to_device(host_batch, device)
         data_time += time.perf_counter() - data_start
+        lengths = host_batch["attention_mask"].sum(-1)  # on the host: no wait for the GPU mid-step
+        tokens += int(lengths.sum())
+        longest = max(longest, int(lengths.max()))
+        del host_batch
         loss = model_loss(model, batch)  # logits only where a label follows (train/loss.py)
         batch.pop("pixel_values_videos", None)  # 1.2 GB at 64K tokens; autograd keeps what it needs
         (loss / accum).backward()
         losses.append(loss.detach().float())
-        lengths = batch["attention_mask"].sum(-1)
-        tokens += int(lengths.sum())
-        longest = max(longest, int(lengths.max()))
     (longest,) = all_reduce_max([longest], device)
     grad_norm = 0.0
-    if config.optim.clip_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.optim.clip_norm)
+    if clip_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
