@@ -104,22 +104,25 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
                 f"held {k.shape[2] - T} tokens (chunked prefill of video is not supported)"
             )
         out = self.hybrid_attention(q, k, v, hidden_states, attention_mask, nsa_spans)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+        return self.o_proj(out.reshape(B, T, -1)), None
 
     def hybrid_attention(self, q, k, v, hidden_states, attention_mask, plan: SpanPlan) -> torch.Tensor:
-        """[B, Hq, T, D]: NSA for each span's queries, dense attention for every other query."""
-        out = q.new_zeros(q.shape)
+        """[B, T, Hq, D] (o_proj's layout, so no transposing copy follows): NSA for each span's
+        queries, dense attention for every other query. Every position is written exactly once
+        (the dense rows are the spans' complement), so the buffer needs no zero fill."""
+        B, Hq, T, D = q.shape
+        out = q.new_empty(B, T, Hq, D)
         for b, spans in enumerate(plan.spans):
             qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
             rows = plan.dense_positions(b, q.device)
             if rows.numel():
                 mask = mask_rows(attention_mask, b, rows, k.shape[2])
-                out[b, :, rows] = self.dense_rows(qb[:, :, rows], kb, vb, mask)[0]
+                out[b, rows] = self.dense_rows(qb[:, :, rows], kb, vb, mask)[0].transpose(0, 1)
             for start, end in spans:
                 span = slice(start, end)
-                out[b, :, span] = self.span_nsa(
+                out[b, span] = self.span_nsa(
                     qb[:, :, span], kb[:, :, span], vb[:, :, span], hidden_states[b : b + 1, span]
-                )[0]
+                )[0].transpose(0, 1)
         return out
 
     def span_nsa(self, q, k, v, hidden_states) -> torch.Tensor:
