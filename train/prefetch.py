@@ -28,7 +28,7 @@ class BatchPrefetcher:
         if depth < 0:
             raise ValueError(f"data.prefetch must be >= 0 micro-batches, got {depth}")
         self.stream, self.count, self.make_batch, self.depth = stream, count, make_batch, depth
-        self._taken = copy.deepcopy(stream.state_dict())
+        self._taken = stream.state_dict()  # a fresh dict each call: the stream keeps no reference
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = None
@@ -38,7 +38,7 @@ class BatchPrefetcher:
 
     def _read(self) -> tuple[dict, dict]:
         batch = self.make_batch(self.stream.take(self.count))
-        return batch, copy.deepcopy(self.stream.state_dict())
+        return batch, self.stream.state_dict()
 
     def _fill(self) -> None:
         while not self._stop.is_set():

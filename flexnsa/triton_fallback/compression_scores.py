@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    check_query, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows, tuning_for, visible,
-    visible_block_end,
+    check_given_lse, check_query, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows,
+    tuning_for, visible, visible_block_end,
 )
 
 # Launch overrides at the tuned shape (``tiles.tuning_for``; ``python -m profiling.kernel_tuning
@@ -115,8 +115,8 @@ def compression_group_scores(
     if tokens_per_sum < 1:
         raise ValueError(f"tokens_per_sum must be >= 1, got {tokens_per_sum}")
     given = lse is not None
-    if given and (lse.shape != (B, Hq, T) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
-        raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
+    if given:
+        check_given_lse(lse, q)
     g_pad, block_t, consts = _launch_params(q, G)
     in_kernel = tokens_summed_in_kernel(q, G, tokens_per_sum)
     rest = tokens_per_sum // in_kernel  # summed afterwards, over the kernel's partial rows

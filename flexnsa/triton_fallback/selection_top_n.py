@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_SELECTED, fused_top_n_supported
-from .tiles import check_query, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
+from .tiles import check_given_lse, check_query, load_blocks, row_lse, row_offsets, rows_per_tile, tile_rows, visible, visible_block_end
 
 
 
@@ -134,8 +134,8 @@ def launch(q, k_cmp, block_size: int, n: int, tile: int, forced_initial: int, fo
     Hkv = k_cmp.shape[1]
     check_query(q, "selection_top_n")
     given = lse is not None
-    if given and (lse.shape != (B, Hq, T) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
-        raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
+    if given:
+        check_given_lse(lse, q)
     g_pad, block_t = rows_per_tile(Hq // Hkv)
     sub, sel_rows = max(1, tile // block_t), max(1, block_t // tile)
     selected = torch.empty(B, Hkv, triton.cdiv(T, tile), n, device=q.device, dtype=torch.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -50,6 +51,14 @@ def check_query(q, kernel: str) -> None:
             f"{kernel}: q {tuple(q.shape)} has {q.numel()} elements, beyond the kernels' 32-bit offsets "
             "(2^31); split the batch"
         )
+
+
+def check_given_lse(lse, q) -> None:
+    """An lse handed to a scorer instead of computed (the compression branch's): [B, Hq, T] fp32
+    with unit stride over tokens, as the kernels index it."""
+    B, Hq, T = q.shape[:3]
+    if lse.shape != (B, Hq, T) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
+        raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
 
 
 def rows_per_tile(group: int, rows: int = ROWS) -> tuple[int, int]:
