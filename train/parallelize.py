@@ -9,6 +9,8 @@ rank), then the root (embeddings, final norm, lm_head).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -17,6 +19,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model.convert import vl_model_of
+
+from .vision_attention import BatchedQwen2_5_VLVisionAttention
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -50,6 +54,28 @@ def apply_compile(model: nn.Module) -> None:
         layers[i] = torch.compile(layer)
 
 
+def apply_vision_compile(model: nn.Module) -> int:
+    """Compile each vision block that uses the batched attention; returns how many.
+
+    Why: eager, a block's two RMSNorms (fp32 round trip), rotary embedding and MLP are ~10
+    elementwise passes over every patch, ~0.8 s of a 64K-token step on an H200 in both attention
+    modes (profiling/NOTES.md, training step profile). The varlen attention call stays eager (it
+    reads the segment lengths on the host), so each block compiles as two graphs around it; all
+    blocks share them. Upstream's per-window attention (``vision_attention = "sdpa"``) loops over
+    thousands of windows in Python, which dynamo would unroll: those blocks stay eager.
+    """
+    compiled = 0
+    for block in vl_model_of(model).visual.blocks:
+        if isinstance(block.attn, BatchedQwen2_5_VLVisionAttention):
+            # the block's own forward: transformers wraps every layer's forward in one shared
+            # function (GradientCheckpointingLayer's, HF's own checkpointing, which flexnsa does
+            # not use), so compiling that would put vision blocks and decoder layers in one
+            # dynamo cache (a "recompile" on the first step)
+            block.forward = torch.compile(inspect.unwrap(type(block).forward).__get__(block))
+            compiled += 1
+    return compiled
+
+
 def apply_fsdp(model: nn.Module, mp_policy: MixedPrecisionPolicy, mesh=None) -> None:
     """fully_shard each decoder layer, the vision tower, then the root."""
     kwargs = {"mp_policy": mp_policy, "mesh": mesh}
@@ -70,6 +96,10 @@ def mixed_precision_policy(name: str) -> MixedPrecisionPolicy:
 def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mixed_precision: str) -> nn.Module:
     """AC -> compile -> FSDP, each only when asked (FSDP always: it is also the data parallelism).
 
+    Compile covers the decoder layers and the vision blocks (:func:`apply_vision_compile`); the
+    vision tower is not checkpointed (it trains only with ``trainable = "all"``, and its
+    activations are then kept).
+
     NSA layers with both AC and compile: compile -> AC instead. Dynamo traces a checkpointed
     region as one higher-order op that allows no graph break, and the NSA layer has one (its
     eager hybrid attention), so AC-then-compile would leave the whole layer uncompiled (measured:
@@ -80,6 +110,7 @@ def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bo
         apply_ac(model)
     if compile:
         apply_compile(model)
+        apply_vision_compile(model)
         if activation_checkpointing and nsa_layers:
             apply_ac(model)
     apply_fsdp(model, mixed_precision_policy(mixed_precision))

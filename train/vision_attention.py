@@ -39,6 +39,7 @@ def segment_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
+@torch.compiler.disable  # host-read segment lengths: a compiled vision block calls this eagerly
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """Non-causal attention inside each segment; q, k, v and the result are [S, heads, head_dim]."""
     runs = segment_runs(cu_seqlens)
