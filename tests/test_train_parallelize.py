@@ -9,9 +9,15 @@ from train.parallelize import apply_vision_compile
 from train.vision_attention import batch_vision_attention
 
 
-def vision_inputs(config):
-    batch = synthetic_batch(config, [[3, (4, 8, 8), 2], [2, (2, 4, 4), 3]], padding_side="left", dtype=torch.float32)
+def vision_inputs(config, grids=((2, 16, 16), (2, 4, 4))):
+    """16 x 16 patches are 4 windows per frame: window and full-attention blocks get cu_seqlens of
+    different lengths."""
+    batch = synthetic_batch(config, [[3, grids[0], 2], [2, grids[1], 3]], padding_side="left", dtype=torch.float32)
     return batch["pixel_values_videos"], batch["video_grid_thw"]
+
+
+def recompiles():
+    return [r for r in torch._dynamo.utils.get_compilation_metrics() if getattr(r, "recompile_reason", None)]
 
 
 def test_compiled_vision_blocks_match_eager_outputs_and_gradients():
@@ -31,6 +37,8 @@ def test_compiled_vision_blocks_match_eager_outputs_and_gradients():
         results.append((out.detach(), grads))
     (out_e, grads_e), (out_c, grads_c) = results
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the blocks ran compiled (around the attention)
+    compiled.model.visual(*vision_inputs(eager.config, ((4, 8, 8), (2, 8, 12))))  # other video sizes
+    assert not recompiles(), recompiles()
     # fp32 on both sides; inductor reorders the norms' reductions: a few ulps of fp32 per block
     torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
     assert grads_e.keys() == grads_c.keys()
