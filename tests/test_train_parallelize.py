@@ -17,6 +17,8 @@ def vision_inputs(config, grids=((2, 16, 16), (2, 4, 4))):
 
 
 def recompiles():
+    """Recompiles recorded since the last `torch._dynamo.utils.clear_compilation_metrics()`: the
+    metrics are process-wide and `torch._dynamo.reset()` keeps them, so earlier tests' would count."""
     return [r for r in torch._dynamo.utils.get_compilation_metrics() if getattr(r, "recompile_reason", None)]
 
 
@@ -26,6 +28,7 @@ def test_compiled_vision_blocks_match_eager_outputs_and_gradients():
     batch_vision_attention(eager)
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
+    torch._dynamo.utils.clear_compilation_metrics()
     assert apply_vision_compile(compiled) == len(eager.model.visual.blocks)
     pixels, grid = vision_inputs(eager.config)
     results = []
