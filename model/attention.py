@@ -26,6 +26,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttenti
 from flexnsa import MLPCompressor, NSAConfig, NSAGates, nsa_attention
 from flexnsa.module import gate_values
 
+from .compat import pop_cache
 from .spans import SpanPlan
 
 DENSE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -84,20 +85,21 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         hidden_states: torch.Tensor,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         position_embeddings=None,
         nsa_spans: SpanPlan | None = None,
         **kwargs,
     ):
+        """``cache`` is the KV cache under either transformers name (``past_key_values`` before 5.24)."""
+        passed_by_name = pop_cache(kwargs)
+        cache = cache if cache is not None else passed_by_name
         if nsa_spans is None or not nsa_spans.any:
-            return super().forward(
-                hidden_states, attention_mask, position_ids, past_key_values, position_embeddings, **kwargs
-            )
+            return super().forward(hidden_states, attention_mask, position_ids, cache, position_embeddings, **kwargs)
         B, T, _ = hidden_states.shape
         nsa_spans.check_shape(B, T)
         q, k, v = self.project_qkv(hidden_states, position_embeddings)
-        if past_key_values is not None:  # the prefill fills the cache; decoding is dense over it
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:  # the prefill fills the cache; decoding is dense over it
+            k, v = cache.update(k, v, self.layer_idx)
         if k.shape[2] != T:
             raise NotImplementedError(
                 f"NSA over video tokens needs the whole sequence in one forward; the KV cache already "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from flexnsa import NSAConfig
 
+from .compat import cache_of
 from .spans import SparseModality, SpanPlan, find_spans, tokens_per_item
 
 
@@ -52,8 +53,8 @@ class SpanRouter:
         self._pending = None
         if not self.enabled:
             return None
-        kwargs = dict(kwargs, **dict(zip(("input_ids", "attention_mask", "position_ids", "past_key_values"), args)))
-        input_ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        kwargs = dict(kwargs, **dict(zip(("input_ids", "attention_mask", "position_ids", "cache"), args)))
+        input_ids, cache = kwargs.get("input_ids"), cache_of(kwargs)
         new_vision = kwargs.get("pixel_values_videos") is not None or (
             self.images_as_video and kwargs.get("pixel_values") is not None
         )
@@ -82,7 +83,7 @@ class SpanRouter:
     def _before_text_model(self, module, args, kwargs):
         plan, self._pending = self._pending, None
         if plan is None and self.enabled and kwargs.get("input_ids") is not None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_of(kwargs)
             if cache is None or cache.get_seq_length() == 0:  # the text model called on its own
                 plan = self.plan(kwargs["input_ids"], kwargs.get("attention_mask"))
         if plan is None:

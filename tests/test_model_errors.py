@@ -11,6 +11,7 @@ from model import (
     tiny_nsa_config,
     tiny_qwen2_5_vl_config,
 )
+from model.compat import CACHE_ARG, output_cache
 from model.spans import SparseModality
 
 NSA = tiny_nsa_config()
@@ -80,6 +81,6 @@ def test_video_without_mm_token_type_ids(model):
 def test_video_after_cached_tokens_is_not_silently_dense(model):
     batch = synthetic_batch(model.config, [[3, (4, 4, 4), 2]], dtype=torch.float64)
     with torch.no_grad():
-        cache = model(input_ids=batch["input_ids"][:, :2], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=batch["input_ids"][:, :2], use_cache=True))
     with pytest.raises(NotImplementedError, match="after cached tokens"):
-        model(**batch, past_key_values=cache)
+        model(**batch, **{CACHE_ARG: cache})
