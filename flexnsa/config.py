@@ -12,7 +12,7 @@ from dataclasses import dataclass
 SELECTION_MODES = ("per_token", "block_shared")
 COMPRESSION_MODES = ("mean", "mlp")
 BACKENDS = ("flex", "reference")
-LAYOUTS = ("gqa_folded", "per_head")
+LAYOUTS = ("auto", "gqa_folded", "per_head")
 COMPRESSION_KERNELS = ("auto", "triton", "torch")
 SELECTION_KERNELS = ("auto", "triton", "flex")
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -51,6 +51,13 @@ class NSAConfig:
     its selection branch costs nothing; the output changes by at most epsilon * max|v| per element
     (``reference.prune_selection_by_gates``). VideoNSA finds selection gates fading in deep layers.
 
+    ``layout`` places the query heads on FlexAttention's axes (``block_masks.layout``):
+    ``gqa_folded`` shares K/V loads across a group's G heads, which the FlexAttention selection
+    needs (profiling/NOTES.md, Lever 2); once the Triton kernels run compression and selection,
+    only the window uses FlexAttention, and ``per_head`` saves the fold/unfold copies (faster,
+    ~0.9 GB less peak at 128K: NOTES, session 8). ``auto`` = ``per_head`` when both Triton
+    kernels run, ``gqa_folded`` otherwise.
+
     ``check_inputs`` validates values (gates in [0, 1], finite q/k/v/gates); it costs one host
     sync per call, so compiled training loops and the profiler turn it off explicitly.
     """
@@ -68,7 +75,7 @@ class NSAConfig:
     compression_mlp_hidden: int | None = None
     gate_temperature: float = 0.3
     backend: str = "flex"
-    layout: str = "gqa_folded"
+    layout: str = "auto"
     compression_kernel: str = "auto"
     selection_kernel: str = "auto"
     fused_top_n: bool = False

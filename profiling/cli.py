@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from flexnsa import NSAConfig
+from flexnsa.backends import flex as stages
 from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS
 
 from . import report
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES))
     p.add_argument("--backend", choices=["flex", "reference"], default="flex", help="NSA backend (reference is O(T^2): short T only)")
     p.add_argument("--selection", choices=["per_token", "block_shared", "both"])
-    p.add_argument("--layout", choices=list(LAYOUTS), default="gqa_folded")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="auto")
     p.add_argument("--compression-kernel", choices=list(COMPRESSION_KERNELS), default="auto",
                    help="compression branch: Triton kernels or FlexAttention + PyTorch scorer")
     p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto",
@@ -312,6 +313,12 @@ def report_only(args) -> int:
     return 0
 
 
+def variant_record(config: NSAConfig, shape: Shape) -> dict:
+    """The config as given, plus the layout that ``auto`` resolved to on this device."""
+    layout = stages.query_layout(config, shape.device, shape.q_heads // shape.kv_heads)
+    return {**dataclasses.asdict(config), "resolved_layout": layout.name}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -329,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": meta,
         "shape": {"batch": shape.batch, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
                   "head_dim": shape.head_dim, "dtype": str(shape.dtype).replace("torch.", ""), "device": shape.device.type},
-        "variants": {k: dataclasses.asdict(v) for k, v in run["variants"].items()},
+        "variants": {k: variant_record(v, shape) for k, v in run["variants"].items()},
         "nsa": [], "baselines": [], "errors": [], "traces": [],
     }
     if fla_version() is None and shape.device.type == "cuda":

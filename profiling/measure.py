@@ -18,7 +18,6 @@ import torch
 
 from flexnsa import NSAConfig, nsa_attention
 from flexnsa.backends import flex as stages
-from flexnsa.block_masks import QueryLayout
 
 from .timing import first_call_s, median_ms, peak_memory_mb
 
@@ -84,7 +83,7 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
 def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool):
     """Callables running each stage alone on precomputed inputs, and the leaves whose grads they fill."""
     T = q.shape[2]
-    layout = QueryLayout(config.layout, q.shape[1] // k.shape[1])
+    layout = stages.query_layout(config, q.device, q.shape[1] // k.shape[1])
     with torch.no_grad():
         k_cmp, v_cmp = stages.compress(k, v, config)
         q_rows = layout.fold(q)

@@ -16,7 +16,6 @@ import torch
 
 from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
-from flexnsa.block_masks import QueryLayout
 from .cli import device_stamp, parse_lengths
 from .measure import Shape, random_inputs
 from .timing import median_ms
@@ -25,7 +24,7 @@ VARIANTS = ["flex", "triton"]
 
 
 def selection_fn(q, k, v, selected, cfg: NSAConfig, grad, backward: bool):
-    layout = QueryLayout(cfg.layout, q.shape[1] // k.shape[1])
+    layout = stages.query_layout(cfg, q.device, q.shape[1] // k.shape[1])
     with torch.no_grad():
         masks = stages.build_masks(selected, q.shape[2], layout, cfg)
     q_rows = layout.fold(q)

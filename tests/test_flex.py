@@ -217,3 +217,17 @@ def test_static_masks_are_built_once_per_key():
             assert torch.equal(a, b)
     assert static_mask(window_block_mask, 201, layout, SMALL, "cpu") is not first
     assert static_mask(window_block_mask, 200, layout, SMALL.replace(window=16), "cpu") is not first
+
+
+def test_auto_layout_is_per_head_only_when_triton_runs_compression_and_selection():
+    """The fold serves FlexAttention selection (K/V shared by a group's heads); with both Triton
+    kernels only the window is a flex call, and per head it needs no fold/unfold copies."""
+    from flexnsa.backends.flex import query_layout
+
+    cpu = torch.device("cpu")
+    assert NSAConfig().layout == "auto"
+    assert query_layout(NSAConfig(), cpu, 7).name == "gqa_folded"  # CPU auto: flex selection, torch scorer
+    both = NSAConfig(compression_kernel="triton", selection_kernel="triton")  # interpreter (conftest)
+    assert query_layout(both, cpu, 7).name == "per_head"
+    assert query_layout(both.replace(selection_kernel="flex"), cpu, 7).name == "gqa_folded"
+    assert query_layout(both.replace(layout="gqa_folded"), cpu, 7).name == "gqa_folded"

@@ -227,6 +227,16 @@ def check_not_traced_on_cuda(q, config: NSAConfig) -> None:
         )
 
 
+def query_layout(config: NSAConfig, device: torch.device, group: int) -> QueryLayout:
+    """``config.layout`` with ``auto`` resolved: per head once the Triton kernels run both
+    compression and selection (the window alone has nothing to share across a group's heads)."""
+    name = config.layout
+    if name == "auto":
+        triton_both = use_triton_compression_attention(config, device) and use_triton_selection(config, device)
+        name = "per_head" if triton_both else "gqa_folded"
+    return QueryLayout(name, group)
+
+
 def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
     shape = check_nsa_inputs(q, k, v, gates, config)
     check_not_traced_on_cuda(q, config)
@@ -236,7 +246,7 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
         empty = q.new_zeros(q.shape)
         selected = torch.full((shape.batch, shape.kv_heads, 0, config.num_selected), -1, dtype=torch.int64, device=q.device)
         return NSAOutput(empty, empty, empty, empty, selected, q.new_zeros(q.shape[:3], dtype=torch.float32))
-    layout = QueryLayout(config.layout, shape.group)
+    layout = query_layout(config, q.device, shape.group)
     # One copy here instead of one per kernel call: the Triton ops need unit strides throughout,
     # and a video span sliced out of [B, T, H, D] projections is not (training profile, NOTES).
     q, k, v = (x.contiguous() for x in (q, k, v))
