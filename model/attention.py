@@ -70,14 +70,13 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         return gate_values(hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads, self.nsa_config.gate_temperature)
 
     def project_qkv(self, hidden_states: torch.Tensor, position_embeddings):
-        """q [B, Hq, T, D], k/v [B, Hkv, T, D] after 3D mRoPE, exactly as upstream computes them."""
+        """q [B, T, Hq, D], k/v [B, T, Hkv, D] after 3D mRoPE: upstream's values, kept in the
+        projections' token-major layout so that their gradients come back in it (no transposing
+        copies before the projections' backward)."""
         B, T, _ = hidden_states.shape
-        q, k, v = (
-            proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q, k, v = (proj(hidden_states).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         return q, k, v
 
     def forward(
@@ -99,33 +98,50 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         nsa_spans.check_shape(B, T)
         q, k, v = self.project_qkv(hidden_states, position_embeddings)
         if cache is not None:  # the prefill fills the cache; decoding is dense over it
-            k, v = cache.update(k, v, self.layer_idx)
-        if k.shape[2] != T:
+            k, v = (x.transpose(1, 2) for x in cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx))
+        if k.shape[1] != T:
             raise NotImplementedError(
                 f"NSA over video tokens needs the whole sequence in one forward; the KV cache already "
-                f"held {k.shape[2] - T} tokens (chunked prefill of video is not supported)"
+                f"held {k.shape[1] - T} tokens (chunked prefill of video is not supported)"
             )
         out = self.hybrid_attention(q, k, v, hidden_states, attention_mask, nsa_spans)
         return self.o_proj(out.reshape(B, T, -1)), None
 
     def hybrid_attention(self, q, k, v, hidden_states, attention_mask, plan: SpanPlan) -> torch.Tensor:
-        """[B, T, Hq, D] (o_proj's layout, so no transposing copy follows): NSA for each span's
-        queries, dense attention for every other query. Every position is written exactly once
-        (the dense rows are the spans' complement), so the buffer needs no zero fill."""
-        B, Hq, T, D = q.shape
-        out = q.new_empty(B, T, Hq, D)
-        for b, spans in enumerate(plan.spans):
-            qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
-            rows = plan.dense_positions(b, q.device)
-            if rows.numel():
-                mask = mask_rows(attention_mask, b, rows, k.shape[2])
-                out[b, rows] = self.dense_rows(qb[:, :, rows], kb, vb, mask)[0].transpose(0, 1)
-            for start, end in spans:
-                span = slice(start, end)
-                out[b, span] = self.span_nsa(
-                    qb[:, :, span], kb[:, :, span], vb[:, :, span], hidden_states[b : b + 1, span]
-                )[0].transpose(0, 1)
-        return out
+        """[B, T, Hq, D] (o_proj's layout) from token-major q [B, T, Hq, D], k/v [B, T, Hkv, D]: NSA
+        for each span's queries, dense attention for every other query over all keys.
+
+        Each tensor is cut into the plan's segments (spans and the runs between them) by one split
+        and the output put back by one cat, so the backward is a cat and views: no full-size zero
+        fill and copy per slice, no scatter for the dense rows, no copy into slices of a buffer
+        (the 64K training profile, profiling/NOTES.md session 8)."""
+        B, T, Hq, D = q.shape
+        segments = [plan.segments(b) for b in range(B)]
+        sizes = [s.length for runs in segments for s in runs]
+        q_parts, k_parts, v_parts, h_parts = (
+            x.reshape(B * T, *x.shape[2:]).split(sizes) for x in (q, k, v, hidden_states)
+        )
+        k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]: the dense rows' keys
+        out_parts, first = [], 0
+        for b, runs in enumerate(segments):
+            ids = range(first, first + len(runs))
+            first += len(runs)
+            dense = [i for i, run in zip(ids, runs) if not run.sparse]
+            if dense:
+                rows = plan.dense_positions(b, q.device)
+                mask = mask_rows(attention_mask, b, rows, T)
+                q_rows = torch.cat([q_parts[i] for i in dense]) if len(dense) > 1 else q_parts[dense[0]]
+                dense_out = self.dense_rows(heads_first(q_rows), k_heads[b : b + 1], v_heads[b : b + 1], mask)
+                dense_parts = iter(token_major(dense_out).split([sizes[i] for i in dense]))
+            for i, run in zip(ids, runs):
+                if run.sparse:
+                    span_out = self.span_nsa(
+                        heads_first(q_parts[i]), heads_first(k_parts[i]), heads_first(v_parts[i]), h_parts[i][None]
+                    )
+                    out_parts.append(token_major(span_out))
+                else:
+                    out_parts.append(next(dense_parts))
+        return torch.cat(out_parts).view(B, T, Hq, D)
 
     def span_nsa(self, q, k, v, hidden_states) -> torch.Tensor:
         """NSA over one span (its own keys only); compression blocks start at the span's first token."""
@@ -143,6 +159,16 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
             q_rows, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=True
         )
         return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """One sample's token-major [T, H, D] as the attention ops' [1, H, T, D] (a view)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """[1, H, T, D] back to [T, H, D] (a view)."""
+    return x.squeeze(0).transpose(0, 1)
 
 
 def mask_rows(attention_mask, b: int, rows: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +23,18 @@ class SparseModality:
     name: str  # "video" or "image": names the *_grid_thw argument in error messages
     token_id: int
     item_tokens: tuple[int, ...] | None = None
+
+
+class Segment(NamedTuple):
+    """A run [start, end) of one sample's tokens: a sparse span, or dense tokens between spans."""
+
+    start: int
+    end: int
+    sparse: bool
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -43,12 +56,22 @@ class SpanPlan:
                 f"but the attention got {batch_size} x {seq_len}"
             )
 
-    def dense_positions(self, b: int, device=None) -> torch.Tensor:
-        """Positions of sample b outside every span (text and padding): they attend densely."""
-        keep = torch.ones(self.seq_len, dtype=torch.bool)
+    def segments(self, b: int) -> tuple[Segment, ...]:
+        """Sample b's [0, seq_len) cut into consecutive runs: its spans and the dense runs between them."""
+        runs, pos = [], 0
         for start, end in self.spans[b]:
-            keep[start:end] = False
-        return keep.nonzero().flatten().to(device)
+            if start > pos:
+                runs.append(Segment(pos, start, sparse=False))
+            runs.append(Segment(start, end, sparse=True))
+            pos = end
+        if pos < self.seq_len:
+            runs.append(Segment(pos, self.seq_len, sparse=False))
+        return tuple(runs)
+
+    def dense_positions(self, b: int, device=None) -> torch.Tensor:
+        """Positions of sample b outside every span (text and padding), ascending: they attend densely."""
+        runs = [torch.arange(s.start, s.end) for s in self.segments(b) if not s.sparse]
+        return (torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64)).to(device)
 
 
 def tokens_per_item(grid_thw: torch.Tensor | None, spatial_merge_size: int) -> tuple[int, ...] | None:
