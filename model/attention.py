@@ -121,7 +121,8 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         q_parts, k_parts, v_parts, h_parts = (
             x.reshape(B * T, *x.shape[2:]).split(sizes) for x in (q, k, v, hidden_states)
         )
-        k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]: the dense rows' keys
+        # per sample [1, Hkv, T, D]: the dense rows' keys (split, not sliced: its backward is a cat)
+        k_heads, v_heads = k.transpose(1, 2).split(1), v.transpose(1, 2).split(1)
         out_parts, first = [], 0
         for b, runs in enumerate(segments):
             ids = range(first, first + len(runs))
@@ -131,7 +132,7 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
                 rows = plan.dense_positions(b, q.device)
                 mask = mask_rows(attention_mask, b, rows, T)
                 q_rows = torch.cat([q_parts[i] for i in dense]) if len(dense) > 1 else q_parts[dense[0]]
-                dense_out = self.dense_rows(heads_first(q_rows), k_heads[b : b + 1], v_heads[b : b + 1], mask)
+                dense_out = self.dense_rows(heads_first(q_rows), k_heads[b], v_heads[b], mask)
                 dense_parts = iter(token_major(dense_out).split([sizes[i] for i in dense]))
             for i, run in zip(ids, runs):
                 if run.sparse:

@@ -14,6 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 
 from flexnsa import nsa_reference
 from model import (
+    SpanPlan,
     convert_to_nsa,
     random_model,
     synthetic_batch,
@@ -189,3 +190,43 @@ def test_flex_backend_matches_reference_under_no_grad(base):
     with torch.no_grad():
         ref, got = (m(**batch).logits for m in models)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_segments_cover_each_sample_in_order():
+    plan = SpanPlan(batch_size=3, seq_len=20, spans=(((2, 8), (10, 15)), ((0, 20),), ()))
+    assert [tuple(s) for s in plan.segments(0)] == [(0, 2, False), (2, 8, True), (8, 10, False), (10, 15, True), (15, 20, False)]
+    assert [tuple(s) for s in plan.segments(1)] == [(0, 20, True)]
+    assert [tuple(s) for s in plan.segments(2)] == [(0, 20, False)]
+    assert plan.dense_positions(0).tolist() == [0, 1, 8, 9, 15, 16, 17, 18, 19]
+    assert plan.dense_positions(1).tolist() == []
+
+
+def test_hybrid_plumbing_puts_rows_back_and_backward_has_no_slice_copies(base, monkeypatch):
+    """With the two attentions replaced by marked linear maps, each output row must be its own
+    query row's map (span rows x2, dense rows x3), and the backward graph of the layer's cutting and
+    re-assembly must hold no slice/index/select backward or copy-into-slices node: those each cost
+    a zero-filled full-size gradient and a copy at 64K (profiling/NOTES.md, Lever 18)."""
+    attn = convert_to_nsa(copy.deepcopy(base), NSA).model.language_model.layers[0].self_attn
+    monkeypatch.setattr(attn, "span_nsa", lambda q, k, v, h: 2 * q + (k.mean() + v.mean() + h.mean()) * 0)
+    monkeypatch.setattr(attn, "dense_rows", lambda q, k, v, mask: 3 * q + (k.mean() + v.mean()) * 0)
+    plan = SpanPlan(batch_size=2, seq_len=20, spans=(((2, 8), (10, 15)), ((0, 20),)))
+    Hq, Hkv, D, hidden = attn.num_heads, attn.num_key_value_heads, attn.head_dim, attn.hidden_size
+    q = torch.randn(2, 20, Hq, D, requires_grad=True)
+    k, v = (torch.randn(2, 20, Hkv, D, requires_grad=True) for _ in range(2))
+    h = torch.randn(2, 20, hidden, requires_grad=True)
+    out = attn.hybrid_attention(q, k, v, h, None, plan)
+    factor = torch.full((2, 20), 3.0)
+    for b in range(2):
+        for start, end in plan.spans[b]:
+            factor[b, start:end] = 2.0
+    torch.testing.assert_close(out, factor[..., None, None] * q, rtol=0, atol=0)
+    nodes, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    names = {type(n).__name__ for n in nodes}
+    assert not names & {"SliceBackward0", "IndexBackward0", "SelectBackward0", "CopySlices"}, names
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(q.grad, factor[..., None, None].expand_as(q), rtol=0, atol=0)
