@@ -117,29 +117,22 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         (the 64K training profile, profiling/NOTES.md session 8)."""
         B, T, Hq, D = q.shape
         segments = [plan.segments(b) for b in range(B)]
-        sizes = [s.length for runs in segments for s in runs]
-        q_parts, k_parts, v_parts, h_parts = (
-            x.reshape(B * T, *x.shape[2:]).split(sizes) for x in (q, k, v, hidden_states)
-        )
+        sizes = [run.length for runs in segments for run in runs]
+        pieces = iter(zip(*(x.reshape(B * T, *x.shape[2:]).split(sizes) for x in (q, k, v, hidden_states))))
         # per sample [1, Hkv, T, D]: the dense rows' keys (split, not sliced: its backward is a cat)
         k_heads, v_heads = k.transpose(1, 2).split(1), v.transpose(1, 2).split(1)
-        out_parts, first = [], 0
+        out_parts = []
         for b, runs in enumerate(segments):
-            ids = range(first, first + len(runs))
-            first += len(runs)
-            dense = [i for i, run in zip(ids, runs) if not run.sparse]
+            sample = [next(pieces) for _ in runs]  # (q, k, v, hidden) of each run
+            dense = [qp for (qp, *_), run in zip(sample, runs) if not run.sparse]
             if dense:
-                rows = plan.dense_positions(b, q.device)
-                mask = mask_rows(attention_mask, b, rows, T)
-                q_rows = torch.cat([q_parts[i] for i in dense]) if len(dense) > 1 else q_parts[dense[0]]
+                mask = mask_rows(attention_mask, b, plan.dense_positions(b, q.device), T)
+                q_rows = torch.cat(dense) if len(dense) > 1 else dense[0]
                 dense_out = self.dense_rows(heads_first(q_rows), k_heads[b], v_heads[b], mask)
-                dense_parts = iter(token_major(dense_out).split([sizes[i] for i in dense]))
-            for i, run in zip(ids, runs):
+                dense_parts = iter(token_major(dense_out).split([len(qp) for qp in dense]))
+            for (qp, kp, vp, hp), run in zip(sample, runs):
                 if run.sparse:
-                    span_out = self.span_nsa(
-                        heads_first(q_parts[i]), heads_first(k_parts[i]), heads_first(v_parts[i]), h_parts[i][None]
-                    )
-                    out_parts.append(token_major(span_out))
+                    out_parts.append(token_major(self.span_nsa(heads_first(qp), heads_first(kp), heads_first(vp), hp[None])))
                 else:
                     out_parts.append(next(dense_parts))
         return torch.cat(out_parts).view(B, T, Hq, D)
