@@ -11,12 +11,15 @@ from flexnsa.triton_fallback.compression_attention import compression_attention
 
 from helpers import assert_rel, random_inputs
 
-# (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap.
+# (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap,
+# tiles of 18 tokens (packed, 126 of 128 rows) crossing block boundaries.
 CASES = [
     ("G7-T200", 14, 2, 200, 16, 16, 16),
     ("G1-T150-stride8", 2, 2, 150, 16, 16, 8),
     ("G7-T10-short", 7, 1, 10, 16, 16, 16),
     ("G7-T333-l32s16", 7, 1, 333, 32, 32, 16),
+    # C = 68 > 64-block chunks: later tiles run unmasked chunks (fwd, dQ) and unmasked token tiles (dK~/dV~)
+    ("G7-T1100-long", 7, 1, 1100, 16, 16, 16),
 ]
 
 

@@ -3,8 +3,9 @@
 q [B, Hq, T, D] attends to pooled K~, V~ [B, Hkv, C, D]; block i is visible to token t iff
 i*s + l <= t + 1; rows with nothing visible give 0 and lse -inf (the reference's step 1).
 
-Tiling is GQA-native: a program's rows are BLOCK_T tokens x the G heads of one kv group (G
-padded to a power of two in registers), so K~/V~ of the group are loaded once for all G heads.
+Tiling is GQA-native: a program's rows are BLOCK_T tokens x the G heads of one kv group, packed
+(``tiles.rows_per_tile``: 9 tokens x 7 heads in 64 rows), so K~/V~ of the group are loaded once
+for all G heads. Only the chunks a tile's first token cannot see whole are masked.
 
 Why not FlexAttention here: its backward gives dK/dV one program per kv block, and the compressed
 key axis is short (C = T/64), so at 32K only 16 programs did all the dK~/dV~ work (H100 trace in
@@ -39,27 +40,90 @@ BLOCK_C = 64
 
 
 @triton.jit
+def _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, scale, m, s_sum, acc, MASKED: tl.constexpr,
+              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C); the visibility mask only
+    where some row of the tile cannot see all of them (MASKED)."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    k = load_blocks(K, kv_base, c, sk_c, C, D)
+    v = load_blocks(V, kv_base, c, sk_c, C, D)
+    s = tl.dot(q, tl.trans(k)) * scale
+    if MASKED:
+        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), s, float("-inf"))
+    return softmax_step(s, m, s_sum, acc, v, False)
+
+
+@triton.jit
+def _probs(q, k, c, t, row_ok, lse, C, scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Backward's recomputed probabilities exp(s - lse) (lse +inf on idle rows: 0 there), masked
+    only where some row cannot see every block of the chunk (MASKED)."""
+    p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+    if MASKED:
+        p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), p, 0.0)
+    return p
+
+
+@triton.jit
+def _full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """End of the chunks of BLOCK_C blocks that every token >= t_first sees whole (no mask)."""
+    c_full = visible_block_end(t_first, C, CMP_BLOCK, CMP_STRIDE)
+    return c_full - c_full % BLOCK_C
+
+
+@triton.jit
+def _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, scale, dq, MASKED: tl.constexpr,
+             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    c = c0 + tl.arange(0, BLOCK_C)
+    k = load_blocks(K, kv_base, c, sk_c, C, D)
+    v = load_blocks(V, kv_base, c, sk_c, C, D)
+    p = _probs(q, k, c, t, row_ok, lse, C, scale, MASKED, CMP_BLOCK, CMP_STRIDE)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, scale, dk, dv,
+              MASKED: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+              D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """dV~ += P^T dO and dK~ += dS^T Q (unscaled) over one token tile."""
+    t, g, row_ok = tile_rows(tile * BLOCK_T, T, G, G_PAD, BLOCK_T, ROWS)
+    row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, False)
+    delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    p = _probs(q, k, c, t, row_ok, lse, C, scale, MASKED, CMP_BLOCK, CMP_STRIDE)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
+    t_first = pid_t * BLOCK_T
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, ROWS)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
-    m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
-    for c0 in range(0, c_end, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
-        v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
-        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, False)
+    c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
+    c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    kv_base = b * sk_b + h * sk_h
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for c0 in range(0, c_mid, BLOCK_C):
+        m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, scale, m, s_sum, acc, False,
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+    for c0 in range(c_mid, c_end, BLOCK_C):
+        m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, scale, m, s_sum, acc, True,
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     out, lse = softmax_finish(m, s_sum, acc, False)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -71,29 +135,29 @@ def _bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, o, do, dq share strides);
     stores delta for the dK~/dV~ pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = tile_rows(pid_t * BLOCK_T, T, G, G_PAD, BLOCK_T)
+    t_first = pid_t * BLOCK_T
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, ROWS)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
     lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, False)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
-    c_end = visible_block_end(tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
-    dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
-    for c0 in range(0, c_end, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
-        v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
-        seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
-        p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
+    c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    kv_base = b * sk_b + h * sk_h
+    dq = tl.zeros([ROWS, D], tl.float32)
+    for c0 in range(0, c_mid, BLOCK_C):
+        dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, scale, dq, False,
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+    for c0 in range(c_mid, c_end, BLOCK_C):
+        dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, scale, dq, True,
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -102,36 +166,36 @@ def _bwd_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, sd_b, sd_h, sd_c,
     T, C, HKV, TILES_PER_SPLIT, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
-    compressed tile add into fp32 buffers with atomics."""
+    compressed tile add into fp32 buffers with atomics. Token tiles that see the whole compressed
+    tile skip the mask."""
     pid_c, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_lo = pid_c * BLOCK_C
+    c = c_lo + tl.arange(0, BLOCK_C)
     d = tl.arange(0, D)
     k = load_blocks(K, b * sk_b + h * sk_h, c, sk_c, C, D)
     v = load_blocks(V, b * sk_b + h * sk_h, c, sk_c, C, D)
-    # Token tiles of this split that can see the tile's first block (t >= c*s + l - 1).
-    first_tile = (pid_c * BLOCK_C * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T
+    # Token tiles of this split that can see the tile's first block (t >= c*s + l - 1) and, from
+    # tile_mid on, its last block too (all of it inside C).
+    n_tiles = tl.cdiv(T, BLOCK_T)
+    first_tile = (c_lo * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T
+    full_tile = tl.where(c_lo + BLOCK_C <= C, tl.cdiv((c_lo + BLOCK_C - 1) * CMP_STRIDE + CMP_BLOCK - 1, BLOCK_T), n_tiles)
     tile_lo = tl.maximum(pid_s * TILES_PER_SPLIT, first_tile)
-    tile_hi = tl.minimum((pid_s + 1) * TILES_PER_SPLIT, tl.cdiv(T, BLOCK_T))
+    tile_hi = tl.minimum((pid_s + 1) * TILES_PER_SPLIT, n_tiles)
+    tile_mid = tl.minimum(tl.maximum(tile_lo, full_tile), tile_hi)
     dk = tl.zeros([BLOCK_C, D], tl.float32)
     dv = tl.zeros([BLOCK_C, D], tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        t, g, row_ok = tile_rows(tile * BLOCK_T, T, G, G_PAD, BLOCK_T)
-        row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
-        q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-        lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, False)
-        delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-        seen = visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)
-        p = tl.where(seen, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    for tile in range(tile_lo, tile_mid):
+        dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, scale, dk, dv,
+                           True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
+    for tile in range(tile_mid, tile_hi):
+        dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, scale, dk, dv,
+                           False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     if tile_hi > tile_lo:
         out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=(c < C)[:, None])
@@ -145,10 +209,11 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # tiles, 4 warps and 2 stages everywhere; 32-wide compressed tiles for fwd/dQ, 64 for dK~/dV~.
 # Session 6 (after Lever 15, results/h100/session6-8K-32K-128K/kernel_tuning): splitting the token
 # axis into >= 4096 dK~/dV~ programs took the backward from 21.1 to 19.3 ms.
+# "packed": tiles of whole tokens x G heads, no power-of-two head padding (Lever 19; False = padded).
 TUNING = {
-    "fwd": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2},
-    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2},
-    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096},
+    "fwd": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True},
+    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True},
+    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True},
 }
 load_tuning_file("compression", TUNING)
 
@@ -163,8 +228,10 @@ def _launch_params(q, k_cmp, kernel: str):
     G = Hq // Hkv
     big = D >= 128
     tune = tuning_for(TUNING, kernel, q)
-    g_pad, block_t = rows_per_tile(G, tune.get("rows") or (64 if big and q.element_size() == 4 else 128))
-    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
+    rows = tune.get("rows") or (64 if big and q.element_size() == 4 else 128)
+    g_pad, block_t = rows_per_tile(G, rows, packed=tune.get("packed", True))
+    rows = triton.next_power_of_2(block_t * g_pad)  # rows_per_tile may return fewer than asked (G > rows)
+    consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, ROWS=rows, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
                   num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
     return B, Hq, Hkv, T, D, block_t, consts
 

@@ -48,7 +48,7 @@ def _group_scores_kernel(
     GIVEN_LSE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T)
+    t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = visible_block_end(tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)

@@ -71,7 +71,7 @@ def _fwd_kernel(
     Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
-    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
@@ -104,7 +104,7 @@ def _bwd_dq_kernel(
     stores delta for the dK/dV pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
-    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
@@ -154,7 +154,7 @@ def _bwd_dkv_kernel(
         for e in range(lo, hi):
             first_token = tl.load(ROW_OF_ENTRY + e) * TILE
             for sub in range(TILE // BLOCK_T):
-                t, g, row_ok = tile_rows(first_token + sub * BLOCK_T, T, G, G_PAD, BLOCK_T)
+                t, g, row_ok = tile_rows(first_token + sub * BLOCK_T, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)

@@ -50,7 +50,7 @@ def _top_n_kernel(
     if not GIVEN_LSE:
         for sub in range(SUB):
             t_first = t_base + sub * BLOCK_T
-            t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T)
+            t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
             q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
             q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
             c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, BLOCK, BLOCK)
@@ -69,7 +69,7 @@ def _top_n_kernel(
         k = load_blocks(K, k_base, c, sk_c, C, D)
         tile_scores = tl.zeros([SEL_ROWS, BLOCK_C], tl.float32)
         for sub in range(SUB):
-            t, g, row_ok = tile_rows(t_base + sub * BLOCK_T, T, G, G_PAD, BLOCK_T)
+            t, g, row_ok = tile_rows(t_base + sub * BLOCK_T, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
             q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
             q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)

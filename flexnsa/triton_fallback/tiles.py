@@ -1,8 +1,11 @@
 """Tile arithmetic shared by the compression-branch kernels (one definition of rows and visibility).
 
-A program's rows are BLOCK_T consecutive tokens x the G query heads of one kv group (G padded to
-G_PAD, a power of two, in registers only): row r is token ``t_first + r // G_PAD``, head
-``h * G + r % G_PAD``. Compressed block c is visible to token t iff c*s + l <= t + 1 (DESIGN.md).
+A program's ROWS rows (a power of two) are BLOCK_T consecutive tokens x G_PAD head slots of one kv
+group: row r is token ``t_first + r // G_PAD``, head ``h * G + r % G_PAD``; slots >= G and rows
+>= BLOCK_T * G_PAD are idle. Padded tiles (G_PAD the power of two >= G, ROWS = BLOCK_T * G_PAD)
+keep BLOCK_T a power of two, which the selection kernels' tiles need; packed tiles (G_PAD = G,
+BLOCK_T = ROWS // G) idle 2 of 128 rows for G = 7 instead of 16 (``rows_per_tile``). Compressed
+block c is visible to token t iff c*s + l <= t + 1 (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -61,19 +64,20 @@ def check_given_lse(lse, q) -> None:
         raise ValueError(f"lse must be [B, Hq, T] = {(B, Hq, T)} fp32 with unit stride, got {tuple(lse.shape)} {lse.dtype}")
 
 
-def rows_per_tile(group: int, rows: int = ROWS) -> tuple[int, int]:
-    """(G_PAD, BLOCK_T) for a kv group of ``group`` query heads in tiles of ``rows`` rows."""
-    g_pad = triton.next_power_of_2(group)
+def rows_per_tile(group: int, rows: int = ROWS, packed: bool = False) -> tuple[int, int]:
+    """(G_PAD, BLOCK_T) for a kv group of ``group`` query heads in tiles of ``rows`` rows: padded
+    (G_PAD a power of two) or packed (G_PAD = group, as many whole tokens as fit: NOTES Lever 19)."""
+    g_pad = group if packed and group <= rows else triton.next_power_of_2(group)
     return g_pad, max(1, rows // g_pad)
 
 
 @triton.jit
-def tile_rows(t_first, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(token, head-in-group, valid) of each row of the tile starting at token ``t_first``."""
-    r = tl.arange(0, BLOCK_T * G_PAD)
+def tile_rows(t_first, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr):
+    """(token, head-in-group, valid) of each of the ROWS rows of the tile starting at ``t_first``."""
+    r = tl.arange(0, ROWS)
     t = t_first + r // G_PAD
     g = r % G_PAD
-    return t, g, (t < T) & (g < G)
+    return t, g, (r < BLOCK_T * G_PAD) & (t < T) & (g < G)
 
 
 @triton.jit
