@@ -47,11 +47,22 @@ load_tuning_file("selection", TUNING)
 
 @triton.jit
 def _block_keys(SEL_ROW, i, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key positions of the i-th selected block of a row and which of them exist."""
+    """Key positions of the i-th selected block of a row, which of them exist, and the block id."""
     blk = tl.load(SEL_ROW + i)
     j = tl.arange(0, BLOCK_N)
     keys = blk * L + j
-    return keys, (blk >= 0) & (j < L) & (keys < T)
+    return keys, (blk >= 0) & (j < L) & (keys < T), blk
+
+
+@triton.jit
+def _whole_block(blk, t_first, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block blk exists, lies inside T and ends at or before token t_first, so every row of a
+    tile starting there sees all of it: no mask (NOTES Lever 20). Only a row's current block (and
+    -1 slots) need one."""
+    whole = (blk >= 0) & ((blk + 1) * L <= tl.minimum(t_first + 1, T))
+    if BLOCK_N != L:  # padded key lanes always need the mask
+        whole = whole & (blk < 0)
+    return whole
 
 
 @triton.jit
@@ -80,11 +91,12 @@ def _fwd_kernel(
     s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for i in range(N_SEL):
-        keys, key_ok = _block_keys(sel_row, i, T, L, BLOCK_N)
+        keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
-        seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
-        s = tl.where(seen, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if not _whole_block(blk, t_first, T, L, BLOCK_N):
+            s = tl.where(key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None], s, float("-inf"))
         m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, True)
     out, lse = softmax_finish(m, s_sum, acc, True)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
@@ -114,11 +126,12 @@ def _bwd_dq_kernel(
     kv_base = b * sk_b + h * sk_h
     dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
     for i in range(N_SEL):
-        keys, key_ok = _block_keys(sel_row, i, T, L, BLOCK_N)
+        keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
-        seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
-        p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
+        if not _whole_block(blk, t_first, T, L, BLOCK_N):
+            p = tl.where(key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None], p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -151,17 +164,20 @@ def _bwd_dkv_kernel(
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
+        blk = owner % NUM_BLOCKS
         for e in range(lo, hi):
             first_token = tl.load(ROW_OF_ENTRY + e) * TILE
             for sub in range(TILE // BLOCK_T):
-                t, g, row_ok = tile_rows(first_token + sub * BLOCK_T, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
+                t_first = first_token + sub * BLOCK_T
+                t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
                 lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
                 delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-                seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
-                p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+                p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
+                if not _whole_block(blk, t_first, T, L, BLOCK_N):
+                    p = tl.where(key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None], p, 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -190,7 +206,8 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
     key = (ids + torch.arange(BH, device=device)[:, None] * spare).flatten()
     order = torch.argsort(key, stable=True)
     row_of_entry = ((order % per_bh) // n).to(torch.int32)
-    counts_all = torch.bincount(key, minlength=BH * spare)
+    # Not torch.bincount: on CUDA it reads the max id back to the host, a sync per layer's backward.
+    counts_all = torch.zeros(BH * spare, dtype=torch.int64, device=device).index_add_(0, key, torch.ones_like(key))
     starts = (torch.cumsum(counts_all, 0) - counts_all).view(BH, spare)[:, :num_blocks].flatten()
     counts = counts_all.view(BH, spare)[:, :num_blocks].flatten()
     chunks = (counts + chunk - 1) // chunk
