@@ -233,7 +233,12 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
     timing = dict(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     tasks = [(T, m) for T in run["lengths"] for m in run["modes"]]
     bar = tqdm(total=len(tasks) * (len(run["variants"]) + len(run["baselines"])), desc="profiling", unit="run", file=sys.stderr)
-    for T, mode in tasks:
+    for i, (T, mode) in enumerate(tasks):
+        if i == 0 or tasks[i - 1][0] != T:
+            # Each length compiled on its own, as a fixed-length run sees it: after a second length
+            # dynamo recompiles the window's flex_attention with a symbolic T. Session 9 (NOTES): the
+            # window stage at 128K fwd+bwd took 14.1 ms after 8K and 32K, 10.2 ms in a 128K-only run.
+            torch._dynamo.reset()
         need, free = estimated_bytes(shape, T, mode), free_bytes(shape.device)
         if need > free:
             msg = f"T={T} ({mode}) does not fit in memory: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"

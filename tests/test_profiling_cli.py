@@ -56,3 +56,16 @@ def test_length_that_does_not_fit_exits_3_and_keeps_results(tmp_path, capsys):
 def test_lengths_parse():
     assert parse_lengths("1K-8K") == [1024, 2048, 4096, 8192]
     assert parse_lengths("512,1K") == [512, 1024]
+
+
+def test_each_length_starts_from_fresh_compiles(tmp_path, monkeypatch):
+    """Per-length numbers must not depend on the order: dynamo is reset before each length, so no
+    length runs a kernel recompiled with a symbolic T because another length ran first."""
+    import torch
+
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
+    out = tmp_path / "run"
+    assert main(TINY + ["--lengths", "128,256", "--modes", "fwd", "--trace-lengths", "none", "--out", str(out)]) == 0
+    assert len(resets) == 2
