@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="fwd,fwd+bwd")
     p.add_argument("--baselines", help="any of sdpa,fla,fla_cmp (fla's compression + top-n alone), or none")
     p.add_argument("--no-stages", action="store_true", help="time only the whole op")
+    p.add_argument("--keep-compiles", action="store_true",
+                   help="do not reset torch.compile between lengths: what a variable-length run sees "
+                        "(kernels recompiled for a symbolic length); default: each length compiled on its own")
     p.add_argument("--trace-lengths", help="lengths to write torch.profiler traces for ('none' for none)")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
@@ -234,7 +237,7 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
     tasks = [(T, m) for T in run["lengths"] for m in run["modes"]]
     bar = tqdm(total=len(tasks) * (len(run["variants"]) + len(run["baselines"])), desc="profiling", unit="run", file=sys.stderr)
     for i, (T, mode) in enumerate(tasks):
-        if i == 0 or tasks[i - 1][0] != T:
+        if not args.keep_compiles and (i == 0 or tasks[i - 1][0] != T):
             # Each length compiled on its own, as a fixed-length run sees it: after a second length
             # dynamo recompiles the window's flex_attention with a symbolic T. Session 9 (NOTES): the
             # window stage at 128K fwd+bwd took 14.1 ms after 8K and 32K, 10.2 ms in a 128K-only run.

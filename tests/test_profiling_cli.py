@@ -69,3 +69,6 @@ def test_each_length_starts_from_fresh_compiles(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(TINY + ["--lengths", "128,256", "--modes", "fwd", "--trace-lengths", "none", "--out", str(out)]) == 0
     assert len(resets) == 2
+    assert main(TINY + ["--lengths", "128,256", "--modes", "fwd", "--trace-lengths", "none", "--keep-compiles",
+                        "--out", str(tmp_path / "kept")]) == 0
+    assert len(resets) == 2  # --keep-compiles: the variable-length regime, no reset

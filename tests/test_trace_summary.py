@@ -34,3 +34,24 @@ def test_summary_of_a_small_trace(tmp_path):
     assert "| 1.0 | `MulBackward0 | aten::mul` |" in text
     main([str(path), "--out", str(tmp_path / "s.md")])
     assert (tmp_path / "s.md").read_text().startswith("# GPU kernel time by kind and caller")
+
+
+def test_timeline_finds_idle_gaps_and_exposed_communication(tmp_path):
+    """Compute [0, 100), NCCL [50, 300), a 100 us gap, then a kernel launched by aten::cat
+    [400, 500), a 20 us gap (below the 50 us floor), a last kernel [520, 600)."""
+    op = lambda name, ts, dur: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": 1}  # noqa: E731
+    launch = lambda ts, corr: {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": 1,  # noqa: E731
+                               "args": {"correlation": corr}}
+    kernel = lambda name, ts, dur, corr: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7,  # noqa: E731
+                                          "args": {"correlation": corr}}
+    events = [
+        launch(-50, 1), kernel("nvjet_sm90_a", 0, 100, 1),
+        launch(-40, 2), kernel("ncclDevKernel_AllGather_RING_LL", 50, 250, 2),
+        op("aten::cat", 380, 15), launch(390, 3), kernel("void at::native::CatArrayBatchedCopy<x>", 400, 100, 3),
+        launch(410, 4), kernel("_fwd_kernel", 520, 80, 4),
+    ]
+    path = tmp_path / "step.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    text = summarize(path)
+    assert "| 0.6 | 0.1 | 0.2 | 1, 0.1 |" in text  # span 600 us, idle 120, NCCL alone 220, one gap of 100
+    assert "| 0.10 | 0.3 | `void at::native::CatArrayBatchedCopy<x>` | `aten::cat` |" in text

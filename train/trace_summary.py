@@ -1,8 +1,10 @@
-"""GPU kernel time of a torch.profiler trace, grouped by kind and by the CPU op that launched it.
+"""GPU kernel time of a torch.profiler trace, grouped by kind and by the CPU op that launched it,
+and the step's timeline: when the GPU ran nothing, and when it only communicated.
 
 Why: comparing a profiled NSA training step with a dense one (``log.profile_steps``) kernel kind by
 kernel kind is what located session 5's gap (profiling/NOTES.md); the raw traces are megabytes, so
-the repo keeps this summary instead.
+the repo keeps this summary instead. Session 9 cut 134 ms of compute kernels from NSA's step and the
+step did not move: kernel sums do not show what the GPU waited for, the timeline does.
 
     python -m train.trace_summary STEP.pt.trace.json.gz [...] --out summary.md
 """
@@ -57,6 +59,51 @@ def _caller_stacks(events):
     return stacks
 
 
+def _union(intervals):
+    """Merged [start, end) intervals, sorted."""
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _length(intervals) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def timeline(gpu, stacks, top: int = 10, min_gap_us: float = 50.0) -> list[str]:
+    """Lines on the span from the first GPU event to the last: time with no GPU work at all (gaps,
+    the longest with what was launched after each, i.e. what the GPU waited for) and time when only
+    communication (NCCL) ran, i.e. not hidden behind compute."""
+    if not gpu:
+        return []
+    span = (min(e["ts"] for e in gpu), max(e["ts"] + e["dur"] for e in gpu))
+    busy = _union((e["ts"], e["ts"] + e["dur"]) for e in gpu)
+    compute = _union((e["ts"], e["ts"] + e["dur"]) for e in gpu if kernel_kind(e["name"]) != "NCCL")
+    starts = sorted(gpu, key=lambda e: e["ts"])
+    start_ts = [e["ts"] for e in starts]
+    gaps = []
+    for (_, end), (nxt, _) in zip(busy, busy[1:]):
+        if nxt - end >= min_gap_us:
+            after = starts[bisect.bisect_left(start_ts, nxt)]
+            stack = [x for x in stacks.get(after.get("args", {}).get("correlation"), ["?"])
+                     if not x.startswith(("ProfilerStep", "Torch-Compiled"))]
+            gaps.append((nxt - end, end - span[0], after["name"][:50], " > ".join(stack[-3:])[:110]))
+    total = span[1] - span[0]
+    idle = total - _length(busy)
+    lines = ["", "Timeline (first to last GPU event):", "",
+             "| span ms | GPU idle ms | only communication ms | gaps >= %d us (count, ms) |" % min_gap_us, "|---|---|---|---|",
+             f"| {total / 1e3:.1f} | {idle / 1e3:.1f} | {(_length(busy) - _length(compute)) / 1e3:.1f} | "
+             f"{len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} |",
+             "", f"Longest gaps (what was launched after each), top {top}:", "",
+             "| gap ms | at ms | next kernel | its CPU ops |", "|---|---|---|---|"]
+    lines += [f"| {g / 1e3:.2f} | {at / 1e3:.1f} | `{name}` | `{ops}` |" for g, at, name, ops in sorted(gaps, reverse=True)[:top]]
+    return lines
+
+
 def summarize(path: Path, top: int = 25) -> str:
     events = json.load(gzip.open(path) if path.suffix == ".gz" else open(path))["traceEvents"]
     gpu = [e for e in events if e.get("cat") in GPU_EVENTS]
@@ -80,6 +127,7 @@ def summarize(path: Path, top: int = 25) -> str:
     lines += ["", f"Eager (aten) kernels by caller, top {top} (autograd node | enclosing CPU ops):", "",
               "| ms | caller |", "|---|---|"]
     lines += [f"| {v / 1e3:.1f} | `{k}` |" for k, v in callers.most_common(top)]
+    lines += timeline(gpu, stacks)
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +137,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
-    args.out.write_text("# GPU kernel time by kind and caller\n\n" + "\n".join(summarize(t, args.top) for t in args.traces))
+    args.out.write_text("# GPU kernel time by kind and caller, and the timeline\n\n" + "\n".join(summarize(t, args.top) for t in args.traces))
 
 
 if __name__ == "__main__":
