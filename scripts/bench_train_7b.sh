@@ -9,6 +9,7 @@
 # returns the finished runs); RUN_TIMEOUT=seconds stops one run (its results.json keeps the steps
 # done); NPROC (default 2); PYTHON (default python3); BENCH_SET="section.key=value ..." extra
 # overrides for every run (e.g. "train.compile=false"); CONFIG (default train/configs/bench_7b.toml).
+# With BENCH_SET="log.profile_steps=[3]" the rank-0 traces are summarised in OUT_DIR/kernel_time.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/bench_train_7b.sh OUT_DIR [MODE:TOKENS[:STEPS] ...]}
@@ -60,5 +61,9 @@ for run in "${runs[@]}"; do
   pack
 done
 "$PY" -m train.bench_report "$out" --out "$out/report.md"
+# Runs with log.profile_steps: kernel time by kind and caller, and the step's timeline, of each
+# run's rank-0 trace in one file (the traces themselves are tens of MB).
+traces=$(ls "$out"/*/profile/*rank0*.pt.trace.json.gz 2>/dev/null)
+[ -n "$traces" ] && "$PY" -m train.trace_summary $traces --out "$out/kernel_time.md"
 pack
 echo "=== all runs: $(( $(date +%s) - total_start )) s"

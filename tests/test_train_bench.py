@@ -226,13 +226,14 @@ def test_meta_nsa_compiled_run(tmp_path):
 
 
 def test_bench_script_dense_run(tmp_path):
-    """scripts/bench_train_7b.sh with the tiny CPU config: the dense flag, results.json, report, archive."""
+    """scripts/bench_train_7b.sh with the tiny CPU config: the dense flag, results.json, report, the
+    profiled step's kernel summary, archive."""
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
     out = tmp_path / "bench"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHON=sys.executable, CONFIG=str(cfg),
                ARCHIVE=str(tmp_path / "bench.tgz"), FLEXNSA_COMMIT="cafe",
-               BENCH_SET=" ".join(TINY_DATA + ["model.init_device=meta", "train.device=cpu"]))
+               BENCH_SET=" ".join(TINY_DATA + ["model.init_device=meta", "train.device=cpu", "log.profile_steps=[2]"]))
     proc = subprocess.run(["bash", "scripts/bench_train_7b.sh", str(out), "dense:160:3"], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -243,6 +244,8 @@ def test_bench_script_dense_run(tmp_path):
     steps, events = metrics(out / "dense-160")
     assert events[0]["attention"] == "dense" and len(steps) == 3
     assert "| dense-160 | dense | 160 |" in (out / "report.md").read_text()
+    # the profiled step's rank-0 trace is summarised (a CPU trace: no GPU kernels, the file is still written)
+    assert "## step2.rank0.pt.trace.json.gz" in (out / "kernel_time.md").read_text()
     import tarfile
 
     with tarfile.open(tmp_path / "bench.tgz") as tar:
