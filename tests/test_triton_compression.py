@@ -20,6 +20,7 @@ CASES = [
     ("G7-T333-l32s16", 7, 1, 333, 32, 32, 16),
     # C = 68 > 64-block chunks: later tiles run unmasked chunks (fwd, dQ) and unmasked token tiles (dK~/dV~)
     ("G7-T1100-long", 7, 1, 1100, 16, 16, 16),
+    ("G3-T130", 6, 2, 130, 16, 16, 16),  # packed: 42 tokens x 3 heads in 128 rows
 ]
 
 
