@@ -30,17 +30,18 @@ from .cli import device_stamp, parse_lengths
 from .measure import Shape, random_inputs
 from .timing import median_ms
 
+PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]],
+            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]]
+           + [PADDED],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-           [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]],
+           [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]]
+          + [PADDED],
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
-           + [{"programs": 1024}, {"programs": 8192}],  # the split floor of the token axis
+           + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
 }
-for _kernel in CMP_VARIANTS:  # Lever 19's A/B: tiles padded to 8 head slots per token
-    CMP_VARIANTS[_kernel].append({"packed": False})
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 2), (64, 2, 2)]],
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]],
