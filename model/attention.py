@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, apply_rotary_pos_emb
 
 from flexnsa import MLPCompressor, NSAConfig, NSAGates, nsa_attention
@@ -114,7 +115,9 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         Each tensor is cut into the plan's segments (spans and the runs between them) by one split
         and the output put back by one cat, so the backward is a cat and views: no full-size zero
         fill and copy per slice, no scatter for the dense rows, no copy into slices of a buffer
-        (the 64K training profile, profiling/NOTES.md session 8)."""
+        (the 64K training profile, profiling/NOTES.md session 8). The pieces stay token-major views:
+        the NSA op takes that layout as it is and returns its output and gradients in it, so the
+        cat and the split's backward copy contiguous rows (NOTES Lever 21)."""
         B, T, Hq, D = q.shape
         segments = [plan.segments(b) for b in range(B)]
         sizes = [run.length for runs in segments for run in runs]
@@ -124,12 +127,8 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         out_parts = []
         for b, runs in enumerate(segments):
             sample = [next(pieces) for _ in runs]  # (q, k, v, hidden) of each run
-            dense = [qp for (qp, *_), run in zip(sample, runs) if not run.sparse]
-            if dense:
-                mask = mask_rows(attention_mask, b, plan.dense_positions(b, q.device), T)
-                q_rows = torch.cat(dense) if len(dense) > 1 else dense[0]
-                dense_out = self.dense_rows(heads_first(q_rows), k_heads[b], v_heads[b], mask)
-                dense_parts = iter(token_major(dense_out).split([len(qp) for qp in dense]))
+            dense_parts = iter(self.dense_outputs([qp for (qp, *_), run in zip(sample, runs) if not run.sparse],
+                                                  runs, k_heads[b], v_heads[b], attention_mask, plan, b))
             for (qp, kp, vp, hp), run in zip(sample, runs):
                 if run.sparse:
                     out_parts.append(token_major(self.span_nsa(heads_first(qp), heads_first(kp), heads_first(vp), hp[None])))
@@ -137,10 +136,35 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
                     out_parts.append(next(dense_parts))
         return torch.cat(out_parts).view(B, T, Hq, D)
 
+    def dense_outputs(self, dense, runs, k, v, attention_mask, plan: SpanPlan, b: int) -> list[torch.Tensor]:
+        """Token-major outputs of sample b's dense runs (queries ``dense``, in order) over all its keys
+        k, v [1, Hkv, T, D]. Without a mask (plain causal, no padding) a run that ends the sample is
+        causal attention aligned to the last key (``causal_lower_right``): the flash kernel, no mask
+        tensor. Other runs take their rows of the mask, all in one call (a masked kernel over all T keys)."""
+        if not dense:
+            return []
+        T = k.shape[2]
+        tail = attention_mask is None and runs[-1].end == T and not runs[-1].sparse
+        rows, outputs = dense[:-1] if tail else dense, []
+        if rows:
+            positions = plan.dense_positions(b, k.device)
+            mask = mask_rows(attention_mask, b, positions[: sum(len(qp) for qp in rows)], T)
+            q_rows = torch.cat(rows) if len(rows) > 1 else rows[0]
+            outputs += token_major(self.dense_rows(heads_first(q_rows), k, v, mask)).split([len(qp) for qp in rows])
+        if tail:
+            outputs.append(token_major(self.tail_rows(heads_first(dense[-1]), k, v)))
+        return outputs
+
     def span_nsa(self, q, k, v, hidden_states) -> torch.Tensor:
         """NSA over one span (its own keys only); compression blocks start at the span's first token."""
         gates = self.nsa_gates(hidden_states).to(q.dtype)
         return nsa_attention(q, k, v, gates, self.nsa_config, compressors=self.compressors)
+
+    def tail_rows(self, q_rows, k, v) -> torch.Tensor:
+        """The last R query rows of a causal sequence over all its keys: row i sees keys <= T - R + i."""
+        dropout = self.attention_dropout if self.training else 0.0
+        bias = causal_lower_right(q_rows.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scaling, enable_gqa=True)
 
     def dense_rows(self, q_rows, k, v, mask) -> torch.Tensor:
         """Dense GQA attention of some query rows over all keys under their rows of the mask."""

@@ -118,13 +118,13 @@ def summarize(path: Path, top: int = 25) -> str:
             kind += f" ({op})" if op else ""
         kinds[kind] += e["dur"]
         counts[kind] += 1
-        if kind.startswith("aten") or kind == "Memcpy DtoD":  # the eager work: who launched it
+        if kind.startswith("aten") or kind in ("Memcpy DtoD", "dense attention (cuDNN/flash)"):  # who launched it
             node = next((s.split(": ", 1)[1] for s in stack if s.startswith("autograd::engine")), "forward")
             callers[f"{node[:50]} | {' > '.join(s for s in stack if not s.startswith('autograd::engine'))[:110]}"] += e["dur"]
     lines = [f"## {path.name}", "", f"GPU time {sum(kinds.values()) / 1e6:.3f} s in {len(gpu)} kernels and copies.", "",
              "| kernels | ms | count |", "|---|---|---|"]
     lines += [f"| {k} | {v / 1e3:.1f} | {counts[k]} |" for k, v in kinds.most_common()]
-    lines += ["", f"Eager (aten) kernels by caller, top {top} (autograd node | enclosing CPU ops):", "",
+    lines += ["", f"Eager (aten) and dense-attention kernels by caller, top {top} (autograd node | enclosing CPU ops):", "",
               "| ms | caller |", "|---|---|"]
     lines += [f"| {v / 1e3:.1f} | `{k}` |" for k, v in callers.most_common(top)]
     lines += timeline(gpu, stacks)

@@ -36,6 +36,7 @@ from ..importance import importance_top_n
 from ..output import NSAOutput
 from ..reference import prune_selection_by_gates
 from ..triton_fallback import use_triton_compression_attention, use_triton_selection
+from ..triton_fallback.tiles import kernel_layout
 from ..validation import check_nsa_inputs
 
 RECOMPILE_LIMIT = 64
@@ -189,17 +190,27 @@ compiled_gated_sum = torch.compile(gated_sum, fullgraph=True, dynamic=True)
 
 
 def combine(gates, cmp, slc, win):
-    """Stage 6, per head (branches arrive per head: the Triton kernels write that layout): the
-    gated sum, compiled on GPUs (inlined when the whole op is being compiled), eager on CPU.
+    """Stage 6, per head (branches arrive per head [B, Hq, T, D]): the gated sum, compiled on GPUs
+    (inlined when the whole op is being compiled), eager on CPU.
 
-    The gates [B, T, Hq, 3] are first copied head-major (22 MB at 128K): with the model's
-    token-major gates, the dynamic-shape kernel recovers (h, t) from each flat index by dividing
-    by the symbolic length and ran at 5.8 ms forward at 128K; head-major gates share the
-    branches' row order, so only the constant head_dim divides (NOTES Lever 16)."""
-    head_gates = gates.permute(0, 2, 1, 3).contiguous()
+    The gates [B, T, Hq, 3] are read in the branches' row order (``gates_like``): with gates in
+    another order, the dynamic-shape kernel recovers (h, t) from each flat index by dividing by
+    the symbolic length and ran at 5.8 ms forward at 128K (NOTES Lever 16); in the same order only
+    the constant head_dim divides, and the sum comes out in the branches' layout."""
+    head_gates = gates_like(gates, cmp)
     if cmp.is_cuda and not torch.compiler.is_compiling():
         return compiled_gated_sum(head_gates, cmp, slc, win)
     return gated_sum(head_gates, cmp, slc, win)
+
+
+def gates_like(gates, branch):
+    """gates [B, T, Hq, 3] as [B, Hq, T, 3] in the row order of ``branch`` [B, Hq, T, D]:
+    token-major branches (a span of the model's projections) read the gates as they are; head-
+    major ones (contiguous inputs) get a head-major copy (22 MB at 128K)."""
+    heads_outer = branch.shape[1] > 1 and branch.shape[2] > 1 and branch.stride(1) > branch.stride(2)
+    if heads_outer:
+        return gates.permute(0, 2, 1, 3).contiguous()
+    return gates.contiguous().permute(0, 2, 1, 3)
 
 
 # Known defect (torch 2.11 + inductor, CUDA): when the *whole* op is traced by torch.compile with
@@ -247,9 +258,10 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
         selected = torch.full((shape.batch, shape.kv_heads, 0, config.num_selected), -1, dtype=torch.int64, device=q.device)
         return NSAOutput(empty, empty, empty, empty, selected, q.new_zeros(q.shape[:3], dtype=torch.float32))
     layout = query_layout(config, q.device, shape.group)
-    # One copy here instead of one per kernel call: the Triton ops need unit strides throughout,
-    # and a video span sliced out of [B, T, H, D] projections is not (training profile, NOTES).
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    # The kernels and FlexAttention take any dense layout with unit stride over head_dim: a video
+    # span cut from the model's token-major [B, T, H, D] projections runs without a copy, and
+    # every branch's output and gradients come back token-major (NOTES Lever 21).
+    q, k, v = (kernel_layout(x) for x in (q, k, v))
     k_cmp, v_cmp = compress(k, v, config, compressors)
     q_rows = layout.fold(q)
     cmp, cmp_lse = compression_branch(q, q_rows, k_cmp, v_cmp, layout, config)

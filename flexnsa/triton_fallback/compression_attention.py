@@ -22,6 +22,7 @@ import triton.language as tl
 from .tiles import (
     backward_lse,
     check_query,
+    kernel_layout,
     load_delta,
     load_blocks,
     load_tuning_file,
@@ -30,6 +31,7 @@ from .tiles import (
     softmax_finish,
     softmax_step,
     store_delta,
+    strides_like,
     tile_rows,
     tuning_for,
     visible,
@@ -246,7 +248,9 @@ def _check(q, k_cmp, v_cmp):
 
 
 def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):
-    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
+    """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32); inputs in kernel layout
+    (``tiles.kernel_layout``)."""
+    v_cmp = strides_like(v_cmp, k_cmp)  # one set of K/V strides
     _check(q, k_cmp, v_cmp)
     B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
@@ -263,12 +267,13 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
 
 
 def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
-    """(dq, dk_cmp, dv_cmp) for compression_attention_fwd; inputs contiguous."""
+    """(dq, dk_cmp, dv_cmp) for compression_attention_fwd, each in its input's layout; inputs
+    in kernel layout."""
     (B, Hq, T, D), (Hkv, C) = q.shape, k_cmp.shape[1:3]
-    grad_out, out = grad_out.contiguous(), out.contiguous()  # the strides of q (contiguous)
+    grad_out, out, v_cmp = strides_like(grad_out, q), strides_like(out, q), strides_like(v_cmp, k_cmp)  # shared strides
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     dq = torch.empty_like(q)
-    dk = torch.zeros(B, Hkv, C, D, device=q.device, dtype=torch.float32)
+    dk = torch.zeros_like(k_cmp, dtype=torch.float32)  # fp32 for the atomics; k_cmp's layout (so dv's too)
     dv = torch.zeros_like(dk)
     if T == 0 or C == 0:
         return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
@@ -300,4 +305,4 @@ def compression_attention(q, k_cmp, v_cmp, block_size: int, stride: int, scale: 
     from .custom_ops import compression_attention as op
 
     _check(q, k_cmp, v_cmp)
-    return op(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), block_size, stride, scale)
+    return op(kernel_layout(q), kernel_layout(k_cmp), kernel_layout(v_cmp), block_size, stride, scale)

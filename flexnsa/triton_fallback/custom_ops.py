@@ -22,30 +22,41 @@ from torch import Tensor
 
 from . import compression_attention as cmp_attn
 from . import compression_scores, selection_attention as slc_attn, selection_top_n as top_n
+from .tiles import kernel_layout as kl
 
 
 @torch.library.custom_op("flexnsa::compression_attention", mutates_args=())
 def compression_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, stride: int, scale: float) -> tuple[Tensor, Tensor]:
-    return cmp_attn.compression_attention_fwd(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), block_size, stride, scale)
+    return cmp_attn.compression_attention_fwd(kl(q), kl(k_cmp), kl(v_cmp), block_size, stride, scale)
+
+
+def fake_attention(q):
+    """(out, lse) as the attention kernels allocate them: out in q's kernel layout."""
+    return torch.empty_like(kl(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def fake_grads(q, k, v):
+    """(dq, dk, dv) as the backward kernels allocate them: dq in q's kernel layout, dk and dv
+    in k's (the kernels index K and V, and dK and dV, with one set of strides)."""
+    dk = torch.empty_like(kl(k))
+    return torch.empty_like(kl(q)), dk, torch.empty_like(dk)
 
 
 @compression_attention.register_fake
 def _(q, k_cmp, v_cmp, block_size, stride, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return fake_attention(q)
 
 
 @torch.library.custom_op("flexnsa::compression_attention_backward", mutates_args=())
 def compression_attention_backward(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, stride: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q, k_cmp, v_cmp = (x.contiguous() for x in (q, k_cmp, v_cmp))
-    return cmp_attn.compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale)
+    return cmp_attn.compression_attention_bwd(kl(q), kl(k_cmp), kl(v_cmp), out, lse, grad_out, block_size, stride, scale)
 
 
 @compression_attention_backward.register_fake
 def _(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k_cmp, memory_format=torch.contiguous_format),
-            torch.empty_like(v_cmp, memory_format=torch.contiguous_format))
+    return fake_grads(q, k_cmp, v_cmp)
 
 
 def register_backward(op, backward_op, num_tensors: int) -> None:
@@ -57,7 +68,7 @@ def register_backward(op, backward_op, num_tensors: int) -> None:
         ctx.params = inputs[num_tensors:]
 
     def backward(ctx, grad_out, grad_lse):
-        grads = backward_op(*ctx.saved_tensors, grad_out.contiguous(), *ctx.params)
+        grads = backward_op(*ctx.saved_tensors, grad_out, *ctx.params)
         return (*grads, *[None] * (num_tensors + len(ctx.params) - len(grads)))
 
     op.register_autograd(backward, setup_context=save)
@@ -68,25 +79,24 @@ register_backward(compression_attention, compression_attention_backward, num_ten
 
 @torch.library.custom_op("flexnsa::selection_attention", mutates_args=())
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, block_size: int, tile: int, scale: float) -> tuple[Tensor, Tensor]:
-    return slc_attn.selection_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), rows.contiguous(), block_size, tile, scale)
+    return slc_attn.selection_attention_fwd(kl(q), kl(k), kl(v), rows.contiguous(), block_size, tile, scale)
 
 
 @selection_attention.register_fake
 def _(q, k, v, rows, block_size, tile, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return fake_attention(q)
 
 
 @torch.library.custom_op("flexnsa::selection_attention_backward", mutates_args=())
 def selection_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, tile: int, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v, rows = (x.contiguous() for x in (q, k, v, rows))
-    return slc_attn.selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size, tile, scale)
+    return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, block_size, tile, scale)
 
 
 @selection_attention_backward.register_fake
 def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    return fake_grads(q, k, v)
 
 
 register_backward(selection_attention, selection_attention_backward, num_tensors=4)  # rows: no grad
@@ -97,7 +107,7 @@ def selection_top_n(
     q: Tensor, k_cmp: Tensor, block_size: int, num_selected: int, tile: int,
     forced_initial: int, forced_local: int, scale: float, block_c: int,
 ) -> tuple[Tensor, Tensor]:
-    return top_n.launch(q.contiguous(), k_cmp.contiguous(), block_size, num_selected, tile, forced_initial, forced_local, scale, block_c)
+    return top_n.launch(kl(q), kl(k_cmp), block_size, num_selected, tile, forced_initial, forced_local, scale, block_c)
 
 
 @selection_top_n.register_fake
@@ -113,7 +123,7 @@ def selection_top_n_given_lse(
     forced_initial: int, forced_local: int, scale: float, block_c: int,
 ) -> Tensor:
     args = (block_size, num_selected, tile, forced_initial, forced_local, scale, block_c)
-    return top_n.launch(q.contiguous(), k_cmp.contiguous(), *args, lse=lse.contiguous())[0]
+    return top_n.launch(kl(q), kl(k_cmp), *args, lse=lse.contiguous())[0]
 
 
 @selection_top_n_given_lse.register_fake
@@ -126,7 +136,7 @@ def _(q, k_cmp, lse, block_size, num_selected, tile, forced_initial, forced_loca
 def compression_group_scores(
     q: Tensor, k_cmp: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int, tokens_per_sum: int = 1
 ) -> tuple[Tensor, Tensor]:
-    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    q, k_cmp = kl(q), kl(k_cmp)
     return compression_scores.compression_group_scores(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum)
 
 
@@ -142,7 +152,7 @@ def _(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum=1):
 def compression_group_scores_given_lse(
     q: Tensor, k_cmp: Tensor, lse: Tensor, block_size: int, stride: int, scale: float, t0: int, t1: int, tokens_per_sum: int = 1
 ) -> Tensor:
-    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
+    q, k_cmp, lse = kl(q), kl(k_cmp), lse.contiguous()
     return compression_scores.compression_group_scores(q, k_cmp, block_size, stride, scale, t0, t1, tokens_per_sum, lse)[0]
 
 

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    backward_lse, check_query, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
-    tile_rows, tuning_for,
+    backward_lse, check_query, kernel_layout, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
+    strides_like, tile_rows, tuning_for,
 )
 
 LOG2E = 1.4426950408889634
@@ -244,7 +244,9 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float):
-    """(out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32); inputs contiguous."""
+    """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32); inputs in kernel layout
+    (``tiles.kernel_layout``)."""
+    v = strides_like(v, k)  # one set of K/V strides
     consts = _launch_params(q, k, v, rows, block_size, tile, "fwd")
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
@@ -263,14 +265,15 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
 
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float):
-    """(dq, dk, dv) for selection_attention_fwd; inputs contiguous."""
+    """(dq, dk, dv) for selection_attention_fwd, each in its input's layout; inputs in
+    kernel layout."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq")
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    grad_out, out = grad_out.contiguous(), out.contiguous()  # the strides of q (contiguous)
+    grad_out, out, v = strides_like(grad_out, q), strides_like(out, q), strides_like(v, k)  # shared strides
     dq = torch.empty_like(q)
-    dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+    dk = torch.zeros_like(k, dtype=torch.float32)  # fp32 for the atomics; k's layout (so dv's too)
     dv = torch.zeros_like(dk)
     if T == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -300,4 +303,4 @@ def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float)
     int64 block ids (-1 = unused)."""
     from .custom_ops import selection_attention as op
 
-    return op(q.contiguous(), k.contiguous(), v.contiguous(), rows.contiguous(), block_size, tile, scale)
+    return op(kernel_layout(q), kernel_layout(k), kernel_layout(v), rows.contiguous(), block_size, tile, scale)

@@ -46,14 +46,47 @@ def load_tuning_file(family: str, table: dict) -> None:
 
 def check_query(q, kernel: str) -> None:
     """Head dims the kernels are written for, and sizes their 32-bit element offsets can address
-    (q is the largest tensor a kernel indexes; B x Hq x T x D >= 2^31 would wrap silently)."""
+    (q, and its outputs, are the largest tensors a kernel indexes; an element offset >= 2^31
+    would wrap silently)."""
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"{kernel} supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
-    if q.numel() >= 2**31:
+    span = max(max_offset(q) + 1, q.numel())  # q's reach, and that of the outputs shaped like it
+    if span > 2**31:
         raise ValueError(
-            f"{kernel}: q {tuple(q.shape)} has {q.numel()} elements, beyond the kernels' 32-bit offsets "
-            "(2^31); split the batch"
+            f"{kernel}: q {tuple(q.shape)} (strides {q.stride()}) spans {span} elements, beyond the kernels' "
+            "32-bit offsets (2^31); split the batch"
         )
+
+
+def max_offset(x: torch.Tensor) -> int:
+    """The largest element offset a kernel computes into x (from its data pointer)."""
+    return sum((n - 1) * s for n, s in zip(x.shape, x.stride()) if n > 0)
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels can index it, copied only when it must be: unit stride over head_dim and
+    no gaps, the other dims in any order. A token-major [B, T, H, D] buffer seen as [B, H, T, D]
+    (the model's q/k/v projections) runs as it is: the kernels take every other stride, and their
+    outputs and gradients come back in that layout (no copies in or out, NOTES Lever 21)."""
+    return x if x.stride(-1) == 1 and is_dense(x) else x.contiguous()
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """Some order of x's dims is contiguous (no gaps, no overlap)."""
+    expected = 1
+    for s, n in sorted((s, n) for n, s in zip(x.shape, x.stride()) if n > 1):
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def strides_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x with ref's strides (a copy only when they differ on a dim of size > 1): a kernel that
+    indexes two tensors with one set of strides (q, o, dO, dQ; K and V) gets them that way."""
+    if all(s == r for n, s, r in zip(x.shape, x.stride(), ref.stride()) if n > 1):
+        return x
+    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
 
 
 def check_given_lse(lse, q) -> None:
