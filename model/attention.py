@@ -127,8 +127,7 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         out_parts = []
         for b, runs in enumerate(segments):
             sample = [next(pieces) for _ in runs]  # (q, k, v, hidden) of each run
-            dense_parts = iter(self.dense_outputs([qp for (qp, *_), run in zip(sample, runs) if not run.sparse],
-                                                  runs, k_heads[b], v_heads[b], attention_mask, plan, b))
+            dense_parts = iter(self.dense_outputs(sample, runs, k_heads[b], v_heads[b], attention_mask, plan, b))
             for (qp, kp, vp, hp), run in zip(sample, runs):
                 if run.sparse:
                     out_parts.append(token_major(self.span_nsa(heads_first(qp), heads_first(kp), heads_first(vp), hp[None])))
@@ -136,32 +135,37 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
                     out_parts.append(next(dense_parts))
         return torch.cat(out_parts).view(B, T, Hq, D)
 
-    def dense_outputs(self, dense, runs, k, v, attention_mask, plan: SpanPlan, b: int) -> list[torch.Tensor]:
-        """Token-major outputs of sample b's dense runs (queries ``dense``, in order) over all its keys
-        k, v [1, Hkv, T, D]. Without a mask (plain causal, no padding) a run that ends the sample is
-        causal attention aligned to the last key (``causal_lower_right``): the flash kernel, no mask
-        tensor. Other runs take their rows of the mask, all in one call (a masked kernel over all T keys)."""
+    def dense_outputs(self, sample, runs, k, v, attention_mask, plan: SpanPlan, b: int) -> list[torch.Tensor]:
+        """Token-major outputs of sample b's dense runs, in order. ``sample``: the (q, k, v, hidden)
+        pieces of its runs; k, v [1, Hkv, T, D]: all its keys.
+
+        Without a mask (plain causal, no padding) run [s, e) attends to keys [0, e), aligned to
+        the last of them (``causal_rows``: the flash kernel, no mask tensor, no keys beyond e);
+        its keys are the pieces up to e (views for the first run and the last, a cat in between:
+        no slice of k, whose backward would zero-fill a full-size gradient). With a mask (padding)
+        all dense rows take their rows of it in one masked call over all T keys. Nothing here
+        reads the device from the host: a host sync per layer left the GPU idle (NOTES Lever 22)."""
+        dense = [(i, piece[0]) for i, (piece, run) in enumerate(zip(sample, runs)) if not run.sparse]
         if not dense:
             return []
         T = k.shape[2]
-        tail = attention_mask is None and runs[-1].end == T and not runs[-1].sparse
-        rows, outputs = dense[:-1] if tail else dense, []
-        if rows:
-            positions = plan.dense_positions(b, k.device)
-            mask = mask_rows(attention_mask, b, positions[: sum(len(qp) for qp in rows)], T)
-            q_rows = torch.cat(rows) if len(rows) > 1 else rows[0]
-            outputs += token_major(self.dense_rows(heads_first(q_rows), k, v, mask)).split([len(qp) for qp in rows])
-        if tail:
-            outputs.append(token_major(self.tail_rows(heads_first(dense[-1]), k, v)))
-        return outputs
+        if attention_mask is None:
+            outputs = []
+            for i, qp in dense:
+                keys, values = (k, v) if runs[i].end == T else (heads_first(cat([p[j] for p in sample[: i + 1]])) for j in (1, 2))
+                outputs.append(token_major(self.causal_rows(heads_first(qp), keys, values)))
+            return outputs
+        mask = mask_rows(attention_mask, b, plan.dense_positions(b, k.device))
+        q_rows = cat([qp for _, qp in dense])
+        return list(token_major(self.dense_rows(heads_first(q_rows), k, v, mask)).split([len(qp) for _, qp in dense]))
 
     def span_nsa(self, q, k, v, hidden_states) -> torch.Tensor:
         """NSA over one span (its own keys only); compression blocks start at the span's first token."""
         gates = self.nsa_gates(hidden_states).to(q.dtype)
         return nsa_attention(q, k, v, gates, self.nsa_config, compressors=self.compressors)
 
-    def tail_rows(self, q_rows, k, v) -> torch.Tensor:
-        """The last R query rows of a causal sequence over all its keys: row i sees keys <= T - R + i."""
+    def causal_rows(self, q_rows, k, v) -> torch.Tensor:
+        """The last R query rows of a causal sequence over its S keys: row i sees keys <= S - R + i."""
         dropout = self.attention_dropout if self.training else 0.0
         bias = causal_lower_right(q_rows.shape[2], k.shape[2])
         return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scaling, enable_gqa=True)
@@ -179,6 +183,11 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         return out if empty is None else out.masked_fill(empty, 0.0)
 
 
+def cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat that returns a lone piece itself (no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def heads_first(x: torch.Tensor) -> torch.Tensor:
     """One sample's token-major [T, H, D] as the attention ops' [1, H, T, D] (a view)."""
     return x.transpose(0, 1).unsqueeze(0)
@@ -189,16 +198,11 @@ def token_major(x: torch.Tensor) -> torch.Tensor:
     return x.squeeze(0).transpose(0, 1)
 
 
-def mask_rows(attention_mask, b: int, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Rows ``rows`` of sample b's mask as [1, 1|H, R, S]: bool (True = visible) or additive float.
-
-    ``None`` is upstream's "plain causal" (sdpa without padding); the rows are built from the
-    positions without materialising a [T, T] mask. Masks of other attention implementations
-    (flash's 2-D mask, flex's BlockMask) are refused rather than misread.
+def mask_rows(attention_mask, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of sample b's 4-D mask as [1, 1|H, R, S]: bool (True = visible) or additive
+    float. Masks of other attention implementations (flash's 2-D mask, flex's BlockMask) are
+    refused rather than misread. (No mask at all is plain causal: ``dense_outputs``.)
     """
-    if attention_mask is None:
-        keys = torch.arange(kv_len, device=rows.device)
-        return (keys[None, :] <= rows[:, None])[None, None]
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         return attention_mask[b : b + 1][:, :, rows]
     raise ValueError(

@@ -70,8 +70,8 @@ class SpanPlan:
 
     def dense_positions(self, b: int, device=None) -> torch.Tensor:
         """Positions of sample b outside every span (text and padding), ascending: they attend densely."""
-        runs = [torch.arange(s.start, s.end) for s in self.segments(b) if not s.sparse]
-        return (torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64)).to(device)
+        runs = [torch.arange(s.start, s.end, device=device) for s in self.segments(b) if not s.sparse]
+        return torch.cat(runs) if runs else torch.zeros(0, dtype=torch.int64, device=device)  # made there: no copy, no sync
 
 
 def tokens_per_item(grid_thw: torch.Tensor | None, spatial_merge_size: int) -> tuple[int, ...] | None:

@@ -209,7 +209,7 @@ def test_hybrid_plumbing_puts_rows_back_and_backward_has_no_slice_copies(base, m
     attn = convert_to_nsa(copy.deepcopy(base), NSA).model.language_model.layers[0].self_attn
     monkeypatch.setattr(attn, "span_nsa", lambda q, k, v, h: 2 * q + (k.mean() + v.mean() + h.mean()) * 0)
     monkeypatch.setattr(attn, "dense_rows", lambda q, k, v, mask: 3 * q + (k.mean() + v.mean()) * 0)
-    monkeypatch.setattr(attn, "tail_rows", lambda q, k, v: 3 * q + (k.mean() + v.mean()) * 0)
+    monkeypatch.setattr(attn, "causal_rows", lambda q, k, v: 3 * q + (k.mean() + v.mean()) * 0)
     plan = SpanPlan(batch_size=2, seq_len=20, spans=(((2, 8), (10, 15)), ((0, 20),)))
     Hq, Hkv, D, hidden = attn.num_heads, attn.num_key_value_heads, attn.head_dim, attn.hidden_size
     q = torch.randn(2, 20, Hq, D, requires_grad=True)
@@ -234,14 +234,14 @@ def test_hybrid_plumbing_puts_rows_back_and_backward_has_no_slice_copies(base, m
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_tail_rows_equal_their_masked_rows(base, device, monkeypatch):
-    """Without a mask (plain causal), the text run that ends a sample takes the lower-right-aligned
-    causal path (flash on GPUs); it must equal the same rows under an explicit causal mask."""
+def test_unmasked_dense_runs_equal_their_masked_rows(base, device, monkeypatch):
+    """Without a mask (plain causal), each dense run attends to the keys up to its end, aligned to
+    the last (flash on GPUs); it must equal the same rows under an explicit causal mask."""
     dtype = torch.float64 if device == "cpu" else torch.bfloat16
     attn = convert_to_nsa(copy.deepcopy(base), NSA).model.language_model.layers[0].self_attn.to(device, dtype)
     calls = []
-    tail_rows = attn.tail_rows
-    monkeypatch.setattr(attn, "tail_rows", lambda *a: calls.append(a[0].shape[2]) or tail_rows(*a))
+    causal_rows = attn.causal_rows
+    monkeypatch.setattr(attn, "causal_rows", lambda q, k, v: calls.append((q.shape[2], k.shape[2])) or causal_rows(q, k, v))
     T = 300
     plan = SpanPlan(batch_size=2, seq_len=T, spans=(((5, 100), (110, 250)), ((0, 200),)))
     gen = torch.Generator().manual_seed(3)
@@ -251,8 +251,8 @@ def test_tail_rows_equal_their_masked_rows(base, device, monkeypatch):
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, T, T)
     with torch.no_grad():
         plain = attn.hybrid_attention(q, k, v, h, None, plan)
-        assert calls == [50, 100], calls  # each sample's last run, and only that
+        assert calls == [(5, 5), (10, 110), (50, 300), (100, 300)], calls  # (rows, keys) of each dense run
         masked = attn.hybrid_attention(q, k, v, h, causal, plan)
-    assert len(calls) == 2
+    assert len(calls) == 4
     tol = 1e-12 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(plain, masked, rtol=tol, atol=tol)

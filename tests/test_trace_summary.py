@@ -55,3 +55,4 @@ def test_timeline_finds_idle_gaps_and_exposed_communication(tmp_path):
     text = summarize(path)
     assert "| 0.6 | 0.1 | 0.2 | 1, 0.1 |" in text  # span 600 us, idle 120, NCCL alone 220, one gap of 100
     assert "| 0.10 | 0.3 | `void at::native::CatArrayBatchedCopy<x>` | `aten::cat` |" in text
+    assert "| 0.1 | 1 | `aten::cat` |" in text  # the gaps summed by what ended them

@@ -101,6 +101,14 @@ def timeline(gpu, stacks, top: int = 10, min_gap_us: float = 50.0) -> list[str]:
              "", f"Longest gaps (what was launched after each), top {top}:", "",
              "| gap ms | at ms | next kernel | its CPU ops |", "|---|---|---|---|"]
     lines += [f"| {g / 1e3:.2f} | {at / 1e3:.1f} | `{name}` | `{ops}` |" for g, at, name, ops in sorted(gaps, reverse=True)[:top]]
+    by_ops = collections.Counter()
+    count = collections.Counter()
+    for g, _, _, ops in gaps:
+        by_ops[ops] += g
+        count[ops] += 1
+    lines += ["", f"Gaps summed by the CPU ops of the kernel launched after them, top {top}:", "",
+              "| ms | gaps | CPU ops |", "|---|---|---|"]
+    lines += [f"| {v / 1e3:.1f} | {count[k]} | `{k}` |" for k, v in by_ops.most_common(top)]
     return lines
 
 
