@@ -179,27 +179,35 @@ def test_long_context_sampled_rows_gpu(T):
                 assert_rel(getattr(res, name)[:, :, t], e, 2.5e-2, f"{name} row {t}")
 
 
-def test_compiled_gated_sum_equals_eager():
-    """The GPU combine (inductor, dynamic shapes) computes the same gated sum and gradients as the
-    eager definition; checked on CPU (inductor's C++ backend) at two lengths without a recompile."""
-    from flexnsa.backends.flex import compiled_gated_sum, gated_sum
+@pytest.mark.parametrize("layout", ["head_major", "token_major"])
+def test_compiled_gated_sum_equals_eager(layout):
+    """The GPU combine (inductor, dynamic shapes, its own backward) computes the same gated sum and
+    gradients as the eager definition, every gradient in the layout of the incoming one; checked
+    on CPU (inductor's C++ backend) at two lengths without a recompile."""
+    from flexnsa.backends.flex import CompiledGatedSum, gated_sum, gates_like
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for T in (37, 64):
         gen = torch.Generator().manual_seed(T)
-        gates = torch.rand(2, 7, T, 3, generator=gen, dtype=torch.float64)  # head-major, as combine passes them
+        gates = torch.rand(2, T, 7, 3, generator=gen, dtype=torch.float64)  # the model's [B, T, Hq, 3]
         branches = [torch.randn(2, 7, T, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
+        if layout == "token_major":
+            branches = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in branches]
         leaves = [x.clone().requires_grad_() for x in (gates, *branches)]
         twins = [x.clone().requires_grad_() for x in (gates, *branches)]
-        out, ref = compiled_gated_sum(*leaves), gated_sum(*twins)
-        grad = torch.randn_like(ref)
-        out.backward(grad)
-        ref.backward(grad)
+        out = CompiledGatedSum.apply(gates_like(leaves[0], leaves[1]), *leaves[1:])
+        ref = gated_sum(gates_like(twins[0], twins[1]), *twins[1:])
+        assert out.stride() == branches[0].stride()
+        grad = torch.randn(2, T, 7, 16, generator=gen, dtype=torch.float64).transpose(1, 2)
+        grad = grad.contiguous() if layout == "head_major" else grad
+        grads = torch.autograd.grad(out, leaves, grad)
+        ref_grads = torch.autograd.grad(ref, twins, grad)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        for a, b in zip(leaves, twins):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert all(g.stride() == grad.stride() for g in grads[1:]), [g.stride() for g in grads[1:]]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # forward and backward
 
 
 def test_static_masks_are_built_once_per_key():

@@ -66,3 +66,16 @@ def test_tensorboard_requested_without_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.raises(RuntimeError, match="pip install tensorboard"):
         MetricsLogger(tmp_path, rank=0, total_steps=1, start_step=0, progress=False, tensorboard=True)
+
+
+@pytest.mark.parametrize("implementation, fused, foreach", [("fused", True, None), ("foreach", None, True), ("for-loop", None, False)])
+def test_optimizer_implementation(implementation, fused, foreach):
+    import torch
+
+    from train.optim import build_optimizer
+
+    optim = load_config(overrides=[f"optim.implementation={implementation}"]).optim
+    opt = build_optimizer(torch.nn.Linear(3, 2), optim)
+    assert (opt.defaults["fused"], opt.defaults["foreach"]) == (fused, foreach)
+    with pytest.raises(ConfigError, match="implementation"):
+        load_config(overrides=["optim.implementation=fast"])

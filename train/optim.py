@@ -11,8 +11,9 @@ def build_optimizer(model, optim) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (train.trainable selects none)")
+    kind = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[optim.implementation]
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay, foreach=False)
+                             weight_decay=optim.weight_decay, **kind)
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, decay: str, min_ratio: float) -> float:

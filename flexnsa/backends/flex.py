@@ -183,10 +183,36 @@ def gated_sum(head_gates, cmp, slc, win):
     return head_gates[..., 0:1] * cmp + head_gates[..., 1:2] * slc + head_gates[..., 2:3] * win
 
 
+def gated_sum_backward(head_gates, cmp, slc, win, grad):
+    """Gradients of :func:`gated_sum` (gates, cmp, slc, win), each in the layout of ``grad``."""
+    d_gates = torch.cat([(grad * x).sum(-1, keepdim=True) for x in (cmp, slc, win)], dim=-1)
+    return d_gates, grad * head_gates[..., 0:1], grad * head_gates[..., 1:2], grad * head_gates[..., 2:3]
+
+
 # Eager, the sum is 5 passes forward and ~8 backward over [B, Hq, T, D] tensors (15 ms of 146 at
 # 128K fwd+bwd, NOTES Lever 13); inductor fuses each direction into one or two. Dynamic shapes:
 # one graph per dtype whatever the span length, so new lengths do not recompile.
 compiled_gated_sum = torch.compile(gated_sum, fullgraph=True, dynamic=True)
+compiled_gated_sum_backward = torch.compile(gated_sum_backward, fullgraph=True, dynamic=True)
+
+
+class CompiledGatedSum(torch.autograd.Function):
+    """The gated sum with its forward and its backward each one compiled function on plain tensors.
+
+    Why not ``compiled_gated_sum`` under autograd: AOTAutograd makes the incoming gradient
+    contiguous (head-major), so with token-major branches each layer's backward paid a full-size
+    copy there, and the branches' gradients came back head-major for the kernels' backward to copy
+    again (64K training profile, NOTES Lever 24). Here every gradient keeps the layout it came in.
+    """
+
+    @staticmethod
+    def forward(ctx, head_gates, cmp, slc, win):
+        ctx.save_for_backward(head_gates, cmp, slc, win)
+        return compiled_gated_sum(head_gates, cmp, slc, win)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return compiled_gated_sum_backward(*ctx.saved_tensors, grad)
 
 
 def combine(gates, cmp, slc, win):
@@ -199,7 +225,7 @@ def combine(gates, cmp, slc, win):
     the constant head_dim divides, and the sum comes out in the branches' layout."""
     head_gates = gates_like(gates, cmp)
     if cmp.is_cuda and not torch.compiler.is_compiling():
-        return compiled_gated_sum(head_gates, cmp, slc, win)
+        return CompiledGatedSum.apply(head_gates, cmp, slc, win)
     return gated_sum(head_gates, cmp, slc, win)
 
 
