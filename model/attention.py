@@ -152,7 +152,10 @@ class NSAQwen2_5_VLAttention(Qwen2_5_VLAttention):
         if attention_mask is None:
             outputs = []
             for i, qp in dense:
-                keys, values = (k, v) if runs[i].end == T else (heads_first(cat([p[j] for p in sample[: i + 1]])) for j in (1, 2))
+                if runs[i].end == T:
+                    keys, values = k, v
+                else:  # the key and value pieces of runs 0..i
+                    keys, values = (heads_first(cat([piece[j] for piece in sample[: i + 1]])) for j in (1, 2))
                 outputs.append(token_major(self.causal_rows(heads_first(qp), keys, values)))
             return outputs
         mask = mask_rows(attention_mask, b, plan.dense_positions(b, k.device))
