@@ -193,7 +193,7 @@ def test_report_merges_runs_with_ratios(tmp_path, capsys):
 
 
 RESULT_FIELDS = {"mode", "tokens_per_sample", "world_size", "steps", "step_time_s", "tokens_per_s", "peak_memory_gib",
-                 "first_step_overhead_s", "compile", "gpu", "torch", "commit", "step_times_s", "complete"}
+                 "first_step_overhead_s", "compile", "gpu", "torch", "triton", "commit", "step_times_s", "complete"}
 
 
 def test_meta_nsa_compiled_run(tmp_path):

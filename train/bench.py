@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import PackageNotFoundError, version
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -38,6 +39,13 @@ import torch.distributed as dist
 
 COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 MAX_REASONS = 8
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def compile_stats() -> dict:
@@ -145,6 +153,7 @@ def write_results(path: Path, *, config, device, world: int, step_times, step_to
         "gpu": device_name(device),
         "device_count": world,
         "torch": torch.__version__,
+        "triton": package_version("triton"),
         "transformers": transformers.__version__,
         "commit": os.environ.get("FLEXNSA_COMMIT") or "unknown",
         "config": config.to_dict(),

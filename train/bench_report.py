@@ -81,7 +81,7 @@ def render(done, failed) -> str:
         first = done[0][1]
         commits = sorted({r.get("commit", "unknown") for _, r in done})
         header = (f"GPU: {first.get('gpu')} x {first.get('world_size')}; torch {first.get('torch')}, "
-                  f"transformers {first.get('transformers')}; commit {', '.join(commits)}. Medians over the steps "
+                  f"triton {first.get('triton', 'not recorded')}, transformers {first.get('transformers')}; commit {', '.join(commits)}. Medians over the steps "
                   f"after the first {first.get('warmup_steps')} (tokens/s counts all ranks). Compile s: dynamo's "
                   "frame + backward compile timers on rank 0; first-step overhead: first step minus the median.")
         out += [header, ""]
