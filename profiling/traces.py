@@ -13,7 +13,9 @@ from .measure import Shape, random_inputs
 
 
 def write_trace(shape: Shape, seq_len: int, config: NSAConfig, variant: str, mode: str, out_dir: Path) -> Path:
-    """Profile a few steps of the op (after one warm-up step) into ``out_dir``; returns the folder."""
+    """Profile a few steps of the op (after one warm-up step) into ``out_dir``; returns the folder.
+    Beside the trace, ``<worker>.kernels.txt``: device time per kernel over the 2 profiled steps,
+    so where the op's time goes can be read without opening the trace."""
     backward = mode == "fwd+bwd"
     q, k, v, gates = random_inputs(shape, seq_len, 0, backward)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if shape.device.type == "cuda" else [])
@@ -31,4 +33,7 @@ def write_trace(shape: Shape, seq_len: int, config: NSAConfig, variant: str, mod
                 if backward:
                     out.backward(torch.ones_like(out))
             prof.step()
+    device_sort = "self_cuda_time_total" if shape.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=device_sort, row_limit=40, max_name_column_width=90)
+    (out_dir / f"{worker}.kernels.txt").write_text(table + "\n")
     return out_dir

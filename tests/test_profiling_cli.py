@@ -23,6 +23,8 @@ def test_tiny_cpu_run_writes_results(tmp_path):
     report = (out / "report.md").read_text()
     assert "| 256 |" in report and "stage sum" in report
     assert list((out / "traces").glob("*.pt.trace.json"))
+    kernels = (out / "traces" / "nsa-per_token-fwd-T128.kernels.txt").read_text()
+    assert "nsa_fwd" in kernels
 
 
 @pytest.mark.parametrize(
