@@ -15,6 +15,7 @@ BACKENDS = ("flex", "reference")
 LAYOUTS = ("auto", "gqa_folded", "per_head")
 COMPRESSION_KERNELS = ("auto", "triton", "torch")
 SELECTION_KERNELS = ("auto", "triton", "flex")
+WINDOW_KERNELS = ("auto", "triton", "flex")
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -45,6 +46,13 @@ class NSAConfig:
     FlexAttention with a BlockMask built from the ids; ``auto`` = ``triton`` on CUDA, ``flex`` on
     CPU. FlexAttention's bf16 backward on Hopper needs 128-wide kv blocks, so every 64-token
     selection block is a partial block there (profiling/NOTES.md, Lever 9).
+
+    ``window_kernel`` runs the sliding-window branch: ``flex`` = FlexAttention with the window
+    BlockMask; ``triton`` = the selection branch's Triton kernels, each 64-token tile walking the
+    blocks its window spans with the window bound in the mask (GPU, or CPU under the
+    interpreter); ``auto`` = ``triton`` on CUDA, ``flex`` on CPU. The flex window's 128-wide kv
+    blocks compute 384 keys per query for 256 visible, per query head (profiling/NOTES.md,
+    Lever 25).
 
     ``gate_prune_epsilon`` (inference only, 0 = off): a selection row whose selection gates are all
     below it (all query heads of the kv group, all tokens of the tile) gets no selected blocks, so
@@ -78,6 +86,7 @@ class NSAConfig:
     layout: str = "auto"
     compression_kernel: str = "auto"
     selection_kernel: str = "auto"
+    window_kernel: str = "auto"
     fused_top_n: bool = False
     gate_prune_epsilon: float = 0.0
     flex_block_q: int = 128
@@ -117,6 +126,7 @@ class NSAConfig:
         _require_choice("layout", self.layout, LAYOUTS)
         _require_choice("compression_kernel", self.compression_kernel, COMPRESSION_KERNELS)
         _require_choice("selection_kernel", self.selection_kernel, SELECTION_KERNELS)
+        _require_choice("window_kernel", self.window_kernel, WINDOW_KERNELS)
         if self.select_block_size % self.select_query_tile:
             raise ValueError(
                 f"NSAConfig.select_query_tile ({self.select_query_tile}) must divide "

@@ -21,7 +21,7 @@ import torch
 
 from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
-from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS
+from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS, WINDOW_KERNELS
 
 from . import report
 from .baselines import fla_version, measure_fla, measure_sdpa
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compression branch: Triton kernels or FlexAttention + PyTorch scorer")
     p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto",
                    help="selection branch: Triton selected-block kernel or FlexAttention BlockMask")
+    p.add_argument("--window-kernel", choices=list(WINDOW_KERNELS), default="auto",
+                   help="window branch: the Triton selected-block kernels or FlexAttention BlockMask")
     for name, default in (("block-size", 64), ("stride", 64), ("select-block-size", 64), ("num-selected", 32),
                           ("window", 256), ("select-query-tile", 64), ("flex-block-q", 128), ("flex-block-kv", 128)):
         p.add_argument(f"--{name}", type=int, default=default)
@@ -150,7 +152,7 @@ def resolve(args) -> dict:
                          num_selected=args.num_selected, window=args.window, select_query_tile=args.select_query_tile,
                          flex_block_q=args.flex_block_q, flex_block_kv=args.flex_block_kv, selection=s,
                          layout=args.layout, backend=args.backend, compression_kernel=args.compression_kernel,
-                         selection_kernel=args.selection_kernel, check_inputs=False)
+                         selection_kernel=args.selection_kernel, window_kernel=args.window_kernel, check_inputs=False)
             for s in selections
         }
     except ValueError as e:

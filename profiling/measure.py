@@ -92,7 +92,7 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         selected, _ = stages.score_and_select(q, k_cmp, config, cmp_lse=cmp_lse)
         masks = stages.build_masks(selected, T, layout, config)
         branch["slc"] = stages.selection_branch(q, q_rows, k, v, selected, masks, layout, config)
-        branch["win"] = stages.window_branch(q_rows, k, v, masks, layout, config)
+        branch["win"] = stages.window_branch(q, q_rows, k, v, masks, layout, config)
     q_l, q_rows, k_l, v_l, gates_l = (_leaf(x, backward) for x in (q, q_rows, k, v, gates))
     cmp, slc, win = (_leaf(branch[n], backward) for n in ("cmp", "slc", "win"))
 
@@ -108,7 +108,7 @@ def stage_functions(q, k, v, gates, grad_out, config: NSAConfig, backward: bool)
         "selection": _with_backward(
             lambda: stages.selection_branch(q_l, q_rows, k_l, v_l, selected, masks, layout, config), grad_out, backward
         ),
-        "window": _with_backward(lambda: stages.window_branch(q_rows, k_l, v_l, masks, layout, config), grad_out, backward),
+        "window": _with_backward(lambda: stages.window_branch(q_l, q_rows, k_l, v_l, masks, layout, config), grad_out, backward),
         # The GQA fold of q (the window's FlexAttention rows) is counted here with the gated sum.
         "combine": _with_backward(lambda: (layout.fold(q), stages.combine(gates_l, cmp, slc, win))[1], grad_out, backward),
     }

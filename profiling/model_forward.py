@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from flexnsa import NSAConfig
-from flexnsa.config import COMPRESSION_KERNELS, SELECTION_KERNELS, SELECTION_MODES
+from flexnsa.config import COMPRESSION_KERNELS, SELECTION_KERNELS, SELECTION_MODES, WINDOW_KERNELS
 
 from . import report
 from .cli import UsageError, device_name, device_slug, git_state, parse_length, pick_device
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NSA backend; reference is O(T^2) and refused above {REFERENCE_MAX_TOKENS} video tokens")
     p.add_argument("--compression-kernel", choices=list(COMPRESSION_KERNELS), default="auto")
     p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto")
+    p.add_argument("--window-kernel", choices=list(WINDOW_KERNELS), default="auto")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     p.add_argument("--no-vision", action="store_true", help="do not time the vision tower alone")
@@ -122,7 +123,7 @@ def resolve(args) -> dict:
 def nsa_config_for(model_name: str, args) -> NSAConfig:
     """VideoNSA's hyper-parameters for the 7B shape; the tiny test NSA (4-token blocks) for tiny."""
     choices = {"selection": args.selection, "backend": args.backend, "compression_kernel": args.compression_kernel,
-               "selection_kernel": args.selection_kernel,
+               "selection_kernel": args.selection_kernel, "window_kernel": args.window_kernel,
                "check_inputs": False}
     if model_name == "7b":
         return NSAConfig(**choices)

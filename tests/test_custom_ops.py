@@ -41,13 +41,13 @@ def test_opcheck_selection_top_n_and_group_scores():
 
 
 @pytest.mark.parametrize(
-    "selection,fused,selection_kernel",
-    [("per_token", False, "flex"), ("block_shared", False, "flex"), ("block_shared", True, "flex"),
-     ("per_token", False, "triton"), ("block_shared", False, "triton")],
+    "selection,fused,selection_kernel,window_kernel",
+    [("per_token", False, "flex", "flex"), ("block_shared", False, "flex", "flex"), ("block_shared", True, "flex", "flex"),
+     ("per_token", False, "triton", "flex"), ("block_shared", False, "triton", "triton")],
 )
-def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel):
+def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel, window_kernel):
     cfg = SMALL.replace(compression_kernel="triton", selection=selection, fused_top_n=fused,
-                        selection_kernel=selection_kernel, check_inputs=False)
+                        selection_kernel=selection_kernel, window_kernel=window_kernel, check_inputs=False)
     q, k, v, g = random_inputs(1, 7, 1, 80, 16, seed=1)
     torch._dynamo.reset()
     compiled = torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True, backend="aot_eager")
@@ -55,8 +55,9 @@ def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel):
         assert_rel(compiled(q, k, v, g), nsa_attention(q, k, v, g, cfg), 1e-6, "compiled vs eager")
 
 
-def gpu_case(selection, selection_kernel="flex"):
-    cfg = SMALL.replace(compression_kernel="triton", selection=selection, selection_kernel=selection_kernel, check_inputs=False)
+def gpu_case(selection, selection_kernel="flex", window_kernel="auto"):
+    cfg = SMALL.replace(compression_kernel="triton", selection=selection, selection_kernel=selection_kernel,
+                        window_kernel=window_kernel, check_inputs=False)
     inputs = random_inputs(2, 14, 2, 300, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
     torch._dynamo.reset()
     return cfg, inputs, torch.compile(lambda *x: nsa_attention(*x, cfg), fullgraph=True)
@@ -83,9 +84,9 @@ def check_compiled_equals_eager(cfg, inputs, compiled):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_op_compiles_fullgraph_gpu(selection):
-    check_compiled_equals_eager(*gpu_case(selection, selection_kernel="triton"))
+@pytest.mark.parametrize("selection,window_kernel", [("per_token", "auto"), ("block_shared", "auto"), ("block_shared", "flex")])
+def test_op_compiles_fullgraph_gpu(selection, window_kernel):
+    check_compiled_equals_eager(*gpu_case(selection, selection_kernel="triton", window_kernel=window_kernel))
 
 
 @pytest.mark.gpu

@@ -27,12 +27,18 @@ CASES = [
     # The selection branch on its other kernel (Triton on CPU = interpreter; FlexAttention on GPU).
     ("G7-slc-triton", 14, 2, 200, 16, SMALL.replace(selection_kernel="triton")),
     ("G7-slc-triton-shared", 14, 2, 200, 16, SMALL.replace(selection_kernel="triton", selection="block_shared")),
+    # The window on the Triton kernels (interpreter on CPU): a window narrower and wider than 64.
+    ("G7-win-triton", 14, 2, 200, 16, SMALL.replace(window_kernel="triton")),
+    ("G7-all-triton-w100", 7, 1, 230, 16, SMALL.replace(window=100, compression_kernel="triton", selection_kernel="triton",
+                                                       window_kernel="triton", selection="block_shared")),
 ]
 # On GPU the default (auto) selection kernel is Triton; these keep FlexAttention's tested there.
 FLEX_SELECTION_CASES = [
     ("G7-slc-flex", 14, 2, 200, 16, SMALL.replace(selection_kernel="flex")),
     ("G7-slc-flex-shared", 14, 2, 200, 16, SMALL.replace(selection_kernel="flex", selection="block_shared")),
     ("Q7B-T1000-slc-flex", 28, 4, 1000, 128, NSAConfig(selection_kernel="flex")),
+    ("G7-win-flex", 14, 2, 200, 16, SMALL.replace(window_kernel="flex")),
+    ("Q7B-T1000-win-flex", 28, 4, 1000, 128, NSAConfig(window_kernel="flex", selection="block_shared")),
 ]
 
 

@@ -35,11 +35,13 @@ from ..config import FLEX_HEAD_DIMS, NSAConfig
 from ..importance import importance_top_n
 from ..output import NSAOutput
 from ..reference import prune_selection_by_gates
-from ..triton_fallback import use_triton_compression_attention, use_triton_selection
+from ..triton_fallback import use_triton_compression_attention, use_triton_selection, use_triton_window
 from ..triton_fallback.tiles import kernel_layout
 from ..validation import check_nsa_inputs
 
 RECOMPILE_LIMIT = 64
+# The Triton window's block and tile: the selected-block kernels' tuned block (Q7B's l' = 64).
+WINDOW_KERNEL_BLOCK = 64
 compiled_flex_attention = torch.compile(flex_attention, fullgraph=True)
 compiled_flex_attention_static = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
@@ -72,7 +74,7 @@ def run_flex(q, k, v, block_mask, scale: float, enable_gqa: bool) -> torch.Tenso
 
 class NSAMasks(NamedTuple):
     selection: BlockMask | None  # None with the Triton selection kernel
-    window: BlockMask
+    window: BlockMask | None  # None with the Triton window
 
 
 def check_flex_support(q, k, v, gates, head_dim: int, config: NSAConfig) -> None:
@@ -134,7 +136,7 @@ def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) 
     device = selected.device
     return NSAMasks(
         None if use_triton_selection(config, device) else selection_block_mask(selected, layout, config),
-        static_mask(window_block_mask, seq_len, layout, config, device),
+        None if use_triton_window(config, device) else static_mask(window_block_mask, seq_len, layout, config, device),
     )
 
 
@@ -164,9 +166,16 @@ def selection_branch(q, q_rows, k, v, selected, masks: NSAMasks, layout: QueryLa
     return attend(q_rows, k, v, masks.selection, layout, scale)
 
 
-def window_branch(q_rows, k, v, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
-    """Stage 5: sliding-window attention (FlexAttention over query rows), [B, Hq, T, D]."""
-    return attend(q_rows, k, v, masks.window, layout, config.softmax_scale(q_rows.shape[-1]))
+def window_branch(q, q_rows, k, v, masks: NSAMasks, layout: QueryLayout, config: NSAConfig):
+    """Stage 5: sliding-window attention, [B, Hq, T, D]: the selected-block Triton kernels over
+    each tile's window blocks, or FlexAttention over query rows with the window BlockMask
+    (``NSAConfig.window_kernel``)."""
+    scale = config.softmax_scale(q.shape[-1])
+    if masks.window is None:
+        from ..triton_fallback.selection_attention import window_attention
+
+        return window_attention(q, k, v, config.window, WINDOW_KERNEL_BLOCK, scale)[0]
+    return attend(q_rows, k, v, masks.window, layout, scale)
 
 
 def attend(q_rows, k, v, block_mask, layout: QueryLayout, scale: float):
@@ -294,5 +303,5 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     selected, cmp_lse = score_and_select(q, k_cmp, config, gates, cmp_lse)
     masks = build_masks(selected, T, layout, config)
     slc = selection_branch(q, q_rows, k, v, selected, masks, layout, config)
-    win = window_branch(q_rows, k, v, masks, layout, config)
+    win = window_branch(q, q_rows, k, v, masks, layout, config)
     return NSAOutput(combine(gates, cmp, slc, win), cmp, slc, win, selected, cmp_lse)

@@ -45,6 +45,11 @@ def use_triton_selection(config, device: torch.device) -> bool:
     return _wants_triton(config, "selection_kernel", "flex", device)
 
 
+def use_triton_window(config, device: torch.device) -> bool:
+    """The window on the Triton selected-block kernels: 'auto' on CUDA and 'triton' anywhere."""
+    return _wants_triton(config, "window_kernel", "flex", device)
+
+
 MAX_SELECTED = 128  # the fused top-n keeps a power of two >= n keys per row
 
 

@@ -6,7 +6,7 @@ backward (itself a custom op, so compiled autograd graphs stay whole too).
 Ops (namespace ``flexnsa``):
   compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
   compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp)
-  selection_attention(q, k, v, rows, select_block, tile, scale) -> (out, lse)               differentiable
+  selection_attention(q, k, v, rows, select_block, tile, scale, window=0) -> (out, lse)     differentiable
   selection_attention_backward(...) -> (dq, dk, dv)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
   selection_top_n_given_lse(q, k_cmp, lse, block, n, tile, ...) -> ids   (the compression branch's lse)
@@ -78,24 +78,28 @@ register_backward(compression_attention, compression_attention_backward, num_ten
 
 
 @torch.library.custom_op("flexnsa::selection_attention", mutates_args=())
-def selection_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, block_size: int, tile: int, scale: float) -> tuple[Tensor, Tensor]:
-    return slc_attn.selection_attention_fwd(kl(q), kl(k), kl(v), rows.contiguous(), block_size, tile, scale)
+def selection_attention(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, block_size: int, tile: int, scale: float, window: int = 0
+) -> tuple[Tensor, Tensor]:
+    return slc_attn.selection_attention_fwd(kl(q), kl(k), kl(v), rows.contiguous(), block_size, tile, scale, window)
 
 
 @selection_attention.register_fake
-def _(q, k, v, rows, block_size, tile, scale):
+def _(q, k, v, rows, block_size, tile, scale, window=0):
     return fake_attention(q)
 
 
 @torch.library.custom_op("flexnsa::selection_attention_backward", mutates_args=())
 def selection_attention_backward(
-    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, tile: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
+    block_size: int, tile: int, scale: float, window: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, block_size, tile, scale)
+    args = (block_size, tile, scale, window)
+    return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, *args)
 
 
 @selection_attention_backward.register_fake
-def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale):
+def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale, window=0):
     return fake_grads(q, k, v)
 
 

@@ -5,6 +5,12 @@ inside the current block (DESIGN.md step 4). ``rows`` [B, Hkv, R, n] holds the b
 (ascending, -1 = unused) of each selection row; a row serves ``tile`` consecutive tokens
 (1 = per-token selection, ``select_query_tile`` = block-shared), so token t uses row t // tile.
 
+The same kernels run the sliding window (``window`` > 0): each 64-token tile's rows are the
+blocks its window spans (``window_rows``), and a key must also lie within ``window`` tokens of
+the query (t - s < window). FlexAttention's window with 128-wide kv blocks computes 384 keys per
+query for 256 visible, one program per query head; here 320 keys per query and K/V loads shared
+by the group's G heads (profiling/NOTES.md, Lever 25).
+
 Why not FlexAttention here: the selection blocks are 64 tokens, FlexAttention's only bf16 Hopper
 backward config needs 128-wide kv blocks, and then every selected 64-block sits in a partial
 128-block, so the mask_mod runs everywhere and half the keys are wasted (profiling/NOTES.md,
@@ -55,14 +61,27 @@ def _block_keys(SEL_ROW, i, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _whole_block(blk, t_first, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Block blk exists, lies inside T and ends at or before token t_first, so every row of a
-    tile starting there sees all of it: no mask (NOTES Lever 20). Only a row's current block (and
-    -1 slots) need one."""
+def _whole_block(blk, t_first, T, L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, WINDOW: tl.constexpr):
+    """Block blk exists, lies inside T, ends at or before token t_first and (with a window)
+    starts within the window of the tile's last token, so every row of a tile starting there
+    sees all of it: no mask (NOTES Lever 20). Only a row's current block (and -1 slots, and a
+    window's first block) need one."""
     whole = (blk >= 0) & ((blk + 1) * L <= tl.minimum(t_first + 1, T))
+    if WINDOW > 0:
+        whole = whole & (blk * L >= t_first + BLOCK_T - WINDOW)
     if BLOCK_N != L:  # padded key lanes always need the mask
         whole = whole & (blk < 0)
     return whole
+
+
+@triton.jit
+def _visible(keys, key_ok, t, row_ok, WINDOW: tl.constexpr):
+    """[rows, keys] bool: the key exists, is causal for the row's token t and (WINDOW > 0) lies
+    within the window: t - WINDOW < s <= t."""
+    seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+    if WINDOW > 0:
+        seen = seen & (t[:, None] - keys[None, :] < WINDOW)
+    return seen
 
 
 @triton.jit
@@ -76,7 +95,7 @@ def _fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One program: BLOCK_T tokens x G heads over the N_SEL blocks of their selection row.
     Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
@@ -95,8 +114,8 @@ def _fwd_kernel(
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        if not _whole_block(blk, t_first, T, L, BLOCK_N):
-            s = tl.where(key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None], s, float("-inf"))
+        if not _whole_block(blk, t_first, T, L, BLOCK_N, BLOCK_T, WINDOW):
+            s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
         m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, True)
     out, lse = softmax_finish(m, s_sum, acc, True)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
@@ -110,7 +129,7 @@ def _bwd_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
     T, scale, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, o, do, dq share strides);
     stores delta for the dK/dV pass."""
@@ -130,8 +149,8 @@ def _bwd_dq_kernel(
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
-        if not _whole_block(blk, t_first, T, L, BLOCK_N):
-            p = tl.where(key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None], p, 0.0)
+        if not _whole_block(blk, t_first, T, L, BLOCK_N, BLOCK_T, WINDOW):
+            p = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -143,7 +162,7 @@ def _bwd_dkv_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
     dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads."""
@@ -175,7 +194,7 @@ def _bwd_dkv_kernel(
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
                 lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
                 delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-                seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+                seen = _visible(keys, key_ok, t, row_ok, WINDOW)
                 p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -222,10 +241,25 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
     return items.to(torch.int32).contiguous(), row_of_entry
 
 
-def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
+def window_rows(batch: int, kv_heads: int, seq_len: int, window: int, block_size: int, device) -> torch.Tensor:
+    """The blocks each ``block_size``-token tile's sliding window spans, as selection rows
+    [B, Hkv, R, n] int32 (R = ceil(T / block_size)): tile r (tokens r*l .. r*l + l - 1) needs keys
+    from r*l - window + 1 on, so blocks r - n + 1 .. r with n = ceil((window - 1) / l) + 1 (at
+    most R), -1 where that is before block 0. Built on the device, no host sync."""
+    if window < 1:
+        raise ValueError(f"window_rows: window must be >= 1, got {window}")
+    num_rows = -(-seq_len // block_size)
+    n = min(-(-(window - 1) // block_size) + 1, max(num_rows, 1))
+    ids = torch.arange(num_rows, device=device, dtype=torch.int32)[:, None] + torch.arange(1 - n, 1, device=device, dtype=torch.int32)
+    return torch.where(ids >= 0, ids, -1).expand(batch, kv_heads, num_rows, n)
+
+
+def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, window: int = 0):
     """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
-    of two dividing the tile, at least 16 rows (the smallest tl.dot)."""
+    of two dividing the tile, at least 16 rows (the smallest tl.dot). ``window`` 0 = none."""
     check_query(q, "selection_attention")
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"selection_attention: window must be an int >= 0 (0 = none), got {window!r}")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if k.shape != v.shape or k.shape[2] != T or q.shape[1] % Hkv or rows.shape[:2] != (B, Hkv) or rows.shape[2] != -(-T // tile):
@@ -240,14 +274,14 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str):
     g_pad = max(g_pad, 16 // block_t)
     stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
     return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, num_warps=tune.get("num_warps") or 4, num_stages=stages)
+                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, WINDOW=window, num_warps=tune.get("num_warps") or 4, num_stages=stages)
 
 
-def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float):
+def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
     """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32); inputs in kernel layout
     (``tiles.kernel_layout``)."""
     v = strides_like(v, k)  # one set of K/V strides
-    consts = _launch_params(q, k, v, rows, block_size, tile, "fwd")
+    consts = _launch_params(q, k, v, rows, block_size, tile, "fwd", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -264,10 +298,10 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     return out, lse
 
 
-def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float):
+def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0):
     """(dq, dk, dv) for selection_attention_fwd, each in its input's layout; inputs in
     kernel layout."""
-    consts = _launch_params(q, k, v, rows, block_size, tile, "dq")
+    consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -284,7 +318,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
-    consts = _launch_params(q, k, v, rows, block_size, tile, "dkv")
+    consts = _launch_params(q, k, v, rows, block_size, tile, "dkv", window)
     num_blocks = -(-T // block_size)
     chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
@@ -297,10 +331,18 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float):
+def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
     """Selected-block attention: (out [B, Hq, T, D], lse [B, Hq, T] fp32), differentiable in q,
     k, v, through the ``flexnsa::selection_attention`` custom op. ``rows`` [B, Hkv, ceil(T/tile), n]
-    int64 block ids (-1 = unused)."""
+    block ids (-1 = unused); ``window`` > 0 also hides keys window or more tokens back."""
     from .custom_ops import selection_attention as op
 
-    return op(kernel_layout(q), kernel_layout(k), kernel_layout(v), rows.contiguous(), block_size, tile, scale)
+    return op(kernel_layout(q), kernel_layout(k), kernel_layout(v), rows.contiguous(), block_size, tile, scale, window)
+
+
+def window_attention(q, k, v, window: int, block_size: int, scale: float):
+    """Sliding-window attention (t - window < s <= t) on the selected-block kernels:
+    (out [B, Hq, T, D], lse [B, Hq, T] fp32), differentiable in q, k, v."""
+    B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+    rows = window_rows(B, Hkv, T, window, block_size, q.device)
+    return selection_attention(q, k, v, rows, block_size, block_size, scale, window)

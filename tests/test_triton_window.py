@@ -1,0 +1,91 @@
+"""Sliding-window attention on the selected-block kernels (``window_attention``) == float64
+reference (t - w < s <= t): output, lse, dq, dk, dv. Interpreter on CPU (fp32), native on GPU
+(bf16, fp32). Cases: G = 7 and 1, windows that are and are not block multiples, wider than T,
+of a few tokens, T not a multiple of the block, T < one block."""
+
+import pytest
+import torch
+
+from flexnsa import NSAConfig
+from flexnsa.reference import masked_attention, window_visibility
+from flexnsa.triton_fallback import selection_attention as slc
+from flexnsa.triton_fallback import use_triton_window
+from flexnsa.triton_fallback.selection_attention import window_attention, window_rows
+
+from helpers import assert_rel, random_inputs
+
+# (id, Hq, Hkv, T, D, block, window)
+CASES = [
+    ("G7-T200-w40", 14, 2, 200, 16, 16, 40),
+    ("G1-T150-w16", 2, 2, 150, 16, 16, 16),
+    ("G7-T10-w256", 7, 1, 10, 16, 16, 256),
+    ("G7-T333-l32-w3", 7, 1, 333, 16, 32, 3),
+    ("G7-T170-w65", 7, 1, 170, 16, 16, 65),
+]
+
+
+def check(case, dtype, device, tol, seed=0):
+    _, Hq, Hkv, T, D, block, window = case
+    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed, requires_grad=True)
+    out, lse = window_attention(q, k, v, window, block, D**-0.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    ref, _, ref_lse = masked_attention(q64, k64, v64, window_visibility(T, window), D**-0.5)
+    ref.backward(grad.double().cpu())
+    assert_rel(out, ref, tol, "out")
+    torch.testing.assert_close(lse.cpu(), ref_lse.float(), rtol=tol, atol=tol)
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_rel(a.grad, b.grad, 2 * tol, name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_window_attention_interpreter(case):
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
+def test_window_dkv_chunks_split(monkeypatch):
+    # Chunks of 2 rows: each block's 3-4 window rows split into chunks that add by atomics.
+    monkeypatch.setattr(slc, "CHUNK", 2)
+    check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=4)
+
+
+def test_window_rows_span_exactly_the_window():
+    # Every visible key's block is in its tile's row, and each row's first block holds a visible key.
+    T, block, window = 300, 16, 50
+    rows = window_rows(1, 1, T, window, block, "cpu")[0, 0]
+    visible = window_visibility(T, window)
+    for r, ids in enumerate(rows.tolist()):
+        tokens = range(r * block, min((r + 1) * block, T))
+        needed = {s // block for t in tokens for s in range(T) if visible[t, s]}
+        assert needed == {j for j in ids if j >= 0}, r
+    assert rows.shape == (-(-T // block), 5)  # ceil(49 / 16) + 1
+
+
+def test_bad_window_raises():
+    q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
+    with pytest.raises(ValueError, match="window must be"):
+        window_rows(1, 1, 40, 0, 16, "cpu")
+    with pytest.raises(ValueError, match="window must be"):
+        slc.selection_attention(q, k, v, window_rows(1, 1, 40, 8, 8, "cpu"), 8, 8, 0.25, -1)
+
+
+def test_window_kernel_switch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = NSAConfig()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cpu"))
+    assert not use_triton_window(cfg, torch.device("cpu"))  # auto on CPU: FlexAttention
+    assert use_triton_window(cfg, torch.device("cuda"))  # auto on CUDA: Triton
+    assert not use_triton_window(cfg.replace(window_kernel="flex"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="window_kernel"):
+        cfg.replace(window_kernel="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", CASES + [("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256)],
+                         ids=[c[0] for c in CASES] + ["Q7B-T3000-w256"])
+def test_window_attention_gpu(case, dtype):
+    # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
+    check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
