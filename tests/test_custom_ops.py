@@ -55,7 +55,7 @@ def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel, window_ke
         assert_rel(compiled(q, k, v, g), nsa_attention(q, k, v, g, cfg), 1e-6, "compiled vs eager")
 
 
-def gpu_case(selection, selection_kernel="flex", window_kernel="auto"):
+def gpu_case(selection, selection_kernel="flex", window_kernel="flex"):
     cfg = SMALL.replace(compression_kernel="triton", selection=selection, selection_kernel=selection_kernel,
                         window_kernel=window_kernel, check_inputs=False)
     inputs = random_inputs(2, 14, 2, 300, 64, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
@@ -84,7 +84,7 @@ def check_compiled_equals_eager(cfg, inputs, compiled):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection,window_kernel", [("per_token", "auto"), ("block_shared", "auto"), ("block_shared", "flex")])
+@pytest.mark.parametrize("selection,window_kernel", [("per_token", "flex"), ("block_shared", "flex"), ("block_shared", "triton")])
 def test_op_compiles_fullgraph_gpu(selection, window_kernel):
     check_compiled_equals_eager(*gpu_case(selection, selection_kernel="triton", window_kernel=window_kernel))
 

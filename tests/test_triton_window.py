@@ -75,9 +75,8 @@ def test_window_kernel_switch(monkeypatch):
     cfg = NSAConfig()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cpu"))
-    assert not use_triton_window(cfg, torch.device("cpu"))  # auto on CPU: FlexAttention
-    assert use_triton_window(cfg, torch.device("cuda"))  # auto on CUDA: Triton
-    assert not use_triton_window(cfg.replace(window_kernel="flex"), torch.device("cuda"))
+    assert cfg.window_kernel == "flex" and not use_triton_window(cfg, torch.device("cuda"))  # default: FlexAttention
+    assert use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cuda"))
     with pytest.raises(ValueError, match="window_kernel"):
         cfg.replace(window_kernel="cuda")
 
