@@ -42,11 +42,14 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
             [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
            + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
 }
+# PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 SLC_VARIANTS = {
-    "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 3), (32, 4, 2), (64, 2, 2)]],
-    "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]],
+    "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
+            [(128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2)]] + [PADDED],
+    "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
+          + [PADDED],
     "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(32, 4, 2), (128, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
-           + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}],
+           + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}, PADDED],
 }
 
 SCORE_VARIANTS = {

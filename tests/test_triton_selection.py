@@ -21,6 +21,8 @@ CASES = [
     ("G7-T10-short", 7, 1, 10, 16, 16, 16, 4),
     ("G7-T333-l32-tile8", 7, 1, 333, 32, 32, 8, 5),
     ("G7-T90-per_token", 7, 1, 90, 16, 16, 1, 4),
+    # 64-token tiles: 448 (token, head) rows per tile, split over 4 programs mid-token when packed.
+    ("G7-T300-tile64", 7, 1, 300, 16, 16, 64, 5),
 ]
 
 
@@ -63,6 +65,13 @@ def check(case, dtype, device, tol, seed=0):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_selection_attention_interpreter(case):
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+def test_selection_attention_padded_rows_interpreter(case, monkeypatch):
+    # The padded tiling (whole tokens per program, head slots padded to a power of two).
+    monkeypatch.setattr(slc, "PACKED", False)
     check(case, torch.float32, "cpu", tol=1e-5)
 
 

@@ -16,8 +16,11 @@ backward config needs 128-wide kv blocks, and then every selected 64-block sits 
 128-block, so the mask_mod runs everywhere and half the keys are wasted (profiling/NOTES.md,
 Lever 2). Here a program walks its row's n blocks directly.
 
-Tiling: a program's rows are BLOCK_T tokens sharing one selection row x the G heads of one kv
-group (``tiles.tile_rows``), so each selected K/V block is loaded once for the G heads. The
+Tiling: a program's rows are ROWS consecutive (token, head) pairs of one selection row's tile,
+token-major with G_PAD head slots per token (``span_rows``), so each selected K/V block is loaded
+once for the G heads of a group. Packed (G_PAD = G, the default): a 64-token tile's 448 rows at
+G = 7 are exactly 7 programs of 64, tokens split across programs; padded (G_PAD a power of two):
+whole tokens per program, one head slot in 8 idle at G = 7 (NOTES Lever 26). The
 dK/dV pass walks the reverse lists (which selection rows chose kv block j), split into chunks of
 at most ``CHUNK`` rows so the initial block, chosen by every row, does not serialise on one
 program; chunks of a block that has several add into fp32 buffers with atomics.
@@ -31,22 +34,24 @@ import triton.language as tl
 
 from .tiles import (
     backward_lse, check_query, kernel_layout, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
-    strides_like, tile_rows, tuning_for,
+    strides_like, tuning_for,
 )
 
 LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
+PACKED = True  # the rule for TUNING's "packed" knob
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
-# memory). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK / CHUNK_PER_TOKEN).
+# memory), packed rows (PACKED). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK /
+# CHUNK_PER_TOKEN).
 # Measured at 128K on an H100 (profiling/results/h100/kernel_tuning, NOTES Lever 10): 128-row forward
 # programs win 8%; for dQ and dK/dV no variant beat the rule by 3%.
 TUNING = {
-    "fwd": {"rows": 128, "num_warps": 4, "num_stages": 2},
-    "dq": {"rows": None, "num_warps": None, "num_stages": None},
-    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None},
+    "fwd": {"rows": 128, "num_warps": 4, "num_stages": 2, "packed": None},
+    "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None},
+    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -61,14 +66,26 @@ def _block_keys(SEL_ROW, i, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _whole_block(blk, t_first, T, L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, WINDOW: tl.constexpr):
+def span_rows(tile_first, sub, T, TILE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Rows sub*ROWS .. sub*ROWS + ROWS - 1 of the TILE-token tile starting at ``tile_first``,
+    token-major with G_PAD head slots per token: (token, head-in-group, valid, first and last
+    token of the program)."""
+    f = sub * ROWS + tl.arange(0, ROWS)
+    t = tile_first + f // G_PAD
+    g = f % G_PAD
+    ok = (g < G) & (f < TILE * G_PAD) & (t < T)
+    return t, g, ok, tile_first + (sub * ROWS) // G_PAD, tile_first + (sub * ROWS + ROWS - 1) // G_PAD
+
+
+@triton.jit
+def _whole_block(blk, t_first, t_last, T, L: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """Block blk exists, lies inside T, ends at or before token t_first and (with a window)
-    starts within the window of the tile's last token, so every row of a tile starting there
-    sees all of it: no mask (NOTES Lever 20). Only a row's current block (and -1 slots, and a
-    window's first block) need one."""
+    starts within the window of token t_last, so every row of a program over tokens t_first ..
+    t_last sees all of it: no mask (NOTES Lever 20). Only a row's current block (and -1 slots,
+    and a window's first block) need one."""
     whole = (blk >= 0) & ((blk + 1) * L <= tl.minimum(t_first + 1, T))
     if WINDOW > 0:
-        whole = whole & (blk * L >= t_first + BLOCK_T - WINDOW)
+        whole = whole & (blk * L >= t_last + 1 - WINDOW)
     if BLOCK_N != L:  # padded key lanes always need the mask
         whole = whole & (blk < 0)
     return whole
@@ -95,26 +112,27 @@ def _fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """One program: BLOCK_T tokens x G heads over the N_SEL blocks of their selection row.
+    """One program: ROWS (token, head) rows of one selection row's tile over its N_SEL blocks.
     Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t_first = pid_t * BLOCK_T
-    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
+    r = pid_t // SUBS
+    t, g, row_ok, t_first, t_last = span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
+    sel_row = SEL + b * ss_b + h * ss_h + r * ss_r
     kv_base = b * sk_b + h * sk_h
-    m = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_T * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        if not _whole_block(blk, t_first, T, L, BLOCK_N, BLOCK_T, WINDOW):
+        if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
         m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, True)
     out, lse = softmax_finish(m, s_sum, acc, True)
@@ -129,27 +147,28 @@ def _bwd_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
     T, scale, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, o, do, dq share strides);
     stores delta for the dK/dV pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t_first = pid_t * BLOCK_T
-    t, g, row_ok = tile_rows(t_first, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
+    r = pid_t // SUBS
+    t, g, row_ok, t_first, t_last = span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
     lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
-    sel_row = SEL + b * ss_b + h * ss_h + (t_first // TILE) * ss_r
+    sel_row = SEL + b * ss_b + h * ss_h + r * ss_r
     kv_base = b * sk_b + h * sk_h
-    dq = tl.zeros([BLOCK_T * G_PAD, D], tl.float32)
+    dq = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
         k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
         v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
-        if not _whole_block(blk, t_first, T, L, BLOCK_N, BLOCK_T, WINDOW):
+        if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             p = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -162,7 +181,8 @@ def _bwd_dkv_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
     dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads."""
@@ -186,9 +206,9 @@ def _bwd_dkv_kernel(
         # Masked everywhere: skipping the mask on whole blocks (as the fwd and dQ kernels do) made
         # this kernel 17% slower in the 64K training step (NOTES Lever 20).
         for e in range(lo, hi):
-            first_token = tl.load(ROW_OF_ENTRY + e) * TILE
-            for sub in range(TILE // BLOCK_T):
-                t, g, row_ok = tile_rows(first_token + sub * BLOCK_T, T, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
+            tile_first = tl.load(ROW_OF_ENTRY + e) * TILE
+            for sub in range(SUBS):
+                t, g, row_ok, _, _ = span_rows(tile_first, sub, T, TILE, G, G_PAD, ROWS)
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
@@ -255,8 +275,9 @@ def window_rows(batch: int, kv_heads: int, seq_len: int, window: int, block_size
 
 
 def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, window: int = 0):
-    """Program shape: BLOCK_T tokens of one selection row x G_PAD (>= G) heads, BLOCK_T a power
-    of two dividing the tile, at least 16 rows (the smallest tl.dot). ``window`` 0 = none."""
+    """Program shape: ROWS (a power of two, >= 16: the smallest tl.dot) of a tile's (token, head)
+    rows; SUBS programs per tile. Packed: G_PAD = G, ROWS up to the target; padded: G_PAD a power
+    of two and whole tokens per program (a power of two dividing the tile). ``window`` 0 = none."""
     check_query(q, "selection_attention")
     if not isinstance(window, int) or window < 0:
         raise ValueError(f"selection_attention: window must be an int >= 0 (0 = none), got {window!r}")
@@ -265,16 +286,20 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     if k.shape != v.shape or k.shape[2] != T or q.shape[1] % Hkv or rows.shape[:2] != (B, Hkv) or rows.shape[2] != -(-T // tile):
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, rows {tuple(rows.shape)}, tile {tile}")
     G = Hq // Hkv
-    g_pad = triton.next_power_of_2(G)
     tune = tuning_for(TUNING, kernel, q)
     target = tune.get("rows") or (64 if D >= 128 else 128)
-    block_t = 1
-    while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
-        block_t *= 2
-    g_pad = max(g_pad, 16 // block_t)
+    packed = tune.get("packed", PACKED)
+    if packed:
+        g_pad, rows_per = G, max(16, min(target, triton.next_power_of_2(tile * G)))
+    else:
+        g_pad, block_t = triton.next_power_of_2(G), 1
+        while tile % (2 * block_t) == 0 and 2 * block_t * g_pad <= target:
+            block_t *= 2
+        g_pad = max(g_pad, 16 // block_t)
+        rows_per = block_t * g_pad
     stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
     return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, WINDOW=window, num_warps=tune.get("num_warps") or 4, num_stages=stages)
+                G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window, num_warps=tune.get("num_warps") or 4, num_stages=stages)
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
@@ -289,7 +314,7 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return out, lse
-    _fwd_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
+    _fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, k, v, rows, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -313,7 +338,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    _bwd_dq_kernel[(triton.cdiv(T, consts["BLOCK_T"]), Hkv, B)](
+    _bwd_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, k, v, out, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
