@@ -5,35 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from flexnsa import NSAConfig, nsa_attention
 
 from .measure import Shape, random_inputs
 
 
+PROFILED_STEPS = 2
+
+
 def write_trace(shape: Shape, seq_len: int, config: NSAConfig, variant: str, mode: str, out_dir: Path) -> Path:
-    """Profile a few steps of the op (after one warm-up step) into ``out_dir``; returns the folder.
-    Beside the trace, ``<worker>.kernels.txt``: device time per kernel over the 2 profiled steps,
-    so where the op's time goes can be read without opening the trace."""
+    """Profile PROFILED_STEPS calls of the op (after one warm-up call, outside the profiler, that
+    compiles and tunes) into ``out_dir/<worker>.pt.trace.json``; returns the folder.
+
+    Beside it, ``<worker>.kernels.txt``: time per op and kernel over exactly those calls ("# of
+    Calls" counts them). One profiler cycle without a schedule: with a warm-up/active schedule,
+    key_averages mixed events across cycles and its kernel rows added up to 1.2-2x their parent
+    ops' time (profiling/NOTES.md, Lever 25)."""
     backward = mode == "fwd+bwd"
     q, k, v, gates = random_inputs(shape, seq_len, 0, backward)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if shape.device.type == "cuda" else [])
+    cuda = shape.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     worker = f"nsa-{variant}-{mode.replace('+', '_')}-T{seq_len}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.set_grad_enabled(backward), profile(
-        activities=activities,
-        schedule=schedule(wait=0, warmup=1, active=2, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(out_dir), worker_name=worker),
-        record_shapes=True,
-    ) as prof:
-        for _ in range(3):
-            with record_function(f"nsa_{mode}"):
-                out = nsa_attention(q, k, v, gates, config)
-                if backward:
-                    out.backward(torch.ones_like(out))
-            prof.step()
-    device_sort = "self_cuda_time_total" if shape.device.type == "cuda" else "self_cpu_time_total"
+
+    def call():
+        with record_function(f"nsa_{mode}"):
+            out = nsa_attention(q, k, v, gates, config)
+            if backward:
+                out.backward(torch.ones_like(out))
+
+    with torch.set_grad_enabled(backward):
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(PROFILED_STEPS):
+                call()
+            if cuda:
+                torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out_dir / f"{worker}.pt.trace.json"))
+    device_sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=device_sort, row_limit=40, max_name_column_width=90)
     (out_dir / f"{worker}.kernels.txt").write_text(table + "\n")
     return out_dir

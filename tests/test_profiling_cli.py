@@ -24,7 +24,8 @@ def test_tiny_cpu_run_writes_results(tmp_path):
     assert "| 256 |" in report and "stage sum" in report
     assert list((out / "traces").glob("*.pt.trace.json"))
     kernels = (out / "traces" / "nsa-per_token-fwd-T128.kernels.txt").read_text()
-    assert "nsa_fwd" in kernels
+    op_row = next(line for line in kernels.splitlines() if line.strip().startswith("nsa_fwd "))
+    assert op_row.split()[-1] == "2", op_row  # exactly the profiled calls, no warm-up or other cycle
 
 
 @pytest.mark.parametrize(
