@@ -19,7 +19,7 @@ import torch
 from flexnsa import NSAConfig, nsa_attention
 from flexnsa.backends import flex as stages
 
-from .timing import first_call_s, median_ms, peak_memory_mb
+from .timing import first_call_s, host_ms, median_ms, peak_memory_mb
 
 STAGES = ("compression", "scores_topk", "mask_build", "selection", "window", "combine")
 MODES = ("fwd", "fwd+bwd")
@@ -67,12 +67,14 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
         total_fn = _with_backward(lambda: nsa_attention(q, k, v, gates, config), grad_out, backward)
         cold_s = first_call_s(total_fn, device)
         total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
+        launch = host_ms(total_fn, device, grad_to_none=[q, k, v, gates])
         peak = peak_memory_mb(total_fn, device)
         stage_ms = measure_stages(q, k, v, gates, grad_out, config, backward, timing) if stages else {}
     return {
         "mode": mode,
         "seq_len": seq_len,
         "total_ms": total,
+        "host_ms": launch,
         "stages_ms": stage_ms,
         "stage_sum_ms": sum(stage_ms.values()) if stage_ms else None,
         "compile_s": max(0.0, cold_s - total / 1000),

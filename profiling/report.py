@@ -49,7 +49,8 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
         f"- timing: {meta['timing']}",
         "",
         "Stage times are measured one stage at a time; their sum is shown next to the op's measured total. "
-        "`speedup` = baseline time / NSA total in this run.",
+        "`speedup` = baseline time / NSA total in this run. `host ms`: the host's time to issue one call "
+        "(no wait for the GPU); where it reaches `total ms` the op is launch-bound at that length.",
         "",
     ]
     for variant, config in results["variants"].items():
@@ -58,7 +59,7 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
             rows = [r for r in results["nsa"] if r["variant"] == variant and r["mode"] == mode]
             if not rows:
                 continue
-            header = ["T", "total ms", "stage sum", *STAGES, "SDPA ms", "x SDPA", "fla ms", "x fla",
+            header = ["T", "total ms", "host ms", "stage sum", *STAGES, "SDPA ms", "x SDPA", "fla ms", "x fla",
                       "floor ms", "total/floor", "peak MiB", "SDPA peak MiB", "compile s"]
             lines += [f"### {mode}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for r in rows:
@@ -69,7 +70,7 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
                 floor = floor_ms(mode_flops(r["forward_flops"], mode), meta.get("matmul_tflops"))
                 lines.append(
                     "| " + " | ".join([
-                        _length(r["seq_len"]), _fmt(r["total_ms"], 3), _fmt(r["stage_sum_ms"], 3),
+                        _length(r["seq_len"]), _fmt(r["total_ms"], 3), _fmt(r.get("host_ms"), 3), _fmt(r["stage_sum_ms"], 3),
                         *(_fmt(r["stages_ms"].get(s), 3) for s in STAGES),
                         _fmt(sdpa and sdpa["total_ms"], 3), _fmt(sdpa and sdpa["total_ms"] / r["total_ms"]),
                         _fmt(fla and fla["total_ms"], 3), _fmt(fla and fla["total_ms"] / r["total_ms"]),

@@ -27,6 +27,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: int 
     return statistics.median(times)
 
 
+def host_ms(fn: Callable[[], object], device: torch.device, *, reps: int = 10, grad_to_none=None) -> float | None:
+    """Median host milliseconds to issue one call of ``fn`` (the device queue drained before each,
+    no wait after): at or above the device time, the call is launch-bound at that size and its
+    time depends on the host CPU. None off CUDA (there the host runs the work itself)."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(reps):
+        for x in grad_to_none or []:
+            x.grad = None
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    synchronize(device)
+    return statistics.median(times)
+
+
 def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one (cold) call, synchronised: compile time + one run."""
     synchronize(device)

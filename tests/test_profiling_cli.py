@@ -21,7 +21,8 @@ def test_tiny_cpu_run_writes_results(tmp_path):
     assert {b["name"] for b in results["baselines"]} == {"sdpa"}
     assert results["meta"]["torch"] and results["meta"]["commit"] and results["variants"]["per_token"]["window"] == 32
     report = (out / "report.md").read_text()
-    assert "| 256 |" in report and "stage sum" in report
+    assert "| 256 |" in report and "stage sum" in report and "host ms" in report
+    assert all(r["host_ms"] is None for r in results["nsa"])  # CPU: the host runs the work itself
     assert list((out / "traces").glob("*.pt.trace.json"))
     kernels = (out / "traces" / "nsa-per_token-fwd-T128.kernels.txt").read_text()
     op_row = next(line for line in kernels.splitlines() if line.strip().startswith("nsa_fwd "))
