@@ -58,12 +58,16 @@ SCORE_VARIANTS = {
                 (256, 64, 8, 2), (64, 32, 4, 3)]],
 }
 
-# Per-token programs are one token x 16 padded heads whatever "rows" says: only warps, stages, chunk.
+# Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,
+# chunk), except dK/dV with "entries", which packs several tokens' rows into "rows".
 SLC_PER_TOKEN_VARIANTS = {
     "fwd": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 4), (4, 1)]],
     "dq": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]],
     "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]]
-           + [{"chunk": 16}, {"chunk": 32}, {"chunk": 128}, {"chunk": 256}],
+           + [{"chunk": 16}, {"chunk": 32}, {"chunk": 128}, {"chunk": 256}]
+           # Lever 27: 9 tokens' rows per dK/dV iteration (64 rows) instead of one token's 7 in 16
+           + [{"entries": True}, {"entries": True, "rows": 128}, {"entries": True, "chunk": 128},
+              {"entries": True, "num_warps": 8, "rows": 128}],
 }
 
 

@@ -75,6 +75,16 @@ def test_selection_attention_padded_rows_interpreter(case, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=[CASES[1][0], CASES[3][0], CASES[4][0]])
+def test_dkv_several_selection_rows_per_iteration_interpreter(case, packed, monkeypatch):
+    # dK/dV's "entries" knob: per-token (7 or 1 rows per entry) and tile-8 entries share a program's rows.
+    monkeypatch.setattr(slc, "PACK_ENTRIES", True)
+    monkeypatch.setattr(slc, "PACKED", packed)
+    monkeypatch.setattr(slc, "CHUNK_PER_TOKEN", 5)  # items end mid-iteration: entries past hi are masked
+    check(case, torch.float32, "cpu", tol=1e-5, seed=7)
+
+
 def test_dkv_blocks_split_into_several_chunks(monkeypatch):
     # Chunks of 2 rows: every block chosen by > 2 rows is split, and its chunks add by atomics.
     monkeypatch.setattr(slc, "CHUNK", 2)
@@ -121,6 +131,13 @@ def test_bad_shapes_raise():
 def test_selection_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dkv_several_selection_rows_per_iteration_gpu(dtype, monkeypatch):
+    monkeypatch.setattr(slc, "PACK_ENTRIES", True)
+    check(("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 def test_selection_kernel_switch(monkeypatch):

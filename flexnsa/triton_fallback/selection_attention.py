@@ -41,17 +41,19 @@ LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
 PACKED = True  # the rule for TUNING's "packed" knob
+PACK_ENTRIES = False  # the rule for dK/dV's "entries" knob (NOTES Lever 27: not yet measured)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
 # memory), packed rows (PACKED). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK /
-# CHUNK_PER_TOKEN).
+# CHUNK_PER_TOKEN) and "entries" (several selection rows per iteration when one row's tile has
+# fewer (token, head) rows than a program: per-token rows are 7 at G = 7; rule: PACK_ENTRIES).
 # Measured at 128K on an H100 (profiling/results/h100/kernel_tuning, NOTES Lever 10): 128-row forward
 # programs win 8%; for dQ and dK/dV no variant beat the rule by 3%.
 TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None},
-    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None},
+    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -75,6 +77,21 @@ def span_rows(tile_first, sub, T, TILE: tl.constexpr, G: tl.constexpr, G_PAD: tl
     g = f % G_PAD
     ok = (g < G) & (f < TILE * G_PAD) & (t < T)
     return t, g, ok, tile_first + (sub * ROWS) // G_PAD, tile_first + (sub * ROWS + ROWS - 1) // G_PAD
+
+
+@triton.jit
+def _entry_rows(ROW_OF_ENTRY, e0, hi, T, TILE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                ROWS: tl.constexpr, PER: tl.constexpr):
+    """The rows of entries e0 .. e0 + PER - 1 of a dK/dV work item (their selection rows' tiles,
+    TILE tokens x G_PAD head slots each, back to back in one program): (token, head, valid)."""
+    f = tl.arange(0, ROWS)
+    slot = f // (TILE * G_PAD)
+    e = e0 + slot
+    ok = (slot < PER) & (e < hi)
+    w = f % (TILE * G_PAD)
+    t = tl.load(ROW_OF_ENTRY + e, mask=ok, other=0) * TILE + w // G_PAD
+    g = w % G_PAD
+    return t, g, ok & (g < G) & (t < T)
 
 
 @triton.jit
@@ -182,7 +199,7 @@ def _bwd_dkv_kernel(
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, PER: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
     dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads."""
@@ -205,10 +222,12 @@ def _bwd_dkv_kernel(
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         # Masked everywhere: skipping the mask on whole blocks (as the fwd and dQ kernels do) made
         # this kernel 17% slower in the 64K training step (NOTES Lever 20).
-        for e in range(lo, hi):
-            tile_first = tl.load(ROW_OF_ENTRY + e) * TILE
+        for e in range(lo, hi, PER):
             for sub in range(SUBS):
-                t, g, row_ok, _, _ = span_rows(tile_first, sub, T, TILE, G, G_PAD, ROWS)
+                if PER == 1:  # one entry's tile over SUBS programs' worth of rows
+                    t, g, row_ok, _, _ = span_rows(tl.load(ROW_OF_ENTRY + e) * TILE, sub, T, TILE, G, G_PAD, ROWS)
+                else:  # PER entries' tiles in one set of rows (SUBS = 1)
+                    t, g, row_ok = _entry_rows(ROW_OF_ENTRY, e, hi, T, TILE, G, G_PAD, ROWS, PER)
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
@@ -297,9 +316,15 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
             block_t *= 2
         g_pad = max(g_pad, 16 // block_t)
         rows_per = block_t * g_pad
+    per = 1  # dK/dV: selection rows per iteration
+    if kernel == "dkv" and tune.get("entries", PACK_ENTRIES) and 2 * tile * g_pad <= target:
+        rows_per = target
+        per = target // (tile * g_pad)
     stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
-    return dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
-                G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window, num_warps=tune.get("num_warps") or 4, num_stages=stages)
+    consts = dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
+                  G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
+                  num_warps=tune.get("num_warps") or 4, num_stages=stages)
+    return consts | ({"PER": per} if kernel == "dkv" else {})
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
