@@ -7,9 +7,9 @@ inside the current block (DESIGN.md step 4). ``rows`` [B, Hkv, R, n] holds the b
 
 The same kernels run the sliding window (``window`` > 0): each 64-token tile's rows are the
 blocks its window spans (``window_rows``), and a key must also lie within ``window`` tokens of
-the query (t - s < window). FlexAttention's window with 128-wide kv blocks computes 384 keys per
-query for 256 visible, one program per query head; here 320 keys per query and K/V loads shared
-by the group's G heads (profiling/NOTES.md, Lever 25).
+the query (t - s < window): 320 keys per query where FlexAttention's 128-wide kv blocks compute
+384, K/V loads shared by the group's G heads. Measured no faster than FlexAttention at 128K and
+0.6 GB more peak memory (fp32 dK/dV), so it is an option, not the default (NOTES Lever 25).
 
 Why not FlexAttention here: the selection blocks are 64 tokens, FlexAttention's only bf16 Hopper
 backward config needs 128-wide kv blocks, and then every selected 64-block sits in a partial
@@ -17,7 +17,7 @@ backward config needs 128-wide kv blocks, and then every selected 64-block sits 
 Lever 2). Here a program walks its row's n blocks directly.
 
 Tiling: a program's rows are ROWS consecutive (token, head) pairs of one selection row's tile,
-token-major with G_PAD head slots per token (``span_rows``), so each selected K/V block is loaded
+token-major with G_PAD head slots per token (``_span_rows``), so each selected K/V block is loaded
 once for the G heads of a group. Packed (G_PAD = G, the default): a 64-token tile's 448 rows at
 G = 7 are exactly 7 programs of 64, tokens split across programs; padded (G_PAD a power of two):
 whole tokens per program, one head slot in 8 idle at G = 7 (NOTES Lever 26). The
@@ -48,8 +48,9 @@ PACK_ENTRIES = False  # the rule for dK/dV's "entries" knob (NOTES Lever 27: not
 # memory), packed rows (PACKED). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK /
 # CHUNK_PER_TOKEN) and "entries" (several selection rows per iteration when one row's tile has
 # fewer (token, head) rows than a program: per-token rows are 7 at G = 7; rule: PACK_ENTRIES).
-# Measured at 128K on an H100 (profiling/results/h100/kernel_tuning, NOTES Lever 10): 128-row forward
-# programs win 8%; for dQ and dK/dV no variant beat the rule by 3%.
+# Measured at 128K: on an H100 with padded rows (profiling/results/h100/kernel_tuning, NOTES Lever 10)
+# no dQ or dK/dV variant beat the rule by 3%; on an H200 with packed rows (results/h200/session11-
+# lever26-tuning, Lever 26) 64-row forward programs beat 128-row ones by 8.5% (10.63 vs 11.62 ms).
 TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None},
@@ -68,7 +69,7 @@ def _block_keys(SEL_ROW, i, T, L: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def span_rows(tile_first, sub, T, TILE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr):
+def _span_rows(tile_first, sub, T, TILE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr):
     """Rows sub*ROWS .. sub*ROWS + ROWS - 1 of the TILE-token tile starting at ``tile_first``,
     token-major with G_PAD head slots per token: (token, head-in-group, valid, first and last
     token of the program)."""
@@ -136,7 +137,7 @@ def _fwd_kernel(
     Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = pid_t // SUBS
-    t, g, row_ok, t_first, t_last = span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
+    t, g, row_ok, t_first, t_last = _span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     sel_row = SEL + b * ss_b + h * ss_h + r * ss_r
@@ -171,7 +172,7 @@ def _bwd_dq_kernel(
     stores delta for the dK/dV pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = pid_t // SUBS
-    t, g, row_ok, t_first, t_last = span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
+    t, g, row_ok, t_first, t_last = _span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
@@ -223,9 +224,10 @@ def _bwd_dkv_kernel(
         # Masked everywhere: skipping the mask on whole blocks (as the fwd and dQ kernels do) made
         # this kernel 17% slower in the 64K training step (NOTES Lever 20).
         for e in range(lo, hi, PER):
+            tile_first = tl.load(ROW_OF_ENTRY + e) * TILE
             for sub in range(SUBS):
                 if PER == 1:  # one entry's tile over SUBS programs' worth of rows
-                    t, g, row_ok, _, _ = span_rows(tl.load(ROW_OF_ENTRY + e) * TILE, sub, T, TILE, G, G_PAD, ROWS)
+                    t, g, row_ok, _, _ = _span_rows(tile_first, sub, T, TILE, G, G_PAD, ROWS)
                 else:  # PER entries' tiles in one set of rows (SUBS = 1)
                     t, g, row_ok = _entry_rows(ROW_OF_ENTRY, e, hi, T, TILE, G, G_PAD, ROWS, PER)
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
