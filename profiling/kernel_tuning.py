@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,16 +32,17 @@ from .measure import Shape, random_inputs
 from .timing import median_ms
 
 PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
+BASE2 = {"base2": True}  # Lever 28's A/B: exp2 on log2-unit logits
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]]
-           + [PADDED],
+           + [PADDED, BASE2],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]]
-          + [PADDED],
+          + [PADDED, BASE2],
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
-           + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
+           + [{"programs": 1024}, {"programs": 8192}, PADDED, BASE2],  # programs: the split floor of the token axis
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 SLC_VARIANTS = {
@@ -55,7 +57,10 @@ SLC_VARIANTS = {
 SCORE_VARIANTS = {
     "scores": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
                [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),
-                (256, 64, 8, 2), (64, 32, 4, 3)]],
+                (256, 64, 8, 2), (64, 32, 4, 3)]]
+              # Lever 29: logits as [blocks, rows], exp2, mask split
+              + [dict(transposed=True, block_c=c, num_warps=w, num_stages=s) for c, w, s in
+                 [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 3)]],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,
@@ -135,6 +140,7 @@ def main(argv=None) -> None:
     p.add_argument("--ops", default="compression:block_shared,selection:block_shared,selection:per_token")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="a tiny fp32 shape with 16-token blocks (checks the script on CPU)")
+    p.add_argument("--match", default=None, help="only the variants whose knobs (as JSON) match this regex; the defaults always run")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = Shape(1, 7, 1, 16, torch.float32, device) if args.tiny else Shape(1, 28, 4, 128, torch.bfloat16, device)
@@ -154,7 +160,8 @@ def main(argv=None) -> None:
             fwd, bwd = passes(op, q, k, v, cfg, selected)
             base = {"fwd": fwd(), "bwd": bwd() if bwd else None}
             runs = [("default", "fwd", {})] + ([("default", "bwd", {})] if bwd else [])
-            runs += [(kernel, "bwd" if kernel in ("dq", "dkv") else "fwd", change) for kernel, knobs in variants.items() for change in knobs]
+            runs += [(kernel, "bwd" if kernel in ("dq", "dkv") else "fwd", change) for kernel, knobs in variants.items() for change in knobs
+                     if args.match is None or re.search(args.match, json.dumps(change))]
             for kernel, which, change in runs:
                 fn = fwd if which == "fwd" else bwd
                 record = {"seq_len": T, "op": op, "selection": selection, "kernel": kernel, "change": change, "pass": which}

@@ -33,11 +33,10 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    backward_lse, check_query, kernel_layout, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
+    LOG2E, backward_lse, check_query, kernel_layout, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
     strides_like, tuning_for,
 )
 
-LOG2E = 1.4426950408889634
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 64
 PACKED = True  # the rule for TUNING's "packed" knob

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
+LOG2E = 1.4426950408889634  # logits times this are in log2 units (exp2, the GPU's native exponential)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two head dims the kernels are written for
 
 
@@ -161,7 +162,7 @@ def backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, BASE2: tl.constexpr):
     where the row saw nothing, so exp(s - lse) = 0 there."""
     lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
     if BASE2:
-        lse = lse * 1.4426950408889634
+        lse = lse * 1.4426950408889634  # LOG2E (a jit function reads no Python globals)
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
