@@ -32,17 +32,16 @@ from .measure import Shape, random_inputs
 from .timing import median_ms
 
 PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
-BASE2 = {"base2": True}  # Lever 28's A/B: exp2 on log2-unit logits
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]]
-           + [PADDED, BASE2],
+           + [PADDED],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]]
-          + [PADDED, BASE2],
+          + [PADDED],
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
-           + [{"programs": 1024}, {"programs": 8192}, PADDED, BASE2],  # programs: the split floor of the token axis
+           + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 SLC_VARIANTS = {
@@ -57,22 +56,18 @@ SLC_VARIANTS = {
 SCORE_VARIANTS = {
     "scores": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
                [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),
-                (256, 64, 8, 2), (64, 32, 4, 3)]]
-              # Lever 29: logits as [blocks, rows], exp2, mask split
-              + [dict(transposed=True, block_c=c, num_warps=w, num_stages=s) for c, w, s in
-                 [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 3)]],
+                (256, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,
-# chunk), except dK/dV with "entries", which packs several tokens' rows into "rows".
+# chunk), except dK/dV with "entries" (the default), which packs several tokens' rows into "rows".
 SLC_PER_TOKEN_VARIANTS = {
     "fwd": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 4), (4, 1)]],
     "dq": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]],
     "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]]
-           + [{"chunk": 16}, {"chunk": 32}, {"chunk": 128}, {"chunk": 256}]
-           # Lever 27: 9 tokens' rows per dK/dV iteration (64 rows) instead of one token's 7 in 16
-           + [{"entries": True}, {"entries": True, "rows": 128}, {"entries": True, "chunk": 128},
-              {"entries": True, "num_warps": 8, "rows": 128}],
+           + [{"chunk": 64}, {"chunk": 256}, {"rows": 128}]
+           # Lever 27's A/B: one token's 7 rows in 16 per dK/dV iteration instead of 9 tokens' in 64
+           + [{"entries": False}, {"entries": False, "chunk": 64}],
 }
 
 

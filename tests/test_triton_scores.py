@@ -11,7 +11,6 @@ from flexnsa.triton_fallback import use_triton_compression_attention, use_triton
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import fused_top_n_supported
 from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
-from flexnsa.triton_fallback import compression_scores as score_kernels
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 from flexnsa.triton_fallback.selection_top_n import selection_top_n
 
@@ -85,17 +84,16 @@ def test_group_scores_given_lse_interpreter(case, tokens_per_sum):
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=True)
 
 
-# Lever 29: logits as [blocks, rows], exp2, mask only on chunks a row cannot see whole; per token,
-# tile sums in registers (8), in registers then PyTorch (48), a chunk not starting on a tile; with
-# and without the given lse; C > 64 blocks so unmasked chunks run.
-TRANSPOSED_CASES = [(CASES[0], 1, False), (CASES[0], 8, True), (CASES[0], 48, False), (CASES[1], 1, True),
+# The mask split (only chunks some row cannot see whole are masked): C > 64 blocks so unmasked
+# chunks run; per token, tile sums in registers (8), in registers then PyTorch (48), a chunk not
+# starting on a tile; with and without the given lse.
+MASK_SPLIT_CASES = [(CASES[0], 1, False), (CASES[0], 8, True), (CASES[0], 48, False), (CASES[1], 1, True),
                     (CASES[2], 1, True), (CASES[4], 16, True), (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 8, True)]
 
 
-@pytest.mark.parametrize("case,tokens_per_sum,given_lse", TRANSPOSED_CASES,
-                         ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse" for c, n, g in TRANSPOSED_CASES])
-def test_group_scores_transposed_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
-    monkeypatch.setattr(score_kernels, "TRANSPOSED", True)
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", MASK_SPLIT_CASES,
+                         ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse" for c, n, g in MASK_SPLIT_CASES])
+def test_group_scores_mask_split_interpreter(case, tokens_per_sum, given_lse):
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
@@ -123,17 +121,6 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
     # Reference on the rounded inputs; bf16 products accumulate in fp32 (rel. ~1e-3); fp32 dots
     # run as TF32 on Hopper (~5e-4). Tile sums add positive terms: the relative error stays.
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
-@pytest.mark.parametrize("tokens_per_sum", [1, 64], ids=["per-token", "tile64"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_group_scores_transposed_gpu(dtype, tokens_per_sum, given_lse, monkeypatch):
-    monkeypatch.setattr(score_kernels, "TRANSPOSED", True)
-    case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
-    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum,
-                 given_lse=given_lse)
 
 
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])

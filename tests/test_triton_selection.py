@@ -85,6 +85,13 @@ def test_dkv_several_selection_rows_per_iteration_interpreter(case, packed, monk
     check(case, torch.float32, "cpu", tol=1e-5, seed=7)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[CASES[1][0], CASES[4][0]])
+def test_dkv_one_selection_row_per_iteration_interpreter(case, monkeypatch):
+    # "entries" off: one per-token row (G rows of a 16-row tile) per dK/dV iteration.
+    monkeypatch.setattr(slc, "PACK_ENTRIES", False)
+    check(case, torch.float32, "cpu", tol=1e-5, seed=7)
+
+
 def test_dkv_blocks_split_into_several_chunks(monkeypatch):
     # Chunks of 2 rows: every block chosen by > 2 rows is split, and its chunks add by atomics.
     monkeypatch.setattr(slc, "CHUNK", 2)
@@ -134,9 +141,11 @@ def test_selection_attention_gpu(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "one-row"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_dkv_several_selection_rows_per_iteration_gpu(dtype, monkeypatch):
-    monkeypatch.setattr(slc, "PACK_ENTRIES", True)
+def test_dkv_selection_rows_per_iteration_gpu(dtype, entries, monkeypatch):
+    # per-token dK/dV with several rows per iteration (the default, "entries") and with one
+    monkeypatch.setattr(slc, "PACK_ENTRIES", entries)
     check(("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 

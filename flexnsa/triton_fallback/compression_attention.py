@@ -44,29 +44,24 @@ BLOCK_C = 64
 
 @triton.jit
 def _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, MASKED: tl.constexpr,
-              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-              BASE2: tl.constexpr):
-    """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C); the visibility mask only
-    where some row of the tile cannot see all of them (MASKED). BASE2: qk_scale includes log2 e."""
+              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C) in log2 units (qk_scale
+    includes log2 e); the visibility mask only where some row of the tile cannot see all of them
+    (MASKED)."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, kv_base, c, sk_c, C, D)
     v = load_blocks(V, kv_base, c, sk_c, C, D)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), s, float("-inf"))
-    return softmax_step(s, m, s_sum, acc, v, BASE2)
+    return softmax_step(s, m, s_sum, acc, v, True)
 
 
 @triton.jit
-def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-           BASE2: tl.constexpr):
-    """Backward's recomputed probabilities exp(s - lse) (lse +inf on idle rows: 0 there), masked
-    only where some row cannot see every block of the chunk (MASKED). BASE2: qk_scale and lse
-    in log2 units (one multiply less per logit)."""
-    if BASE2:
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-    else:
-        p = tl.exp(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Backward's recomputed probabilities 2^(s - lse), logits and lse in log2 units (lse +inf on
+    idle rows: 0 there), masked only where some row cannot see every block of the chunk (MASKED)."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), p, 0.0)
     return p
@@ -81,12 +76,11 @@ def _full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr,
 
 @triton.jit
 def _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, MASKED: tl.constexpr,
-             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-             BASE2: tl.constexpr):
+             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, kv_base, c, sk_c, C, D)
     v = load_blocks(V, kv_base, c, sk_c, C, D)
-    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, BASE2)
+    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
 
@@ -94,15 +88,15 @@ def _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale,
 @triton.jit
 def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
               MASKED: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
-              D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BASE2: tl.constexpr):
+              D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """dV~ += P^T dO and dK~ += dS^T Q (unscaled) over one token tile."""
     t, g, row_ok = tile_rows(tile * BLOCK_T, T, G, G_PAD, BLOCK_T, ROWS)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, BASE2)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
     delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, BASE2)
+    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -115,7 +109,7 @@ def _fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BASE2: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
@@ -130,11 +124,11 @@ def _fwd_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, False,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, BASE2)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(c_mid, c_end, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, BASE2)
-    out, lse = softmax_finish(m, s_sum, acc, BASE2)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+    out, lse = softmax_finish(m, s_sum, acc, True)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
@@ -146,7 +140,7 @@ def _bwd_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BASE2: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, o, do, dq share strides);
     stores delta for the dK~/dV~ pass."""
@@ -156,7 +150,7 @@ def _bwd_dq_kernel(
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, BASE2)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
     c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
@@ -164,10 +158,10 @@ def _bwd_dq_kernel(
     dq = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
         dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, False,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, BASE2)
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(c_mid, c_end, BLOCK_C):
         dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, True,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, BASE2)
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -177,7 +171,7 @@ def _bwd_dkv_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, sd_b, sd_h, sd_c,
     T, C, HKV, TILES_PER_SPLIT, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BASE2: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
     compressed tile add into fp32 buffers with atomics. Token tiles that see the whole compressed
@@ -202,10 +196,10 @@ def _bwd_dkv_kernel(
     dv = tl.zeros([BLOCK_C, D], tl.float32)
     for tile in range(tile_lo, tile_mid):
         dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                           True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE, BASE2)
+                           True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     for tile in range(tile_mid, tile_hi):
         dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                           False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE, BASE2)
+                           False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     if tile_hi > tile_lo:
         out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=(c < C)[:, None])
@@ -223,13 +217,12 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # Session 9 (H200, results/h200/session9-compression/kernel_tuning): with packed tiles and the mask
 # split the forward's best is 128 rows, 64-wide, 8 warps, 3 stages (6.87 ms; 64/32/4/2 packed 8.47,
 # padded 7.15); packing took the backward from 17.0 to 16.4 ms.
-# "base2": logits scaled by log2 e on the host, exp2 in the kernel (one multiply less per logit;
-# NOTES Lever 28); None = the BASE2 rule, for every shape.
-BASE2 = False
+# Session 12 (H200, results/h200/session12-levers/): exp2 on log2-unit logits and lse took the
+# forward from 6.81 to 4.98 ms and the backward from 16.55 to ~15.5 ms (NOTES Lever 28).
 TUNING = {
-    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "base2": None},
-    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True, "base2": None},
-    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True, "base2": None},
+    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True},
+    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True},
+    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True},
 }
 load_tuning_file("compression", TUNING)
 
@@ -248,14 +241,8 @@ def _launch_params(q, k_cmp, kernel: str):
     g_pad, block_t = rows_per_tile(G, rows, packed=tune.get("packed", True))
     rows = triton.next_power_of_2(block_t * g_pad)  # rows_per_tile may return fewer than asked (G > rows)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, ROWS=rows, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
-                  num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2),
-                  BASE2=tune.get("base2", BASE2))
+                  num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
     return B, Hq, Hkv, T, D, block_t, consts
-
-
-def _qk_scale(scale: float, consts: dict) -> float:
-    """The logits' scale as the kernel applies it: in log2 units when it uses exp2."""
-    return scale * LOG2E if consts["BASE2"] else scale
 
 
 def _check(q, k_cmp, v_cmp):
@@ -278,7 +265,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
         q, k_cmp, v_cmp, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        T, k_cmp.shape[2], _qk_scale(scale, consts), CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
+        T, k_cmp.shape[2], scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     return out, lse
 
@@ -297,7 +284,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
-        q, k_cmp, v_cmp, out, grad_out, lse, delta, dq, *strides, T, C, scale, _qk_scale(scale, consts),
+        q, k_cmp, v_cmp, out, grad_out, lse, delta, dq, *strides, T, C, scale, scale * LOG2E,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     # Split the token axis so the short compressed axis still fills the GPU (>= DKV_PROGRAMS).
@@ -310,7 +297,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     tiles_per_split = triton.cdiv(tiles, splits)
     _bwd_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
         q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        T, C, Hkv, tiles_per_split, scale, _qk_scale(scale, consts), CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
+        T, C, Hkv, tiles_per_split, scale, scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 

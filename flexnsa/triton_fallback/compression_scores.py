@@ -34,21 +34,21 @@ from .tiles import (
 # stages instead of Triton's default 3 took the scores + top-n stage from 11.1 to 9.8 ms. With the
 # lse given (one pass, Lever 14; results/h100/session6-8K-32K-128K/kernel_tuning): 32-wide
 # compressed tiles and 4 warps, 6.6 -> 5.4 ms.
-# "transposed": logits as [blocks, rows], exp2, mask split (NOTES Lever 29); None = the TRANSPOSED
-# rule, for every shape.
-TRANSPOSED = False
-TUNING = {"scores": {"rows": 128, "block_c": 32, "num_warps": 4, "num_stages": 2, "transposed": None}}
+# Session 12 (H200, results/h200/session12-levers/): with the logits as [blocks, rows] (Lever 29)
+# 64-wide compressed tiles, 4 warps, 2 stages: 5.31 -> 3.25 ms.
+TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2}}
 load_tuning_file("scores", TUNING)
 
 
 @triton.jit
-def _transposed_chunk(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h, ss_t,
+def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h, ss_t,
                       MASKED: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                       D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr):
-    """Scores of blocks [c0, c0 + BLOCK_C) with the logits as [blocks, rows] (K~ Q^T): the sums
-    over a token's heads and the summed tokens run along each thread's own columns (shuffles),
-    not across warps; exp2 on log2-unit logits and lse; the visibility mask only where some row
-    cannot see the whole chunk (MASKED), else just the idle rows."""
+    """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T): the sums over
+    a token's heads and the summed tokens run along each thread's own columns (shuffles), not
+    across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K); exp2 on
+    log2-unit logits and lse; the visibility mask only where some row cannot see the whole chunk
+    (MASKED), else just the idle rows."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, k_base, c, sk_c, C, D)
     p = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -68,7 +68,7 @@ def _group_scores_kernel(
     T0, T1, C, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
-    GIVEN_LSE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    GIVEN_LSE: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
@@ -87,26 +87,16 @@ def _group_scores_kernel(
     # so a row's SUM tokens x G_PAD heads are consecutive tile rows (invisible ones are 0)
     row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
     row_in = (T0 + row * SUM < T1)
-    if TRANSPOSED:
-        qk_scale = scale * 1.4426950408889634
-        lse2 = lse_safe * 1.4426950408889634
-        c_mid = visible_block_end(T0 + pid_t * BLOCK_T, C, CMP_BLOCK, CMP_STRIDE)  # all rows see [0, c_mid)
-        c_mid = c_mid - c_mid % BLOCK_C
-        for c0 in range(0, c_mid, BLOCK_C):
-            _transposed_chunk(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                              ss_t, False, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
-        for c0 in range(c_mid, c_end, BLOCK_C):
-            _transposed_chunk(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                              ss_t, True, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
-    else:
-        for c0 in range(0, c_end, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            k = load_blocks(K, k_base, c, sk_c, C, D)
-            s = tl.dot(q, tl.trans(k)) * scale
-            p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.exp(s - lse_safe[:, None]), 0.0)
-            grouped = tl.sum(tl.reshape(p, (BLOCK_T // SUM, SUM * G_PAD, BLOCK_C)), 1)
-            ptr = SCORES + b * ss_b + h * ss_h + row[:, None] * ss_t + c[None, :]
-            tl.store(ptr, grouped, mask=row_in[:, None] & (c < C)[None, :])
+    qk_scale = scale * 1.4426950408889634  # log2 units: exp2
+    lse2 = lse_safe * 1.4426950408889634
+    c_mid = visible_block_end(T0 + pid_t * BLOCK_T, C, CMP_BLOCK, CMP_STRIDE)  # all rows see [0, c_mid)
+    c_mid = c_mid - c_mid % BLOCK_C
+    for c0 in range(0, c_mid, BLOCK_C):
+        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
+                      ss_t, False, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
+    for c0 in range(c_mid, c_end, BLOCK_C):
+        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
+                      ss_t, True, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
 
 
 def _launch_params(q, group: int) -> tuple[int, int, dict]:
@@ -114,7 +104,7 @@ def _launch_params(q, group: int) -> tuple[int, int, dict]:
     tune = tuning_for(TUNING, "scores", q)
     g_pad, block_t = rows_per_tile(group, tune.get("rows") or 128)
     consts = dict(BLOCK_C=tune.get("block_c") or 64, num_warps=tune.get("num_warps") or (8 if q.shape[-1] >= 128 else 4),
-                  TRANSPOSED=tune.get("transposed", TRANSPOSED))
+)
     if tune.get("num_stages"):
         consts["num_stages"] = tune["num_stages"]
     return g_pad, block_t, consts

@@ -38,9 +38,9 @@ from .tiles import (
 )
 
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
-CHUNK_PER_TOKEN = 64
+CHUNK_PER_TOKEN = 128  # with PACK_ENTRIES, per-token (NOTES Lever 27: 114.2 ms at 64, 107.2 at 128)
 PACKED = True  # the rule for TUNING's "packed" knob
-PACK_ENTRIES = False  # the rule for dK/dV's "entries" knob (NOTES Lever 27: not yet measured)
+PACK_ENTRIES = True  # the rule for dK/dV's "entries" knob (NOTES Lever 27: per-token backward 174.0 -> 107.2 ms)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
