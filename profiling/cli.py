@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="fwd,fwd+bwd")
     p.add_argument("--baselines", help="any of sdpa,fla,fla_cmp (fla's compression + top-n alone), or none")
     p.add_argument("--no-stages", action="store_true", help="time only the whole op")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time the op as CUDA-graph replays (flexnsa.cuda_graphs; GPU only, no stages): variants "
+                        "are named <selection>+cuda_graphs")
     p.add_argument("--keep-compiles", action="store_true",
                    help="do not reset torch.compile between lengths: what a variable-length run sees "
                         "(kernels recompiled for a symbolic length); default: each length compiled on its own")
@@ -157,6 +160,10 @@ def resolve(args) -> dict:
         }
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.cuda_graphs:
+        if device.type != "cuda":
+            raise UsageError("--cuda-graphs needs a CUDA GPU")
+        variants = {f"{name}+cuda_graphs": config for name, config in variants.items()}
     shape = Shape(args.batch, args.q_heads, args.kv_heads, args.head_dim, DTYPES[pick("dtype")], device)
     return dict(device=device, lengths=lengths, modes=modes, baselines=baselines, traces=traces, variants=variants, shape=shape)
 
@@ -258,7 +265,7 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
                 if kind == "nsa":
                     config = run["variants"][name]
                     stages = not args.no_stages and config.backend == "flex"
-                    row = measure_nsa(shape, T, config, mode, stages=stages, **timing)
+                    row = measure_nsa(shape, T, config, mode, stages=stages, cuda_graphs=args.cuda_graphs, **timing)
                     row["variant"] = name
                     report.annotate_flops(row, shape_dict, config)
                     results["nsa"].append(row)

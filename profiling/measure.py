@@ -12,11 +12,13 @@ The op's total is measured separately; the report shows the stage sum next to it
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from flexnsa import NSAConfig, nsa_attention
+from flexnsa.cuda_graphs import graphed_nsa_attention
 from flexnsa.backends import flex as stages
 
 from .timing import first_call_s, host_ms, median_ms, peak_memory_mb
@@ -56,16 +58,28 @@ def _with_backward(forward, grad_out, backward: bool):
     return lambda: forward().backward(grad_out)
 
 
-def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, stages: bool = True, seed: int = 0, warmup_ms=25, rep_ms=100) -> dict:
-    """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory."""
+def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, stages: bool = True, seed: int = 0, warmup_ms=25,
+                rep_ms=100, cuda_graphs: bool = False) -> dict:
+    """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory.
+    ``cuda_graphs``: the op as ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages;
+    compile seconds include the capture)."""
     backward = mode == "fwd+bwd"
     device = shape.device
     q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
     grad_out = torch.randn_like(q)
     timing = dict(warmup_ms=warmup_ms, rep_ms=rep_ms)
     with torch.set_grad_enabled(backward):
-        total_fn = _with_backward(lambda: nsa_attention(q, k, v, gates, config), grad_out, backward)
-        cold_s = first_call_s(total_fn, device)
+        if cuda_graphs:
+            start = time.perf_counter()
+            graphed = graphed_nsa_attention(q, k, v, gates, config)
+            torch.cuda.synchronize(device)
+            capture_s = time.perf_counter() - start
+            total_fn = _with_backward(lambda: graphed(q, k, v, gates), grad_out, backward)
+            stages = False
+        else:
+            capture_s = 0.0
+            total_fn = _with_backward(lambda: nsa_attention(q, k, v, gates, config), grad_out, backward)
+        cold_s = capture_s + first_call_s(total_fn, device)
         total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
         launch = host_ms(total_fn, device, grad_to_none=[q, k, v, gates])
         peak = peak_memory_mb(total_fn, device)

@@ -40,6 +40,7 @@ def test_tiny_cpu_run_writes_results(tmp_path):
         (["--window", "0"], "window"),
         (["--lengths", "4Q"], "not a length"),
         (["--q-heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
+        (["--cuda-graphs"], "--cuda-graphs needs a CUDA GPU"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path):
