@@ -1,22 +1,43 @@
 #!/usr/bin/env bash
-# Everything a GPU session should re-check after changes, in one device call (single GPU):
-# the GPU-marked tests (summary lines kept even if the call is cut short), then the 128K sweep
-# with the current defaults and all baselines. The GPU benchmark cases (tests/benchmarks, 56 of
-# them, first in pytest's order) are left to scripts/bench.sh: with them the suite outran 420 s on
-# a cold H100 (session 5). The default pytest limit is 420 s, the sweep 170 s (one 600 s call).
+# What a GPU session should re-check after changes, in parts that each fit one 600 s device call
+# (single GPU; session 12 on an H200: kernels ~350 s, op ~520 s, sweep ~170 s):
+#   kernels  the Triton kernels' GPU tests (compression, scores, selection) and CUDA graphs
+#   op       the whole op and the model (flex, window, custom ops, token-major, no host sync, hybrid layer, 7B forward)
+#   sweep    the 128K sweep with the current defaults and all baselines
+#   all      the three in a row (machines without a per-call limit)
+# The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
+# even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR [PYTEST_TIMEOUT_S] [SWEEP_TIMEOUT_S]
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR [PYTEST_TIMEOUT_S] [SWEEP_TIMEOUT_S]}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all}
+limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-# -rfE prints each failure's one-line reason in the summary; -p no:logging keeps DEBUG logs out.
-timeout "${2:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE tests --ignore=tests/benchmarks \
-  > "$out/gpu_tests.log" 2>&1
-echo "pytest exit $? (124 = cut by the timeout): $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests.log" | tail -1)"
-grep -E '^(FAILED|ERROR)' "$out/gpu_tests.log" | head -20
-timeout "${3:-170}" python3 -m profiling --lengths 128K --selection both --modes fwd,fwd+bwd \
-  --baselines sdpa,fla,fla_cmp --trace-lengths none --no-plots --out "$out/sweep128" 2>&1 | tail -1
-grep -E '^\| 128K' "$out/sweep128/report.md" 2>/dev/null
+KERNEL_TESTS="tests/test_triton_compression.py tests/test_triton_scores.py tests/test_triton_selection.py tests/test_cuda_graphs.py"
+OP_TESTS="tests/test_flex.py tests/test_triton_window.py tests/test_custom_ops.py tests/test_token_major.py tests/test_no_host_sync.py
+  tests/test_model_hybrid.py tests/test_model_forward_bench.py"
+
+gpu_tests() {  # name, files...: -rfE prints each failure's one-line reason; -p no:logging keeps DEBUG logs out
+  local name=$1; shift
+  timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE "$@" > "$out/gpu_tests_$name.log" 2>&1
+  echo "$name: pytest exit $? (124 = cut by the timeout): $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_$name.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_$name.log" | head -20
+}
+
+sweep() {
+  timeout "$limit" python3 -m profiling --lengths 128K --selection both --modes fwd,fwd+bwd \
+    --baselines sdpa,fla,fla_cmp --trace-lengths none --no-plots --out "$out/sweep128" 2>&1 | tail -1
+  grep -E '^\| 128K' "$out/sweep128/report.md" 2>/dev/null
+}
+
+case "$part" in
+  kernels) gpu_tests kernels $KERNEL_TESTS ;;
+  op) gpu_tests op $OP_TESTS ;;
+  sweep) sweep ;;
+  all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; sweep ;;
+  *) echo "unknown part '$part' (kernels, op, sweep or all)" >&2; exit 2 ;;
+esac

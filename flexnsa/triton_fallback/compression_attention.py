@@ -5,7 +5,8 @@ i*s + l <= t + 1; rows with nothing visible give 0 and lse -inf (the reference's
 
 Tiling is GQA-native: a program's rows are BLOCK_T tokens x the G heads of one kv group, packed
 (``tiles.rows_per_tile``: 9 tokens x 7 heads in 64 rows), so K~/V~ of the group are loaded once
-for all G heads. Only the chunks a tile's first token cannot see whole are masked.
+for all G heads. Only the chunks a tile's first token cannot see whole are masked. Logits and lse
+are in log2 units inside the kernels (exp2; NOTES Lever 28); the lse output is natural.
 
 Why not FlexAttention here: its backward gives dK/dV one program per kv block, and the compressed
 key axis is short (C = T/64), so at 32K only 16 programs did all the dK~/dV~ work (H100 trace in
@@ -54,7 +55,7 @@ def _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc,
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), s, float("-inf"))
-    return softmax_step(s, m, s_sum, acc, v, True)
+    return softmax_step(s, m, s_sum, acc, v)
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
     delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
     p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do)
@@ -128,7 +129,7 @@ def _fwd_kernel(
     for c0 in range(c_mid, c_end, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
                                   BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
-    out, lse = softmax_finish(m, s_sum, acc, True)
+    out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
@@ -150,7 +151,7 @@ def _bwd_dq_kernel(
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
     c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)

@@ -151,8 +151,8 @@ def _fwd_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
-        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v, True)
-    out, lse = softmax_finish(m, s_sum, acc, True)
+        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v)
+    out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
@@ -175,7 +175,7 @@ def _bwd_dq_kernel(
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+    lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     sel_row = SEL + b * ss_b + h * ss_h + r * ss_r
     kv_base = b * sk_b + h * sk_h
@@ -232,7 +232,7 @@ def _bwd_dkv_kernel(
                 row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
                 q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
                 do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-                lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h, True)
+                lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
                 delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
                 seen = _visible(keys, key_ok, t, row_ok, WINDOW)
                 p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
