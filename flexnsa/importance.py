@@ -85,11 +85,11 @@ def importance_top_n(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, cm
     else:
         lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
     if triton_scorer:
-        from .triton_fallback.compression_scores import tokens_summed_in_kernel
+        from .triton_fallback.compression_scores import partial_rows
         from .triton_fallback.custom_ops import compression_group_scores, compression_group_scores_given_lse
 
         # block-shared: the kernel returns tile sums and holds only its partials (tokens / in_kernel rows)
-        step = _chunk_tokens(B * Hkv * max(C, 1) // tokens_summed_in_kernel(q, Hq // Hkv, tile), tile)
+        step = _chunk_tokens(-(-B * Hkv * max(C, 1) * partial_rows(q, Hq // Hkv, tile) // tile), tile)
         scale = config.softmax_scale(D)
 
         def tile_scores(t0, t1):

@@ -11,6 +11,7 @@ from flexnsa.triton_fallback import use_triton_compression_attention, use_triton
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import fused_top_n_supported
 from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
+from flexnsa.triton_fallback import compression_scores as score_kernels
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 from flexnsa.triton_fallback.selection_top_n import selection_top_n
 
@@ -97,6 +98,21 @@ def test_group_scores_mask_split_interpreter(case, tokens_per_sum, given_lse):
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
+# Lever 30 (prepared, off): tile sums over packed rows, the chunk's (token, head) rows back to back in
+# 128-row programs, an output row per power-of-two group of a sum's rows: 8 x 7 = 56 rows (groups of
+# 8), 48 x 7 (16), 64 x 7 (64, C > 64 blocks), G = 1 and 3, a chunk not starting on a tile, own and
+# given lse.
+PACKED_CASES = [(CASES[0], 8, False), (CASES[0], 48, True), (CASES[1], 16, False), (CASES[4], 16, True),
+                (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 64, True), (("G3-T260", 6, 2, 260, 16, 16, 16, None), 32, False)]
+
+
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", PACKED_CASES,
+                         ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse" for c, n, g in PACKED_CASES])
+def test_group_scores_packed_tile_sums_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
+    monkeypatch.setattr(score_kernels, "PACKED", True)
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
+
+
 def test_given_lse_must_match_the_sequence():
     q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
     k_cmp = k[:, :, :4].contiguous()
@@ -121,6 +137,15 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
     # Reference on the rounded inputs; bf16 products accumulate in fp32 (rel. ~1e-3); fp32 dots
     # run as TF32 on Hopper (~5e-4). Tile sums add positive terms: the relative error stays.
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_group_scores_packed_tile_sums_gpu(dtype, given_lse, monkeypatch):
+    monkeypatch.setattr(score_kernels, "PACKED", True)
+    case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
+    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=64, given_lse=given_lse)
 
 
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])

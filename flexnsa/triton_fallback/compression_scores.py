@@ -36,19 +36,24 @@ from .tiles import (
 # compressed tiles and 4 warps, 6.6 -> 5.4 ms.
 # Session 12 (H200, results/h200/session12-levers/): with the logits as [blocks, rows] (Lever 29)
 # 64-wide compressed tiles, 4 warps, 2 stages: 5.31 -> 3.25 ms.
-TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2}}
+# "packed": block-shared tile sums over packed rows (NOTES Lever 30, prepared; None = the PACKED
+# rule, off until measured): at G = 7 two 64-token tiles are exactly 7 programs of 128 rows
+# instead of 8 of 16 tokens x 8 head slots.
+PACKED = False
+TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None}}
 load_tuning_file("scores", TUNING)
 
 
 @triton.jit
 def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h, ss_t,
-                      MASKED: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                      D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr):
+                  MASKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                  D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T): the sums over
     a token's heads and the summed tokens run along each thread's own columns (shuffles), not
     across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K); exp2 on
     log2-unit logits and lse; the visibility mask only where some row cannot see the whole chunk
-    (MASKED), else just the idle rows."""
+    (MASKED), else just the idle rows. The program's ROWS rows are OUT_ROWS groups of consecutive
+    rows, one output row each."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, k_base, c, sk_c, C, D)
     p = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -56,7 +61,7 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, 
         p = tl.where(tl.trans(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)), p, 0.0)
     else:
         p = tl.where(row_ok[None, :], p, 0.0)
-    grouped = tl.sum(tl.reshape(p, (BLOCK_C, BLOCK_T // SUM, SUM * G_PAD)), 2)
+    grouped = tl.sum(tl.reshape(p, (BLOCK_C, OUT_ROWS, ROWS // OUT_ROWS)), 2)
     ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
     tl.store(ptr, grouped, mask=row_in[None, :] & (c < C)[:, None])
 
@@ -65,16 +70,33 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, 
 def _group_scores_kernel(
     Q, K, LSE, SCORES,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, ss_b, ss_h, ss_t,
-    T0, T1, C, scale,
+    T0, T1, C, scale, N_OUT,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
-    GIVEN_LSE: tl.constexpr,
+    GIVEN_LSE: tl.constexpr, PACKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t, g, row_ok = tile_rows(T0 + pid_t * BLOCK_T, T1, G, G_PAD, BLOCK_T, BLOCK_T * G_PAD)
+    if PACKED:  # rows pid*ROWS .. of the chunk's (token, head) rows, token-major, G per token;
+        # an output row per ROWS // OUT_ROWS of them (a divisor of a sum's rows: one sum each)
+        f = pid_t * ROWS + tl.arange(0, ROWS)
+        t = T0 + f // G
+        g = f % G
+        row_ok = t < T1
+        t_first = T0 + (pid_t * ROWS) // G
+        t_last = T0 + (pid_t * ROWS + ROWS - 1) // G
+        row = pid_t * OUT_ROWS + tl.arange(0, OUT_ROWS)
+        row_in = row < N_OUT
+    else:  # BLOCK_T whole tokens x G_PAD head slots; a row per SUM tokens
+        t_first = T0 + pid_t * BLOCK_T
+        t, g, row_ok = tile_rows(t_first, T1, G, G_PAD, BLOCK_T, ROWS)  # ROWS = BLOCK_T * G_PAD
+        t_last = t_first + BLOCK_T - 1
+        # row of the scores chunk: the sum over tokens T0 + SUM * row + [0, SUM); rows are
+        # token-major, so a row's SUM tokens x G_PAD heads are consecutive tile rows
+        row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
+        row_in = T0 + row * SUM < T1
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    c_end = visible_block_end(tl.minimum(T0 + pid_t * BLOCK_T + BLOCK_T, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)
+    c_end = visible_block_end(tl.minimum(t_last, T1 - 1), C, CMP_BLOCK, CMP_STRIDE)
     k_base = b * sk_b + h * sk_h
     if GIVEN_LSE:  # the whole sequence's lse, from the compression branch's forward
         lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
@@ -82,38 +104,52 @@ def _group_scores_kernel(
         lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
         tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    # row of the scores chunk: the sum over tokens T0 + SUM * row + [0, SUM); rows are token-major,
-    # so a row's SUM tokens x G_PAD heads are consecutive tile rows (invisible ones are 0)
-    row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
-    row_in = (T0 + row * SUM < T1)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see nothing: masked to 0
     qk_scale = scale * 1.4426950408889634  # log2 units: exp2
     lse2 = lse_safe * 1.4426950408889634
-    c_mid = visible_block_end(T0 + pid_t * BLOCK_T, C, CMP_BLOCK, CMP_STRIDE)  # all rows see [0, c_mid)
+    c_mid = visible_block_end(t_first, C, CMP_BLOCK, CMP_STRIDE)  # all rows see [0, c_mid)
     c_mid = c_mid - c_mid % BLOCK_C
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                      ss_t, False, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
+                      ss_t, False, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(c_mid, c_end, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                      ss_t, True, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, SUM)
+                      ss_t, True, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
 
 
 def _launch_params(q, group: int) -> tuple[int, int, dict]:
-    """(G_PAD, BLOCK_T, launch constants): 128-row tiles, 64 compressed blocks per step."""
+    """(G_PAD, BLOCK_T, launch constants) of the padded tiling: 128-row tiles, 64 compressed
+    blocks per step."""
     tune = tuning_for(TUNING, "scores", q)
     g_pad, block_t = rows_per_tile(group, tune.get("rows") or 128)
-    consts = dict(BLOCK_C=tune.get("block_c") or 64, num_warps=tune.get("num_warps") or (8 if q.shape[-1] >= 128 else 4),
-)
+    consts = dict(BLOCK_C=tune.get("block_c") or 64, num_warps=tune.get("num_warps") or (8 if q.shape[-1] >= 128 else 4))
     if tune.get("num_stages"):
         consts["num_stages"] = tune["num_stages"]
     return g_pad, block_t, consts
 
 
-def tokens_summed_in_kernel(q, group: int, tokens_per_sum: int) -> int:
-    """Tokens a program sums before its store: the largest power of two dividing tokens_per_sum
-    that fits the program's BLOCK_T tokens (1 = a row per token)."""
-    return min(tokens_per_sum & -tokens_per_sum, _launch_params(q, group)[1])
+def _packed(q, tokens_per_sum: int) -> bool:
+    """Tile sums over packed rows: the chunk's (token, head) rows back to back, no head slot
+    padded. Per-token scores keep the padded tiling, whose power-of-two head slots the group sum
+    reshapes over (packed, a token's G = 7 rows have no power-of-two group)."""
+    return tokens_per_sum > 1 and tuning_for(TUNING, "scores", q).get("packed", PACKED)
+
+
+def _group_rows(q, group: int, tokens_per_sum: int) -> int:
+    """Packed: rows per output row, the largest power of two dividing a sum's rows (so every
+    group lies in one sum) that fits a program (448 rows of a 64-token tile at G = 7: 64)."""
+    rows = tuning_for(TUNING, "scores", q).get("rows") or 128
+    n = tokens_per_sum * group
+    return min(n & -n, rows)
+
+
+def partial_rows(q, group: int, tokens_per_sum: int) -> int:
+    """Rows the kernel writes per summed row (PyTorch adds them afterwards): packed, a sum's rows
+    over the power-of-two group; padded, tokens_per_sum over the power of two of its tokens a
+    program sums (1 = summed wholly in registers)."""
+    if _packed(q, tokens_per_sum):
+        return tokens_per_sum * group // _group_rows(q, group, tokens_per_sum)
+    return tokens_per_sum // min(tokens_per_sum & -tokens_per_sum, _launch_params(q, group)[1])
 
 
 def compression_group_scores(
@@ -145,20 +181,27 @@ def compression_group_scores(
     if given:
         check_given_lse(lse, q)
     g_pad, block_t, consts = _launch_params(q, G)
-    in_kernel = tokens_summed_in_kernel(q, G, tokens_per_sum)
-    rest = tokens_per_sum // in_kernel  # summed afterwards, over the kernel's partial rows
+    rest = partial_rows(q, G, tokens_per_sum)  # summed afterwards, over the kernel's partial rows
     rows = triton.cdiv(t1 - t0, tokens_per_sum)
     scores = torch.zeros(B, Hkv, rows * rest, C, device=q.device, dtype=torch.float32)
     if not given:
         lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
     if t1 > t0:
-        grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
+        if _packed(q, tokens_per_sum):
+            per_program = block_t * g_pad  # the padded tiling's rows, all of them used
+            tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program,
+                          OUT_ROWS=per_program // _group_rows(q, G, tokens_per_sum), PACKED=True)
+            grid = (triton.cdiv((t1 - t0) * G, per_program), Hkv, B)
+        else:
+            in_kernel = tokens_per_sum // rest
+            tiling = dict(G_PAD=g_pad, BLOCK_T=block_t, SUM=in_kernel, ROWS=block_t * g_pad,
+                          OUT_ROWS=block_t // in_kernel, PACKED=False)
+            grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
         _group_scores_kernel[grid](
             q, k_cmp, lse, scores,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
-            t0, t1, C, scale,
-            G=G, G_PAD=g_pad, BLOCK_T=block_t, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, SUM=in_kernel,
-            GIVEN_LSE=given, **consts,
+            t0, t1, C, scale, rows * rest,
+            G=G, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, **tiling, **consts,
         )
     return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), (None if given else lse)
