@@ -11,6 +11,8 @@ and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T,
 Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
 consecutive tokens: the power of two of them that fits a program is summed in registers before
 the store (16x fewer bytes at Q7B's tile of 64), the rest by PyTorch over the much smaller partials.
+With the ``packed`` knob (NOTES Lever 30, off until measured) tile sums run over the (token, head)
+rows back to back, no head slot padded, a partial per power-of-two group of a tile's rows.
 
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
