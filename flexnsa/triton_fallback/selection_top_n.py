@@ -73,9 +73,9 @@ def _top_n_kernel(
             q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
             q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see nothing: p = 0 below
-            s = tl.dot(q, tl.trans(k)) * scale
-            p = tl.where(visible(t, c, C, row_ok, BLOCK, BLOCK), tl.exp(s - lse[:, None]), 0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # log2 units; unseen rows: p = 0 below
+            s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+            p = tl.where(visible(t, c, C, row_ok, BLOCK, BLOCK), tl.exp2(s - lse[:, None]), 0.0)
             grouped = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_C)), 1)
             tile_scores += tl.sum(tl.reshape(grouped, (SEL_ROWS, BLOCK_T // SEL_ROWS, BLOCK_C)), 1)
         eligible = (c[None, :] <= cur[:, None]) & (first < T)[:, None]

@@ -142,18 +142,20 @@ def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 @triton.jit
 def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """Natural-log log-sum-exp of each row's visible compression logits (-inf where none)."""
+    """Natural-log log-sum-exp of each row's visible compression logits (-inf where none),
+    accumulated in log2 units with exp2 like ``softmax_step`` (NOTES Lever 28)."""
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     s_sum = tl.zeros([q.shape[0]], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # LOG2E
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = load_blocks(K, k_base, c, sk_c, C, D)
-        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_sum = s_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        s_sum = s_sum * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m = m_new
-    return tl.where(s_sum > 0, m + tl.log(s_sum), float("-inf"))
+    return tl.where(s_sum > 0, (m + tl.log2(s_sum)) * 0.6931471805599453, float("-inf"))
 
 
 @triton.jit
