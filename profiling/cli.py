@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gc
 import os
 import platform
 import subprocess
@@ -282,6 +283,8 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
                 print(f"error: {msg}; results so far are in {out_dir}", file=sys.stderr)
                 return 3
             finally:
+                if args.cuda_graphs:  # a capture's autograd.Function holds its graphs in a reference cycle:
+                    gc.collect()  # free their memory pool before the next measurement (baselines' peaks)
                 if shape.device.type == "cuda":
                     torch.cuda.empty_cache()
             report.write_json(results, out_dir)

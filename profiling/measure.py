@@ -62,7 +62,8 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
                 rep_ms=100, cuda_graphs: bool = False) -> dict:
     """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory.
     ``cuda_graphs``: the op as ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages;
-    compile seconds include the capture)."""
+    compile seconds include the capture; no peak memory: a replay reuses the graph's private pool,
+    which the allocator's peak counter does not see, so it would read low)."""
     backward = mode == "fwd+bwd"
     device = shape.device
     q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
@@ -82,7 +83,7 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
         cold_s = capture_s + first_call_s(total_fn, device)
         total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
         launch = host_ms(total_fn, device, grad_to_none=[q, k, v, gates])
-        peak = peak_memory_mb(total_fn, device)
+        peak = None if cuda_graphs else peak_memory_mb(total_fn, device)
         stage_ms = measure_stages(q, k, v, gates, grad_out, config, backward, timing) if stages else {}
     return {
         "mode": mode,
