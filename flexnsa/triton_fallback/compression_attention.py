@@ -24,6 +24,7 @@ from .tiles import (
     LOG2E,
     backward_lse,
     check_query,
+    full_chunks_end,
     kernel_layout,
     load_delta,
     load_blocks,
@@ -69,13 +70,6 @@ def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK
 
 
 @triton.jit
-def _full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """End of the chunks of BLOCK_C blocks that every token >= t_first sees whole (no mask)."""
-    c_full = visible_block_end(t_first, C, CMP_BLOCK, CMP_STRIDE)
-    return c_full - c_full % BLOCK_C
-
-
-@triton.jit
 def _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, MASKED: tl.constexpr,
              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     c = c0 + tl.arange(0, BLOCK_C)
@@ -118,7 +112,7 @@ def _fwd_kernel(
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
-    c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     kv_base = b * sk_b + h * sk_h
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s_sum = tl.zeros([ROWS], tl.float32)
@@ -154,7 +148,7 @@ def _bwd_dq_kernel(
     lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
     delta = store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h)
     c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, CMP_BLOCK, CMP_STRIDE)
-    c_mid = _full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     kv_base = b * sk_b + h * sk_h
     dq = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    check_given_lse, check_query, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows,
+    check_given_lse, check_query, full_chunks_end, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows,
     tuning_for, visible, visible_block_end,
 )
 
@@ -109,8 +109,7 @@ def _group_scores_kernel(
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see nothing: masked to 0
     qk_scale = scale * 1.4426950408889634  # log2 units: exp2
     lse2 = lse_safe * 1.4426950408889634
-    c_mid = visible_block_end(t_first, C, CMP_BLOCK, CMP_STRIDE)  # all rows see [0, c_mid)
-    c_mid = c_mid - c_mid % BLOCK_C
+    c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
                       ss_t, False, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
@@ -137,12 +136,17 @@ def _packed(q, tokens_per_sum: int) -> bool:
     return tokens_per_sum > 1 and tuning_for(TUNING, "scores", q).get("packed", PACKED)
 
 
+def _program_rows(q, group: int) -> int:
+    """Rows per program: the padded tiling's BLOCK_T x G_PAD; packed, all of them used."""
+    g_pad, block_t, _ = _launch_params(q, group)
+    return block_t * g_pad
+
+
 def _group_rows(q, group: int, tokens_per_sum: int) -> int:
     """Packed: rows per output row, the largest power of two dividing a sum's rows (so every
     group lies in one sum) that fits a program (448 rows of a 64-token tile at G = 7: 64)."""
-    rows = tuning_for(TUNING, "scores", q).get("rows") or 128
     n = tokens_per_sum * group
-    return min(n & -n, rows)
+    return min(n & -n, _program_rows(q, group))
 
 
 def partial_rows(q, group: int, tokens_per_sum: int) -> int:
@@ -190,7 +194,7 @@ def compression_group_scores(
         lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
     if t1 > t0:
         if _packed(q, tokens_per_sum):
-            per_program = block_t * g_pad  # the padded tiling's rows, all of them used
+            per_program = _program_rows(q, G)
             tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program,
                           OUT_ROWS=per_program // _group_rows(q, G, tokens_per_sum), PACKED=True)
             grid = (triton.cdiv((t1 - t0) * G, per_program), Hkv, B)

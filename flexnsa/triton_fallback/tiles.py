@@ -135,6 +135,14 @@ def visible_block_end(t_last, C, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constex
 
 
 @triton.jit
+def full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """End of the chunks of BLOCK_C blocks that every token >= t_first sees whole (no mask): the
+    compression kernels and the scorer mask only the chunks after it."""
+    c_full = visible_block_end(t_first, C, CMP_BLOCK, CMP_STRIDE)
+    return c_full - c_full % BLOCK_C
+
+
+@triton.jit
 def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
 
