@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from flexnsa import NSAConfig, nsa_attention
-from flexnsa.cuda_graphs import graphed_nsa_attention
 from flexnsa.backends import flex as stages
+from flexnsa.cuda_graphs import graphed_nsa_attention
 
 from .timing import first_call_s, host_ms, median_ms, peak_memory_mb
 
