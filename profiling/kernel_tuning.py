@@ -44,12 +44,18 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
            + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
+# TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.
+TMA_VARIANTS = [{"tma": True}, {"tma": True, "num_stages": 3}, {"tma": True, "rows": 128, "num_warps": 8},
+                {"tma": True, "rows": 128, "num_warps": 8, "num_stages": 3}]
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
-            [(128, 4, 2), (128, 8, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2)]] + [PADDED],
-    "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(128, 4, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
-          + [PADDED],
-    "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in [(32, 4, 2), (128, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2)]]
+            [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]
+           + [PADDED] + TMA_VARIANTS,
+    "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
+           [(128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
+          + [PADDED] + TMA_VARIANTS,
+    "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
+            [(32, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
            + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}, PADDED],
 }
 
@@ -64,8 +70,8 @@ SCORE_VARIANTS = {
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,
 # chunk), except dK/dV with "entries" (the default), which packs several tokens' rows into "rows".
 SLC_PER_TOKEN_VARIANTS = {
-    "fwd": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 4), (4, 1)]],
-    "dq": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]],
+    "fwd": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 4), (4, 1)]] + TMA_VARIANTS[:2],
+    "dq": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]] + TMA_VARIANTS[:2],
     "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(2, 2), (8, 2), (4, 3), (4, 1)]]
            + [{"chunk": 64}, {"chunk": 256}, {"rows": 128}]
            # Lever 27's A/B: one token's 7 rows in 16 per dK/dV iteration instead of 9 tokens' in 64

@@ -75,6 +75,13 @@ def test_selection_attention_padded_rows_interpreter(case, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[5]], ids=[CASES[i][0] for i in (0, 1, 3, 5)])
+def test_selection_attention_tma_interpreter(case, monkeypatch):
+    # K/V blocks as TMA boxes in the forward and dQ (Lever 31): zero-filled past T and for id -1.
+    monkeypatch.setattr(slc, "TMA", True)
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=[CASES[1][0], CASES[3][0], CASES[4][0]])
 def test_dkv_several_selection_rows_per_iteration_interpreter(case, packed, monkeypatch):
@@ -190,3 +197,13 @@ def test_inputs_beyond_32bit_offsets_are_refused():
         selection_attention_fwd(q, k, k, torch.zeros(4, 2**11, 2**8, 1, dtype=torch.int64), 16, 16, 0.25)
     with pytest.raises(ValueError, match="32-bit offsets"):
         compression_attention(q, k[:, :, :4], k[:, :, :4], 16, 16, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", [("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), ("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32)],
+                         ids=["Q7B-T3000-shared", "Q7B-T1000-per_token"])
+def test_selection_attention_tma_gpu(case, dtype, monkeypatch):
+    # The TMA K/V loads (Lever 31) natively: Hopper's bulk copies, zero fill past T and for id -1.
+    monkeypatch.setattr(slc, "TMA", True)
+    check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

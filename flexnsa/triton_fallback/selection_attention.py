@@ -41,18 +41,22 @@ CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows ar
 CHUNK_PER_TOKEN = 128  # with PACK_ENTRIES, per-token (NOTES Lever 27: 114.2 ms at 64, 107.2 at 128)
 PACKED = True  # the rule for TUNING's "packed" knob
 PACK_ENTRIES = True  # the rule for dK/dV's "entries" knob (NOTES Lever 27: per-token backward 174.0 -> 107.2 ms)
+TMA = False  # the rule for the forward's and dQ's "tma" knob: K/V blocks by TMA descriptor loads (NOTES Lever 31)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
 # memory), packed rows (PACKED). dK/dV also takes "chunk" (selection rows per program; rule: CHUNK /
 # CHUNK_PER_TOKEN) and "entries" (several selection rows per iteration when one row's tile has
 # fewer (token, head) rows than a program: per-token rows are 7 at G = 7; rule: PACK_ENTRIES).
+# The forward and dQ also take "tma": each selected K/V block as one TMA box (Hopper's bulk copy
+# engine, no per-thread addresses; blocks past T or unused ids -1 read as zeros); rule TMA. Used
+# where the block is a power of two >= 16 (a box covers it exactly), else pointer loads.
 # Measured at 128K: on an H100 with padded rows (profiling/results/h100/kernel_tuning, NOTES Lever 10)
 # no dQ or dK/dV variant beat the rule by 3%; on an H200 with packed rows (results/h200/session11-
 # lever26-tuning, Lever 26) 64-row forward programs beat 128-row ones by 8.5% (10.63 vs 11.62 ms).
 TUNING = {
-    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None},
-    "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None},
+    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
+    "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None},
 }
 load_tuning_file("selection", TUNING)
@@ -124,13 +128,22 @@ def _load_keys(PTR, base, keys, key_ok, s_t, D: tl.constexpr):
 
 
 @triton.jit
+def _load_block(X, kv_base, b, h, blk, keys, key_ok, s_t, L: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """The [L, D] K or V tile of block blk: by TMA (X a [B, Hkv, T, D] descriptor; rows outside
+    [0, T) read as 0, which covers blk = -1) or by pointers (X a pointer, masked by key_ok)."""
+    if TMA:
+        return tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
+    return _load_keys(X, kv_base, keys, key_ok, s_t, D)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, SEL, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: ROWS (token, head) rows of one selection row's tile over its N_SEL blocks.
     Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
@@ -146,8 +159,8 @@ def _fwd_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
-        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
-        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        k = _load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        v = _load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
@@ -165,7 +178,7 @@ def _bwd_dq_kernel(
     T, scale, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, o, do, dq share strides);
     stores delta for the dK/dV pass."""
@@ -182,8 +195,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
-        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
-        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        k = _load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        v = _load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             p = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), p, 0.0)
@@ -317,15 +330,32 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
             block_t *= 2
         g_pad = max(g_pad, 16 // block_t)
         rows_per = block_t * g_pad
+    block_n = max(16, triton.next_power_of_2(block_size))
+    tma = kernel != "dkv" and bool(tune.get("tma", TMA)) and block_n == block_size and all(map(_tma_ready, (k, v)))
     per = 1  # dK/dV: selection rows per iteration
     if kernel == "dkv" and tune.get("entries", PACK_ENTRIES) and 2 * tile * g_pad <= target:
         rows_per = target
         per = target // (tile * g_pad)
     stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
-    consts = dict(TILE=tile, L=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
+    consts = dict(TILE=tile, L=block_size, BLOCK_N=block_n,
                   G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
                   num_warps=tune.get("num_warps") or 4, num_stages=stages)
-    return consts | ({"PER": per} if kernel == "dkv" else {})
+    return consts | ({"PER": per} if kernel == "dkv" else {"TMA": tma})
+
+
+def _tma_ready(x) -> bool:
+    """A [B, Hkv, T, D] descriptor can cover x: 16-byte aligned base and strides (TMA's rule)."""
+    return x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+
+
+def _kv_operands(k, v, consts: dict):
+    """K and V as the kernels take them: TMA descriptors with one block per box, or the tensors."""
+    if not consts["TMA"]:
+        return k, v
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    box = [1, 1, consts["L"], consts["D"]]
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in (k, v))
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
@@ -341,7 +371,7 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     if T == 0:
         return out, lse
     _fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, k, v, rows, out, lse,
+        q, *_kv_operands(k, v, consts), rows, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3], **consts,
@@ -365,7 +395,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _bwd_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, k, v, out, grad_out, rows, lse, delta, dq, *q_strides,
+        q, *_kv_operands(k, v, consts), out, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
