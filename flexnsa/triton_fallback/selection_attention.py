@@ -132,8 +132,10 @@ def _load_block(X, kv_base, b, h, blk, keys, key_ok, s_t, L: tl.constexpr, D: tl
     """The [L, D] K or V tile of block blk: by TMA (X a [B, Hkv, T, D] descriptor; rows outside
     [0, T) read as 0, which covers blk = -1) or by pointers (X a pointer, masked by key_ok)."""
     if TMA:
-        return tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
-    return _load_keys(X, kv_base, keys, key_ok, s_t, D)
+        x = tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
+    else:  # (not an early return: the code after one is compiled for descriptors too)
+        x = _load_keys(X, kv_base, keys, key_ok, s_t, D)
+    return x
 
 
 @triton.jit
