@@ -11,8 +11,11 @@ and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T,
 Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
 consecutive tokens: the power of two of them that fits a program is summed in registers before
 the store (16x fewer bytes at Q7B's tile of 64), the rest by PyTorch over the much smaller partials.
-With the ``packed`` knob (NOTES Lever 30, off until measured) tile sums run over the (token, head)
-rows back to back, no head slot padded, a partial per power-of-two group of a tile's rows.
+With the ``packed`` knob (NOTES Lever 30, off until measured) the rows are the chunk's (token,
+head) rows back to back, no head slot padded: tile sums write a partial per power-of-two group of
+a tile's rows; per-token scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's
+run of G rows, which no power-of-two reshape groups, by a matmul with a 0/1 token indicator, and
+add a token split between two programs atomically.
 
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
@@ -38,24 +41,27 @@ from .tiles import (
 # compressed tiles and 4 warps, 6.6 -> 5.4 ms.
 # Session 12 (H200, results/h200/session12-levers/): with the logits as [blocks, rows] (Lever 29)
 # 64-wide compressed tiles, 4 warps, 2 stages: 5.31 -> 3.25 ms.
-# "packed": block-shared tile sums over packed rows (NOTES Lever 30, prepared; None = the PACKED
-# rule, off until measured): at G = 7 two 64-token tiles are exactly 7 programs of 128 rows
-# instead of 8 of 16 tokens x 8 head slots.
+# "packed": rows packed, no head slot padded (NOTES Lever 30, prepared; None = the PACKED rule,
+# off until measured): block-shared, two 64-token tiles at G = 7 are exactly 7 programs of 128 rows
+# instead of 8 of 16 tokens x 8 head slots; per token, 7 programs per 128 tokens instead of 8, the
+# head sum an indicator matmul (tf32x3) onto 32 token columns per program.
 PACKED = False
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None}}
 load_tuning_file("scores", TUNING)
 
 
 @triton.jit
-def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h, ss_t,
-                  MASKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                  D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h, ss_b,
+                  ss_h, ss_t, MASKED: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
+                  OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                  CMP_STRIDE: tl.constexpr):
     """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T): the sums over
     a token's heads and the summed tokens run along each thread's own columns (shuffles), not
     across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K); exp2 on
     log2-unit logits and lse; the visibility mask only where some row cannot see the whole chunk
     (MASKED), else just the idle rows. The program's ROWS rows are OUT_ROWS groups of consecutive
-    rows, one output row each."""
+    rows, one output row each; SEGMENTED (packed per-token rows, G not a power of two, which no
+    reshape groups), OUT_ROWS token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, k_base, c, sk_c, C, D)
     p = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -63,9 +69,20 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, 
         p = tl.where(tl.trans(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)), p, 0.0)
     else:
         p = tl.where(row_ok[None, :], p, 0.0)
-    grouped = tl.sum(tl.reshape(p, (BLOCK_C, OUT_ROWS, ROWS // OUT_ROWS)), 2)
     ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
-    tl.store(ptr, grouped, mask=row_in[None, :] & (c < C)[:, None])
+    out_ok = row_in[None, :] & (c < C)[:, None]
+    if SEGMENTED:
+        # tf32x3 (p split into two tf32 halves, ~22 mantissa bits; the 0/1 indicator is exact in
+        # tf32, so the error is fp32-like): one dot, and fp32 operands the interpreter computes
+        # exactly, where a bf16 hi/lo split would need the bf16 dot that is wrong there (PITFALLS)
+        grouped = tl.dot(p, seg, input_precision="tf32x3")
+        # a token split between two programs gets two partials: atomics onto the zeroed scores,
+        # exact in either order (0 + a + b == 0 + b + a); the program's own tokens a plain store
+        tl.atomic_add(ptr, grouped, mask=out_ok & shared[None, :])
+        tl.store(ptr, grouped, mask=out_ok & ~shared[None, :])
+    else:
+        grouped = tl.sum(tl.reshape(p, (BLOCK_C, OUT_ROWS, ROWS // OUT_ROWS)), 2)
+        tl.store(ptr, grouped, mask=out_ok)
 
 
 @triton.jit
@@ -76,6 +93,7 @@ def _group_scores_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
     GIVEN_LSE: tl.constexpr, PACKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PACKED:  # rows pid*ROWS .. of the chunk's (token, head) rows, token-major, G per token;
@@ -86,8 +104,17 @@ def _group_scores_kernel(
         row_ok = t < T1
         t_first = T0 + (pid_t * ROWS) // G
         t_last = T0 + (pid_t * ROWS + ROWS - 1) // G
-        row = pid_t * OUT_ROWS + tl.arange(0, OUT_ROWS)
-        row_in = row < N_OUT
+        if SEGMENTED:  # per token: a column per token the rows touch, u = t - t_first
+            u = tl.arange(0, OUT_ROWS)
+            row = t_first - T0 + u
+            row_in = (u <= t_last - t_first) & (row < T1 - T0)
+            seg = (((t - t_first)[:, None] == u[None, :]) & row_ok[:, None]).to(tl.float32)
+            # tokens whose G rows [row * G, row * G + G) are not all this program's (first, last)
+            shared = (row * G < pid_t * ROWS) | (row * G + G > pid_t * ROWS + ROWS)
+        else:
+            row = pid_t * OUT_ROWS + tl.arange(0, OUT_ROWS)
+            row_in = row < N_OUT
+            seg, shared = 0.0, row_in  # unused
     else:  # BLOCK_T whole tokens x G_PAD head slots; a row per SUM tokens
         t_first = T0 + pid_t * BLOCK_T
         t, g, row_ok = tile_rows(t_first, T1, G, G_PAD, BLOCK_T, ROWS)  # ROWS = BLOCK_T * G_PAD
@@ -96,6 +123,7 @@ def _group_scores_kernel(
         # token-major, so a row's SUM tokens x G_PAD heads are consecutive tile rows
         row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
         row_in = T0 + row * SUM < T1
+        seg, shared = 0.0, row_in  # unused
     q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     c_end = visible_block_end(tl.minimum(t_last, T1 - 1), C, CMP_BLOCK, CMP_STRIDE)
@@ -111,11 +139,11 @@ def _group_scores_kernel(
     lse2 = lse_safe * 1.4426950408889634
     c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
-        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                      ss_t, False, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
+                      ss_b, ss_h, ss_t, False, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(c_mid, c_end, BLOCK_C):
-        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, lse2, C, qk_scale, b, h, ss_b, ss_h,
-                      ss_t, True, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
+                      ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
 
 
 def _launch_params(q, group: int) -> tuple[int, int, dict]:
@@ -129,17 +157,29 @@ def _launch_params(q, group: int) -> tuple[int, int, dict]:
     return g_pad, block_t, consts
 
 
-def _packed(q, tokens_per_sum: int) -> bool:
-    """Tile sums over packed rows: the chunk's (token, head) rows back to back, no head slot
-    padded. Per-token scores keep the padded tiling, whose power-of-two head slots the group sum
-    reshapes over (packed, a token's G = 7 rows have no power-of-two group)."""
-    return tokens_per_sum > 1 and tuning_for(TUNING, "scores", q).get("packed", PACKED)
+def _packed(q) -> bool:
+    """Packed rows: the chunk's (token, head) rows back to back, no head slot padded."""
+    return tuning_for(TUNING, "scores", q).get("packed", PACKED)
+
+
+def _segmented(group: int, tokens_per_sum: int) -> bool:
+    """Packed per-token scores whose head sum no power-of-two reshape can group (G = 7): summed by
+    the indicator matmul instead. At a power-of-two G packed rows are the padded ones, reshaped."""
+    return tokens_per_sum == 1 and group & (group - 1) != 0
 
 
 def _program_rows(q, group: int) -> int:
     """Rows per program: the padded tiling's BLOCK_T x G_PAD; packed, all of them used."""
     g_pad, block_t, _ = _launch_params(q, group)
     return block_t * g_pad
+
+
+def _program_tokens(rows: int, group: int) -> int:
+    """Segmented: token columns per program, a power of two >= the tokens its rows can touch (rows
+    from offset a = pid * rows mod G reach floor((a + rows - 1) / G) + 1 tokens; 20 -> 32 for 128
+    rows at G = 7), at least 16 for the dot. rows > G (a power of two above a non-power-of-two G),
+    so a token's rows lie in at most two programs."""
+    return max(16, triton.next_power_of_2((rows + group - 2) // group + 1))
 
 
 def _group_rows(q, group: int, tokens_per_sum: int) -> int:
@@ -151,9 +191,11 @@ def _group_rows(q, group: int, tokens_per_sum: int) -> int:
 
 def partial_rows(q, group: int, tokens_per_sum: int) -> int:
     """Rows the kernel writes per summed row (PyTorch adds them afterwards): packed, a sum's rows
-    over the power-of-two group; padded, tokens_per_sum over the power of two of its tokens a
-    program sums (1 = summed wholly in registers)."""
-    if _packed(q, tokens_per_sum):
+    over the power-of-two group (segmented per-token sums: 1); padded, tokens_per_sum over the
+    power of two of its tokens a program sums (1 = summed wholly in registers)."""
+    if _packed(q):
+        if _segmented(group, tokens_per_sum):
+            return 1
         return tokens_per_sum * group // _group_rows(q, group, tokens_per_sum)
     return tokens_per_sum // min(tokens_per_sum & -tokens_per_sum, _launch_params(q, group)[1])
 
@@ -193,15 +235,17 @@ def compression_group_scores(
     if not given:
         lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
     if t1 > t0:
-        if _packed(q, tokens_per_sum):
+        if _packed(q):
             per_program = _program_rows(q, G)
-            tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program,
-                          OUT_ROWS=per_program // _group_rows(q, G, tokens_per_sum), PACKED=True)
+            segmented = _segmented(G, tokens_per_sum)
+            out_rows = _program_tokens(per_program, G) if segmented else per_program // _group_rows(q, G, tokens_per_sum)
+            tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program, OUT_ROWS=out_rows, PACKED=True,
+                          SEGMENTED=segmented)
             grid = (triton.cdiv((t1 - t0) * G, per_program), Hkv, B)
         else:
             in_kernel = tokens_per_sum // rest
             tiling = dict(G_PAD=g_pad, BLOCK_T=block_t, SUM=in_kernel, ROWS=block_t * g_pad,
-                          OUT_ROWS=block_t // in_kernel, PACKED=False)
+                          OUT_ROWS=block_t // in_kernel, PACKED=False, SEGMENTED=False)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
         _group_scores_kernel[grid](
             q, k_cmp, lse, scores,
