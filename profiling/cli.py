@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
+import json
 import os
 import platform
 import subprocess
@@ -216,7 +217,13 @@ def device_stamp() -> dict:
     import triton
 
     return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-            "triton": triton.__version__, "commit": git_state()[0]}
+            "triton": triton.__version__, "commit": git_state()[0], "tuning_file": tuning_file()}
+
+
+def tuning_file() -> dict | None:
+    """The launch overrides of FLEXNSA_TUNING, if set: a run under them is not the commit's defaults."""
+    path = os.environ.get("FLEXNSA_TUNING")
+    return json.loads(Path(path).read_text()) if path else None
 
 
 def metadata(run: dict, args_list: list[str]) -> dict:
@@ -235,6 +242,7 @@ def metadata(run: dict, args_list: list[str]) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": args_list,
         "matmul_tflops": tflops,
+        "tuning_file": tuning_file(),
         "timing": "triton.testing.do_bench median (CUDA events)" if device.type == "cuda" else "host perf_counter median (CPU)",
     }
 

@@ -63,9 +63,10 @@ SCORE_VARIANTS = {
     "scores": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
                [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3),
                 (256, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]]
-              # Lever 30: packed rows (no head slot padded): block-shared tile sums, and with --ops
-              # scores:per_token the per-token scores (the head sum by an indicator matmul at G = 7)
-              + [{"packed": True}, {"packed": True, "rows": 64}, {"packed": True, "num_warps": 8}],
+              # Lever 30: packed rows (no head slot padded), block-shared tile sums
+              + [{"packed": True}, {"packed": True, "rows": 64}, {"packed": True, "num_warps": 8}]
+              # Lever 32: packed per-token scores (--ops scores:per_token; head sum by an indicator matmul at G = 7)
+              + [{"packed_per_token": True}, {"packed_per_token": True, "num_warps": 8}, {"packed_per_token": True, "block_c": 32}],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,

@@ -47,6 +47,7 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
         f"- shape B={shape['batch']} Hq={shape['q_heads']} Hkv={shape['kv_heads']} D={shape['head_dim']} {shape['dtype']}",
         f"- measured matmul rate {_fmt(meta.get('matmul_tflops'), 0)} TFLOP/s (floor = FLOPs / this rate; fwd+bwd = 3.5x fwd FLOPs)",
         f"- timing: {meta['timing']}",
+        *([f"- launch overrides (FLEXNSA_TUNING): `{json.dumps(meta['tuning_file'])}`"] if meta.get("tuning_file") else []),
         "",
         "Stage times are measured one stage at a time; their sum is shown next to the op's measured total. "
         "`speedup` = baseline time / NSA total in this run. `host ms`: the host's time to issue one call "

@@ -113,7 +113,7 @@ def test_group_scores_packed_tile_sums_interpreter(case, tokens_per_sum, given_l
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
-# Packed per-token scores (the same knob at tokens_per_sum = 1): at G = 7 (and 3) a token's G rows
+# Packed per-token scores (their own knob, PACKED_PER_TOKEN): at G = 7 (and 3) a token's G rows
 # are summed by the indicator matmul, tokens split between two programs by two atomic adds; at G = 1
 # packed rows are the padded ones. T < block, a chunk off a program boundary, stride 8, C > 64
 # (unmasked chunks); own and given lse.
@@ -123,22 +123,23 @@ PACKED_PER_TOKEN_CASES = CASES + [("G3-T260", 6, 2, 260, 16, 16, 16, None), ("G7
 @pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
 @pytest.mark.parametrize("case", PACKED_PER_TOKEN_CASES, ids=[c[0] for c in PACKED_PER_TOKEN_CASES])
 def test_group_scores_packed_per_token_interpreter(case, given_lse, monkeypatch):
-    monkeypatch.setattr(score_kernels, "PACKED", True)
+    monkeypatch.setattr(score_kernels, "PACKED_PER_TOKEN", True)
     check_kernel(case, torch.float32, "cpu", tol=1e-5, given_lse=given_lse)
 
 
 def test_packed_per_token_needs_no_partial_sums(monkeypatch):
     """Segmented per-token sums are whole in the kernel (nothing for PyTorch to add); tile sums keep theirs."""
-    monkeypatch.setattr(score_kernels, "PACKED", True)
+    monkeypatch.setattr(score_kernels, "PACKED_PER_TOKEN", True)
     q = torch.zeros(1, 7, 64, 16)
     assert score_kernels.partial_rows(q, 7, 1) == 1 and score_kernels.partial_rows(q, 1, 1) == 1
+    monkeypatch.setattr(score_kernels, "PACKED", True)
     assert score_kernels._program_tokens(128, 7) == 32 and score_kernels.partial_rows(q, 7, 8) == 7
 
 
 @pytest.mark.parametrize("stride", [16, 8], ids=["l=s", "overlap"])
 def test_importance_packed_per_token(monkeypatch, stride):
     """The op's chunked per-token selection over the packed scorer (as importance.py sizes its chunks)."""
-    monkeypatch.setattr(score_kernels, "PACKED", True)
+    monkeypatch.setattr(score_kernels, "PACKED_PER_TOKEN", True)
     test_importance_chunks_match_one_pass(monkeypatch, "per_token", "triton", stride)
     if stride == 8:  # the chunked scorer inside the op (stride 16 would take the fused top-n)
         test_op_with_triton_kernels_matches_reference("per_token", stride)
@@ -184,7 +185,7 @@ def test_group_scores_packed_tile_sums_gpu(dtype, given_lse, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_group_scores_packed_per_token_gpu(dtype, given_lse, monkeypatch):
     """The segmented per-token sum at Q7B (G = 7, 128-row programs: 32 token columns, tf32x3 dot)."""
-    monkeypatch.setattr(score_kernels, "PACKED", True)
+    monkeypatch.setattr(score_kernels, "PACKED_PER_TOKEN", True)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=1, given_lse=given_lse)
 

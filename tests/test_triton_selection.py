@@ -76,9 +76,9 @@ def test_selection_attention_padded_rows_interpreter(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[5]], ids=[CASES[i][0] for i in (0, 1, 3, 5)])
-def test_selection_attention_tma_interpreter(case, monkeypatch):
-    # K/V blocks as TMA boxes in the forward and dQ (Lever 31): zero-filled past T and for id -1.
-    monkeypatch.setattr(slc, "TMA", True)
+def test_selection_attention_pointer_loads_interpreter(case, monkeypatch):
+    # K/V blocks by per-thread pointers (the TMA rule off; shapes TMA cannot box use them too).
+    monkeypatch.setattr(slc, "TMA", False)
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
@@ -203,7 +203,7 @@ def test_inputs_beyond_32bit_offsets_are_refused():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", [("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), ("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32)],
                          ids=["Q7B-T3000-shared", "Q7B-T1000-per_token"])
-def test_selection_attention_tma_gpu(case, dtype, monkeypatch):
-    # The TMA K/V loads (Lever 31) natively: Hopper's bulk copies, zero fill past T and for id -1.
-    monkeypatch.setattr(slc, "TMA", True)
+def test_selection_attention_pointer_loads_gpu(case, dtype, monkeypatch):
+    # K/V blocks by pointers (the TMA rule off, Lever 31's A/B) natively.
+    monkeypatch.setattr(slc, "TMA", False)
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

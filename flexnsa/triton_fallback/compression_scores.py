@@ -45,8 +45,11 @@ from .tiles import (
 # off until measured): block-shared, two 64-token tiles at G = 7 are exactly 7 programs of 128 rows
 # instead of 8 of 16 tokens x 8 head slots; per token, 7 programs per 128 tokens instead of 8, the
 # head sum an indicator matmul (tf32x3) onto 32 token columns per program.
+# Measured (session 13, NOTES Lever 30): packed tile sums 4.00 ms against the padded 3.25, so
+# PACKED stays off; per-token scores have their own knob, "packed_per_token" (rule PACKED_PER_TOKEN).
 PACKED = False
-TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None}}
+PACKED_PER_TOKEN = False
+TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -157,8 +160,11 @@ def _launch_params(q, group: int) -> tuple[int, int, dict]:
     return g_pad, block_t, consts
 
 
-def _packed(q) -> bool:
-    """Packed rows: the chunk's (token, head) rows back to back, no head slot padded."""
+def _packed(q, tokens_per_sum: int) -> bool:
+    """Packed rows: the chunk's (token, head) rows back to back, no head slot padded (per-token
+    scores and tile sums each have their knob: they were measured apart)."""
+    if tokens_per_sum == 1:
+        return tuning_for(TUNING, "scores", q).get("packed_per_token", PACKED_PER_TOKEN)
     return tuning_for(TUNING, "scores", q).get("packed", PACKED)
 
 
@@ -193,7 +199,7 @@ def partial_rows(q, group: int, tokens_per_sum: int) -> int:
     """Rows the kernel writes per summed row (PyTorch adds them afterwards): packed, a sum's rows
     over the power-of-two group (segmented per-token sums: 1); padded, tokens_per_sum over the
     power of two of its tokens a program sums (1 = summed wholly in registers)."""
-    if _packed(q):
+    if _packed(q, tokens_per_sum):
         if _segmented(group, tokens_per_sum):
             return 1
         return tokens_per_sum * group // _group_rows(q, group, tokens_per_sum)
@@ -235,7 +241,7 @@ def compression_group_scores(
     if not given:
         lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
     if t1 > t0:
-        if _packed(q):
+        if _packed(q, tokens_per_sum):
             per_program = _program_rows(q, G)
             segmented = _segmented(G, tokens_per_sum)
             out_rows = _program_tokens(per_program, G) if segmented else per_program // _group_rows(q, G, tokens_per_sum)

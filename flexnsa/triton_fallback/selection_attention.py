@@ -41,7 +41,7 @@ CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows ar
 CHUNK_PER_TOKEN = 128  # with PACK_ENTRIES, per-token (NOTES Lever 27: 114.2 ms at 64, 107.2 at 128)
 PACKED = True  # the rule for TUNING's "packed" knob
 PACK_ENTRIES = True  # the rule for dK/dV's "entries" knob (NOTES Lever 27: per-token backward 174.0 -> 107.2 ms)
-TMA = False  # the rule for the forward's and dQ's "tma" knob: K/V blocks by TMA descriptor loads (NOTES Lever 31)
+TMA = True  # the rule for the forward's and dQ's "tma" knob (NOTES Lever 31: block-shared 128K fwd 10.54 -> 9.89 ms, dQ -1.1 ms)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -50,7 +50,10 @@ TMA = False  # the rule for the forward's and dQ's "tma" knob: K/V blocks by TMA
 # fewer (token, head) rows than a program: per-token rows are 7 at G = 7; rule: PACK_ENTRIES).
 # The forward and dQ also take "tma": each selected K/V block as one TMA box (Hopper's bulk copy
 # engine, no per-thread addresses; blocks past T or unused ids -1 read as zeros); rule TMA. Used
-# where the block is a power of two >= 16 (a box covers it exactly), else pointer loads.
+# where the block is a power of two >= 16 (a box covers it exactly) and K/V are 16-byte aligned,
+# else pointer loads (same values). Measured on an H200 (results/h200/session13-levers): block-
+# shared 128K forward 10.54 -> 9.89 ms, backward 33.86 -> 32.74 (dQ); per-token forward 65.3 ->
+# 61.4, backward 103.5 -> 106.8 (dQ, +3%, kept for one rule).
 # Measured at 128K: on an H100 with padded rows (profiling/results/h100/kernel_tuning, NOTES Lever 10)
 # no dQ or dK/dV variant beat the rule by 3%; on an H200 with packed rows (results/h200/session11-
 # lever26-tuning, Lever 26) 64-row forward programs beat 128-row ones by 8.5% (10.63 vs 11.62 ms).
