@@ -82,6 +82,14 @@ def test_selection_attention_pointer_loads_interpreter(case, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
+def test_tma_only_from_hopper_on(monkeypatch):
+    # An Ampere GPU cannot compile a descriptor load: the TMA rule must leave it pointer loads.
+    for major, expected in ((8, False), (9, True), (10, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert slc.has_tma(torch.device("cuda", 0)) is expected
+    assert slc.has_tma(torch.device("cpu"))  # the interpreter emulates descriptors
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=[CASES[1][0], CASES[3][0], CASES[4][0]])
 def test_dkv_several_selection_rows_per_iteration_interpreter(case, packed, monkeypatch):

@@ -349,8 +349,14 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
 
 
 def _tma_ready(x) -> bool:
-    """A [B, Hkv, T, D] descriptor can cover x: 16-byte aligned base and strides (TMA's rule)."""
-    return x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+    """A [B, Hkv, T, D] descriptor can cover x: a device with TMA, 16-byte aligned base and strides."""
+    return has_tma(x.device) and x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+
+
+def has_tma(device: torch.device) -> bool:
+    """TMA (the tensor memory accelerator) exists from Hopper (sm_90) on; before it a descriptor
+    load does not compile, so those GPUs keep pointer loads. The CPU interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _kv_operands(k, v, consts: dict):
