@@ -174,20 +174,13 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
 @pytest.mark.gpu
 @pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_group_scores_packed_tile_sums_gpu(dtype, given_lse, monkeypatch):
-    monkeypatch.setattr(score_kernels, "PACKED", True)
+@pytest.mark.parametrize("rule,tokens_per_sum", [("PACKED", 64), ("PACKED_PER_TOKEN", 1)], ids=["tile-sums", "per-token"])
+def test_group_scores_packed_gpu(rule, tokens_per_sum, dtype, given_lse, monkeypatch):
+    """Packed rows at Q7B (G = 7): tile sums (partials per 64 rows) and per-token sums (the
+    segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits)."""
+    monkeypatch.setattr(score_kernels, rule, True)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
-    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=64, given_lse=given_lse)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_group_scores_packed_per_token_gpu(dtype, given_lse, monkeypatch):
-    """The segmented per-token sum at Q7B (G = 7, 128-row programs: 32 token columns, tf32x3 dot)."""
-    monkeypatch.setattr(score_kernels, "PACKED_PER_TOKEN", True)
-    case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
-    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=1, given_lse=given_lse)
+    check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])
