@@ -17,17 +17,17 @@ def test_summary_of_a_small_trace(tmp_path):
         kernel("void at::native::elementwise_kernel<128, 4>(x)", 3000, 1),
         op("autograd::engine::evaluate_function: MulBackward0", 100, 50), op("aten::mul", 110, 10), launch(115, 2),
         kernel("void at::native::elementwise_kernel<128, 4>(y)", 1000, 2),
-        launch(200, 3), kernel("_bwd_dkv_kernel", 5000, 3),
+        launch(200, 3), kernel("_slc_dkv_kernel", 5000, 3),
         launch(300, 4), kernel("nvjet_sm90_tst_192x192", 2000, 4),
-        op("flexnsa::selection_attention_backward", 400, 50), launch(410, 5), kernel("_bwd_dkv_kernel", 2000, 5),
+        op("flexnsa::selection_attention_backward", 400, 50), launch(410, 5), kernel("_slc_dkv_kernel", 2000, 5),
     ]
     path = tmp_path / "step.pt.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     text = summarize(path)
     assert "GPU time 0.013 s in 5 kernels" in text
-    assert "| NSA Triton _bwd_dkv_kernel | 5.0 | 1 |" in text
-    assert "| NSA Triton _bwd_dkv_kernel (flexnsa::selection_attention_backward) | 2.0 | 1 |" in text
+    assert "| NSA Triton _slc_dkv_kernel | 5.0 | 1 |" in text
+    assert "| NSA Triton _slc_dkv_kernel (flexnsa::selection_attention_backward) | 2.0 | 1 |" in text
     assert "| GEMM | 2.0 | 1 |" in text
     assert "| aten at::native::elementwise_kernel | 4.0 | 2 |" in text
     assert "| 3.0 | `forward | aten::contiguous > aten::copy_` |" in text
@@ -48,7 +48,7 @@ def test_timeline_finds_idle_gaps_and_exposed_communication(tmp_path):
         launch(-50, 1), kernel("nvjet_sm90_a", 0, 100, 1),
         launch(-40, 2), kernel("ncclDevKernel_AllGather_RING_LL", 50, 250, 2),
         op("aten::cat", 380, 15), launch(390, 3), kernel("void at::native::CatArrayBatchedCopy<x>", 400, 100, 3),
-        launch(410, 4), kernel("_fwd_kernel", 520, 80, 4),
+        launch(410, 4), kernel("_cmp_fwd_kernel", 520, 80, 4),
     ]
     path = tmp_path / "step.pt.trace.json"
     path.write_text(json.dumps({"traceEvents": events}))

@@ -19,7 +19,9 @@ import json
 import re
 from pathlib import Path
 
-NSA_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkv_kernel", "_group_scores_kernel", "_top_n_kernel")
+# The Triton kernels' names: compression (_cmp_*), selection and Triton window (_slc_*), scorers.
+NSA_KERNELS = ("_cmp_fwd_kernel", "_cmp_dq_kernel", "_cmp_dkv_kernel", "_slc_fwd_kernel", "_slc_dq_kernel", "_slc_dkv_kernel",
+               "_group_scores_kernel", "_top_n_kernel")
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 

@@ -99,7 +99,7 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
 
 
 @triton.jit
-def _fwd_kernel(
+def _cmp_fwd_kernel(
     Q, K, V, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, qk_scale,
@@ -130,7 +130,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _cmp_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale, qk_scale,
@@ -161,7 +161,7 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _bwd_dkv_kernel(
+def _cmp_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, sd_b, sd_h, sd_c,
     T, C, HKV, TILES_PER_SPLIT, scale, qk_scale,
@@ -256,7 +256,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return out, lse
-    _fwd_kernel[(triton.cdiv(T, block_t), Hkv, B)](
+    _cmp_fwd_kernel[(triton.cdiv(T, block_t), Hkv, B)](
         q, k_cmp, v_cmp, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
@@ -278,7 +278,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
         return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
-    _bwd_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
+    _cmp_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
         q, k_cmp, v_cmp, out, grad_out, lse, delta, dq, *strides, T, C, scale, scale * LOG2E,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
@@ -290,7 +290,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     programs = tuning_for(TUNING, "dkv", q).get("programs") or DKV_PROGRAMS
     splits = max(1, min(tiles, triton.cdiv(programs, per_split)))
     tiles_per_split = triton.cdiv(tiles, splits)
-    _bwd_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
+    _cmp_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
         q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         T, C, Hkv, tiles_per_split, scale, scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )

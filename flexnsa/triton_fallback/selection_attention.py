@@ -142,7 +142,7 @@ def _load_block(X, kv_base, b, h, blk, keys, key_ok, s_t, L: tl.constexpr, D: tl
 
 
 @triton.jit
-def _fwd_kernel(
+def _slc_fwd_kernel(
     Q, K, V, SEL, O, LSE,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
     T, qk_scale,
@@ -177,7 +177,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _slc_dq_kernel(
     Q, K, V, O, DO, SEL, LSE, DELTA, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
     T, scale, qk_scale,
@@ -211,7 +211,7 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _bwd_dkv_kernel(
+def _slc_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
@@ -381,7 +381,7 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return out, lse
-    _fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
+    _slc_fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, *_kv_operands(k, v, consts), rows, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -405,7 +405,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    _bwd_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
+    _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, *_kv_operands(k, v, consts), out, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
@@ -415,7 +415,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
-    _bwd_dkv_kernel[(max_items,)](
+    _slc_dkv_kernel[(max_items,)](
         q, k, v, grad_out, lse, delta, dk, dv, items, row_of_entry, *q_strides,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
         T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
