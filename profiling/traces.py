@@ -31,6 +31,8 @@ def write_trace(shape: Shape, seq_len: int, config: NSAConfig, variant: str, mod
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def call():
+        for x in (q, k, v, gates):  # as the timed runs do (grad_to_none): no AccumulateGrad adds in the trace
+            x.grad = None
         with record_function(f"nsa_{mode}"):
             out = nsa_attention(q, k, v, gates, config)
             if backward:
