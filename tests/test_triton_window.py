@@ -44,10 +44,21 @@ def test_window_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-def test_window_dkv_chunks_split(monkeypatch):
-    # Chunks of 2 rows: each block's 3-4 window rows split into chunks that add by atomics.
+def test_window_dkv_one_item_per_block(monkeypatch):
+    # The window's dK/dV: one work item per block whatever CHUNK says (2 would split each block's
+    # 3-4 window rows), so every item stores alone and the gradients need no fp32 atomics buffer.
     monkeypatch.setattr(slc, "CHUNK", 2)
+    lists = []
+
+    def spy(rows, num_blocks, chunk):
+        lists.append(slc_reverse_lists(rows, num_blocks, chunk))
+        return lists[-1]
+
+    slc_reverse_lists = slc.reverse_lists
+    monkeypatch.setattr(slc, "reverse_lists", spy)
     check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=4)
+    owner, alone = lists[-1][0][0], lists[-1][0][3]
+    assert (owner >= 0).sum() == 2 * 2 * -(-200 // 16) and (alone[owner >= 0] == 1).all()
 
 
 def test_window_rows_span_exactly_the_window():

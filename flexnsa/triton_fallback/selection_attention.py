@@ -399,7 +399,13 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     Hkv = k.shape[1]
     grad_out, out, v = strides_like(grad_out, q), strides_like(out, q), strides_like(v, k)  # shared strides
     dq = torch.empty_like(q)
-    dk = torch.zeros_like(k, dtype=torch.float32)  # fp32 for the atomics; k's layout (so dv's too)
+    chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
+        chunk = max(chunk, rows.shape[2])
+    # fp32 for the atomics of blocks split over several items; k's layout (so dv's too). With one
+    # item per block (the window: a block is in n = 5 tiles' rows at Q7B) every item stores alone,
+    # so the gradients are written in k's dtype: no 2 x 268 MB fp32 buffers at 128K (NOTES Lever 33).
+    dk = torch.zeros_like(k, dtype=k.dtype if window > 0 else torch.float32)
     dv = torch.zeros_like(dk)
     if T == 0:
         return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -412,7 +418,6 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     )
     consts = _launch_params(q, k, v, rows, block_size, tile, "dkv", window)
     num_blocks = -(-T // block_size)
-    chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
