@@ -11,8 +11,9 @@ and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T,
 Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
 consecutive tokens: the power of two of them that fits a program is summed in registers before
 the store (16x fewer bytes at Q7B's tile of 64), the rest by PyTorch over the much smaller partials.
-With the ``packed`` knob (NOTES Lever 30, off until measured) the rows are the chunk's (token,
-head) rows back to back, no head slot padded: tile sums write a partial per power-of-two group of
+With the ``packed`` / ``packed_per_token`` knobs (NOTES Levers 30 and 32; both off: measured
+slower than the padded tiling on an H200) the rows are the chunk's (token, head) rows back to back,
+no head slot padded: tile sums write a partial per power-of-two group of
 a tile's rows; per-token scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's
 run of G rows, which no power-of-two reshape groups, by a matmul with a 0/1 token indicator, and
 add a token split between two programs atomically.
@@ -41,12 +42,12 @@ from .tiles import (
 # compressed tiles and 4 warps, 6.6 -> 5.4 ms.
 # Session 12 (H200, results/h200/session12-levers/): with the logits as [blocks, rows] (Lever 29)
 # 64-wide compressed tiles, 4 warps, 2 stages: 5.31 -> 3.25 ms.
-# "packed": rows packed, no head slot padded (NOTES Lever 30, prepared; None = the PACKED rule,
-# off until measured): block-shared, two 64-token tiles at G = 7 are exactly 7 programs of 128 rows
+# "packed" / "packed_per_token": rows packed, no head slot padded (NOTES Levers 30, 32; None = the
+# PACKED / PACKED_PER_TOKEN rule): block-shared, two 64-token tiles at G = 7 are exactly 7 programs of 128 rows
 # instead of 8 of 16 tokens x 8 head slots; per token, 7 programs per 128 tokens instead of 8, the
 # head sum an indicator matmul (tf32x3) onto 32 token columns per program.
-# Measured (session 13, NOTES Lever 30): packed tile sums 4.00 ms against the padded 3.25, so
-# PACKED stays off; per-token scores have their own knob, "packed_per_token" (rule PACKED_PER_TOKEN).
+# Measured (session 13, 128K scores + top-n stage): packed tile sums 4.00 ms against the padded
+# 3.25, packed per-token scores 45.3 against 31.5, so both rules stay off.
 PACKED = False
 PACKED_PER_TOKEN = False
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None}}

@@ -151,7 +151,7 @@ def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Natural-log log-sum-exp of each row's visible compression logits (-inf where none),
-    accumulated in log2 units with exp2 like ``softmax_step`` (NOTES Lever 28)."""
+    accumulated in log2 units by ``online_max_sum``, as ``softmax_step`` does (NOTES Lever 28)."""
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     s_sum = tl.zeros([q.shape[0]], tl.float32)
     qk_scale = scale * 1.4426950408889634  # LOG2E
@@ -159,10 +159,7 @@ def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
         c = c0 + tl.arange(0, BLOCK_C)
         k = load_blocks(K, k_base, c, sk_c, C, D)
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_sum = s_sum * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
+        m, s_sum, _, _ = online_max_sum(s, m, s_sum)
     return tl.where(s_sum > 0, (m + tl.log2(s_sum)) * 0.6931471805599453, float("-inf"))
 
 
@@ -192,16 +189,25 @@ def load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h):
 
 
 @triton.jit
-def softmax_step(s, m, s_sum, acc, v):
-    """One online-softmax step over a tile of logits ``s`` in log2 units (scale folded with log2 e;
-    -inf = hidden) and its values ``v``: rescale the running (max, sum, accumulator) and add the
-    tile. exp2 is the bare flush-to-zero ex2 (NOTES Lever 28: the compression forward 6.8 -> 5.0 ms
-    against tl.exp)."""
+def online_max_sum(s, m, s_sum):
+    """The running (max, sum of 2^(s - max)) of each row after a tile of log2-unit logits ``s``
+    (-inf = hidden), with the rescale factor of the old state and the tile's 2^(s - max). exp2 is
+    the bare flush-to-zero ex2 (NOTES Lever 28: the compression forward 6.8 -> 5.0 ms against
+    tl.exp)."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    return m_new, s_sum * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, s_sum * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def softmax_step(s, m, s_sum, acc, v):
+    """One online-softmax step over a tile of logits ``s`` in log2 units (scale folded with log2 e;
+    -inf = hidden) and its values ``v``: rescale the running (max, sum, accumulator) and add the
+    tile."""
+    m_new, s_sum, alpha, p = online_max_sum(s, m, s_sum)
+    return m_new, s_sum, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
