@@ -3,12 +3,18 @@ fused scores + top-n kernel (4 or 8 warps) against the chunked path (Triton grou
 writing [Hkv, T_chunk, C] fp32 + PyTorch top-n) and against the group-score kernel alone (the
 fused kernel's work minus its top-n merge, plus one score write).
 
+``--given-lse`` times instead the path the op runs (the compression branch's lse handed to the
+scorer), padded against packed rows at several ``importance.CHUNK_ELEMENTS`` (NOTES Lever 35:
+packed tile sums write 7 partial rows per tile instead of 4, so the same bound cuts 128K into 4
+scorer launches instead of 2).
+
     python -m profiling.top_n_levers --lengths 32K,128K --out DIR   (GPU only)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import torch
 from flexnsa import NSAConfig, importance
 from flexnsa.compression import compress_kv
 from flexnsa.triton_fallback import compression_scores, selection_top_n
+from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
 
 from .cli import device_stamp, parse_lengths
 from .timing import median_ms
@@ -39,10 +46,37 @@ def variants(q, k_cmp, cfg: NSAConfig) -> dict:
     return {"fused_4warps": fused(4), "fused_8warps": fused(8), "chunked": chunked, "group_scores_only": group_scores_only}
 
 
+@contextlib.contextmanager
+def scorer_rules(packed: bool, chunk_elements: int):
+    """The block-shared scorer's packed rule and the chunk bound, set for one variant."""
+    saved = compression_scores.PACKED, importance.CHUNK_ELEMENTS
+    compression_scores.PACKED, importance.CHUNK_ELEMENTS = packed, chunk_elements
+    try:
+        yield
+    finally:
+        compression_scores.PACKED, importance.CHUNK_ELEMENTS = saved
+
+
+def given_lse_variants(q, k_cmp, cfg: NSAConfig) -> dict:
+    """The op's scores + top-n stage (the compression lse given), per (rows, chunk bound)."""
+    lse = compression_attention_fwd(q, k_cmp, k_cmp, cfg.block_size, cfg.stride, cfg.softmax_scale(q.shape[-1]))[1]
+
+    def stage(packed, chunk):
+        def run():
+            with scorer_rules(packed, chunk):
+                return importance.importance_top_n(q, k_cmp, cfg, lse)
+        return run
+
+    packings = (False, True) if cfg.selection == "block_shared" else (False,)  # PACKED is the tile sums' rule
+    return {f"{'packed' if packed else 'padded'}_chunk2^{chunk.bit_length() - 1}": stage(packed, chunk)
+            for packed in packings for chunk in (1 << 25, 1 << 26, 1 << 27)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m profiling.top_n_levers")
     p.add_argument("--lengths", default="32K,128K")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--given-lse", action="store_true", help="the op's path: padded vs packed rows, chunk bounds")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     rows = []
@@ -54,14 +88,15 @@ def main(argv=None) -> None:
             cfg = NSAConfig(selection=selection, check_inputs=False)
             k_cmp, _ = compress_kv(k, k, cfg)
             with torch.no_grad():
-                for name, fn in variants(q, k_cmp, cfg).items():
+                table = given_lse_variants(q, k_cmp, cfg) if args.given_lse else variants(q, k_cmp, cfg)
+                for name, fn in table.items():
                     fn()
                     ms = median_ms(fn, device, rep_ms=200)
                     rows.append({"seq_len": T, "selection": selection, "variant": name, "ms": ms})
                     print(f"T={T} {selection:12s} {name:18s} {ms:9.3f} ms", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = device_stamp()
-    (args.out / "top_n_levers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / ("top_n_given_lse.json" if args.given_lse else "top_n_levers.json")).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
