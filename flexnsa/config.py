@@ -15,7 +15,7 @@ BACKENDS = ("flex", "reference")
 LAYOUTS = ("auto", "gqa_folded", "per_head")
 COMPRESSION_KERNELS = ("auto", "triton", "torch")
 SELECTION_KERNELS = ("auto", "triton", "flex")
-WINDOW_KERNELS = ("flex", "triton")
+WINDOW_KERNELS = ("auto", "flex", "triton")
 FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -47,12 +47,12 @@ class NSAConfig:
     CPU. FlexAttention's bf16 backward on Hopper needs 128-wide kv blocks, so every 64-token
     selection block is a partial block there (profiling/NOTES.md, Lever 9).
 
-    ``window_kernel`` runs the sliding-window branch: ``flex`` (default) = FlexAttention with the
-    window BlockMask; ``triton`` = the selection branch's Triton kernels, each 64-token tile
-    walking the blocks its window spans with the window bound in the mask (GPU, or CPU under the
-    interpreter). Measured at Q7B on an H200 (profiling/NOTES.md, Lever 25), ``triton`` is no
-    faster at 128K (10.0 vs 10.2 ms fwd+bwd), slower at 8K-32K, and its fp32 dK/dV buffers add
-    0.6 GB of peak memory at 128K, so FlexAttention stays the default.
+    ``window_kernel`` runs the sliding-window branch: ``triton`` = the selection branch's Triton
+    kernels, each 64-token tile walking the blocks its window spans with the window bound in the
+    mask (GPU, or CPU under the interpreter); ``flex`` = FlexAttention with the window BlockMask;
+    ``auto`` = ``triton`` on CUDA, ``flex`` on CPU. Measured at Q7B on an H200 (profiling/NOTES.md,
+    Lever 33): the window stage at 128K 10.23 -> 8.57 ms fwd+bwd and 2.86 -> 2.09 ms forward, no
+    loss at 32K, peak memory +126 MiB.
 
     ``gate_prune_epsilon`` (inference only, 0 = off): a selection row whose selection gates are all
     below it (all query heads of the kv group, all tokens of the tile) gets no selected blocks, so
@@ -86,7 +86,7 @@ class NSAConfig:
     layout: str = "auto"
     compression_kernel: str = "auto"
     selection_kernel: str = "auto"
-    window_kernel: str = "flex"
+    window_kernel: str = "auto"
     fused_top_n: bool = False
     gate_prune_epsilon: float = 0.0
     flex_block_q: int = 128

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NSA backend; reference is O(T^2) and refused above {REFERENCE_MAX_TOKENS} video tokens")
     p.add_argument("--compression-kernel", choices=list(COMPRESSION_KERNELS), default="auto")
     p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto")
-    p.add_argument("--window-kernel", choices=list(WINDOW_KERNELS), default="flex")
+    p.add_argument("--window-kernel", choices=list(WINDOW_KERNELS), default="auto")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     p.add_argument("--no-vision", action="store_true", help="do not time the vision tower alone")

@@ -7,6 +7,7 @@ import torch
 from flexnsa import MLPCompressor, NSAConfig
 from flexnsa.compression import compress_kv
 from flexnsa.reference import compression_visibility, masked_attention
+from flexnsa.triton_fallback import compression_attention as cmp_attn
 from flexnsa.triton_fallback.compression_attention import compression_attention
 
 from helpers import assert_rel, random_inputs
@@ -72,3 +73,30 @@ def test_compression_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
+
+
+# dK~/dV~ variants of Lever 36 (the default: head-major tiles, q/dO by TMA boxes): packed
+# (token, head) rows (the "head_major" rule off) and head-major tiles by pointer loads ("tma" off).
+DKV_VARIANTS = {"packed_rows": ("HEAD_MAJOR", False), "head_major_pointer_loads": ("TMA", False)}
+
+
+@pytest.mark.parametrize("variant", DKV_VARIANTS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]], ids=[CASES[0][0], CASES[4][0], CASES[5][0]])
+def test_dkv_variants_interpreter(case, variant, monkeypatch):
+    monkeypatch.setattr(cmp_attn, *DKV_VARIANTS[variant])
+    check(case, torch.float32, "cpu", tol=1e-5)
+
+
+def test_dkv_head_major_rule():
+    q, kc = torch.empty(1, 28, 4096, 128, dtype=torch.bfloat16), torch.empty(1, 4, 64, 128, dtype=torch.bfloat16)
+    consts = cmp_attn._launch_params(q, kc, "dkv")[-1]
+    assert (consts["HEAD_MAJOR"], consts["TMA"], consts["BLOCK_T"], consts["G_PAD"]) == (True, True, 64, 7)
+    assert "HEAD_MAJOR" not in cmp_attn._launch_params(q, kc, "dq")[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", DKV_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dkv_variants_gpu(dtype, variant, monkeypatch):
+    monkeypatch.setattr(cmp_attn, *DKV_VARIANTS[variant])
+    check(("Q7B-T3000", 28, 4, 3000, 128, 64, 64), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -107,6 +107,24 @@ def test_dkv_one_selection_row_per_iteration_interpreter(case, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5, seed=7)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
+def test_dkv_packed_rows_interpreter(case, monkeypatch):
+    # "head_major" off: block-shared dK/dV over packed (token, head) rows, as before Lever 36.
+    monkeypatch.setattr(slc, "HEAD_MAJOR", False)
+    check(case, torch.float32, "cpu", tol=1e-5, seed=11)
+
+
+def test_dkv_head_major_rule():
+    # The rule picks (entry, head) steps for block-shared tiles (16 .. rows tokens), not per token.
+    q, k = torch.empty(1, 28, 4096, 128, dtype=torch.bfloat16), torch.empty(1, 4, 4096, 128, dtype=torch.bfloat16)
+    for tile, expected in ((64, True), (1, False), (8, False)):
+        rows = torch.zeros(1, 4, 4096 // tile, 32, dtype=torch.int64)
+        consts = slc._launch_params(q, k, k, rows, 64, tile, "dkv")
+        assert consts["HEAD_MAJOR"] is expected, tile
+        if expected:
+            assert (consts["ROWS"], consts["TMA"]) == (tile, True)
+
+
 def test_dkv_blocks_split_into_several_chunks(monkeypatch):
     # Chunks of 2 rows: every block chosen by > 2 rows is split, and its chunks add by atomics.
     monkeypatch.setattr(slc, "CHUNK", 2)
@@ -215,3 +233,11 @@ def test_selection_attention_pointer_loads_gpu(case, dtype, monkeypatch):
     # K/V blocks by pointers (the TMA rule off, Lever 31's A/B) natively.
     monkeypatch.setattr(slc, "TMA", False)
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dkv_packed_rows_gpu(dtype, monkeypatch):
+    # Block-shared dK/dV over packed rows (the "head_major" rule off, Lever 36's A/B) natively.
+    monkeypatch.setattr(slc, "HEAD_MAJOR", False)
+    check(("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -86,7 +86,9 @@ def test_window_kernel_switch(monkeypatch):
     cfg = NSAConfig()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cpu"))
-    assert cfg.window_kernel == "flex" and not use_triton_window(cfg, torch.device("cuda"))  # default: FlexAttention
+    assert cfg.window_kernel == "auto" and use_triton_window(cfg, torch.device("cuda"))  # default: Triton on CUDA
+    assert not use_triton_window(cfg, torch.device("cpu"))  # and FlexAttention on CPU
+    assert not use_triton_window(cfg.replace(window_kernel="flex"), torch.device("cuda"))
     assert use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cuda"))
     with pytest.raises(ValueError, match="window_kernel"):
         cfg.replace(window_kernel="cuda")

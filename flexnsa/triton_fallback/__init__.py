@@ -46,8 +46,8 @@ def use_triton_selection(config, device: torch.device) -> bool:
 
 
 def use_triton_window(config, device: torch.device) -> bool:
-    """The window on the Triton selected-block kernels: 'triton' only (the interpreter on CPU);
-    the default is FlexAttention (NSAConfig.window_kernel)."""
+    """The window on the Triton selected-block kernels: 'auto' on CUDA and 'triton' anywhere
+    (interpreter on CPU); FlexAttention otherwise (NSAConfig.window_kernel)."""
     return _wants_triton(config, "window_kernel", "flex", device)
 
 

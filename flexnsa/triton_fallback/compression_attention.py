@@ -26,9 +26,12 @@ from .tiles import (
     check_query,
     full_chunks_end,
     kernel_layout,
+    box_operands,
+    load_block,
     load_delta,
     load_blocks,
     load_tuning_file,
+    tma_ready,
     row_offsets,
     rows_per_tile,
     softmax_finish,
@@ -95,6 +98,29 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
     dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, tile, qh, b, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
+                   MASKED: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                   CMP_STRIDE: tl.constexpr, TMA: tl.constexpr):
+    """``_dkv_step`` over one head's BLOCK_T tokens of a token tile: q and dO as one box each
+    (TMA: Q and DO are descriptors), logits as [blocks, rows] (K~ Q^T), so P^T and dS^T feed the
+    dV~ and dK~ products from registers, no transpose through shared memory (NOTES Lever 36)."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = t < T
+    row_base = b * sq_b + qh * sq_h
+    q = load_block(Q, row_base, b, qh, tile, t, row_ok, sq_t, BLOCK_T, D, TMA)
+    do = load_block(DO, row_base, b, qh, tile, t, row_ok, sq_t, BLOCK_T, D, TMA)
+    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
+    delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+    if MASKED:
+        p_t = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE, True), p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
@@ -166,11 +192,12 @@ def _cmp_dkv_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, sd_b, sd_h, sd_c,
     T, C, HKV, TILES_PER_SPLIT, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
     compressed tile add into fp32 buffers with atomics. Token tiles that see the whole compressed
-    tile skip the mask."""
+    tile skip the mask. HEAD_MAJOR: a tile is BLOCK_T tokens of each of the G heads in turn
+    (``_dkv_head_step``, one flat loop over (tile, head)); else packed (token, head) rows."""
     pid_c, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_bh // HKV
     h = pid_bh % HKV
@@ -189,12 +216,20 @@ def _cmp_dkv_kernel(
     tile_mid = tl.minimum(tl.maximum(tile_lo, full_tile), tile_hi)
     dk = tl.zeros([BLOCK_C, D], tl.float32)
     dv = tl.zeros([BLOCK_C, D], tl.float32)
-    for tile in range(tile_lo, tile_mid):
-        dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                           True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
-    for tile in range(tile_mid, tile_hi):
-        dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                           False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
+    if HEAD_MAJOR:
+        for it in range(tile_lo * G, tile_mid * G):
+            dk, dv = _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, it // G, h * G + it % G, b, sq_b, sq_h, sq_t, sl_b, sl_h,
+                                    T, C, qk_scale, dk, dv, True, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA)
+        for it in range(tile_mid * G, tile_hi * G):
+            dk, dv = _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, it // G, h * G + it % G, b, sq_b, sq_h, sq_t, sl_b, sl_h,
+                                    T, C, qk_scale, dk, dv, False, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA)
+    else:
+        for tile in range(tile_lo, tile_mid):
+            dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
+                               True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
+        for tile in range(tile_mid, tile_hi):
+            dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
+                               False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     if tile_hi > tile_lo:
         out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=(c < C)[:, None])
@@ -217,8 +252,11 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 TUNING = {
     "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True},
     "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True},
-    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True},
+    "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
+            "head_major": None, "tma": None},
 }
+HEAD_MAJOR = True  # the rule for dK~/dV~'s "head_major" knob: tiles of one head's tokens (NOTES Lever 36)
+TMA = True  # the rule for its "tma" knob (head-major only): q / dO tiles as TMA boxes
 load_tuning_file("compression", TUNING)
 
 
@@ -233,10 +271,16 @@ def _launch_params(q, k_cmp, kernel: str):
     big = D >= 128
     tune = tuning_for(TUNING, kernel, q)
     rows = tune.get("rows") or (64 if big and q.element_size() == 4 else 128)
-    g_pad, block_t = rows_per_tile(G, rows, packed=tune.get("packed", True))
-    rows = triton.next_power_of_2(block_t * g_pad)  # rows_per_tile may return fewer than asked (G > rows)
+    head_major = kernel == "dkv" and tune.get("head_major", HEAD_MAJOR)
+    if head_major:  # a tile is `rows` tokens of one head at a time
+        g_pad, block_t = G, rows
+    else:
+        g_pad, block_t = rows_per_tile(G, rows, packed=tune.get("packed", True))
+        rows = triton.next_power_of_2(block_t * g_pad)  # rows_per_tile may return fewer than asked (G > rows)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, ROWS=rows, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
                   num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
+    if kernel == "dkv":
+        consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and bool(tune.get("tma", TMA)) and tma_ready(q))
     return B, Hq, Hkv, T, D, block_t, consts
 
 
@@ -290,8 +334,10 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     programs = tuning_for(TUNING, "dkv", q).get("programs") or DKV_PROGRAMS
     splits = max(1, min(tiles, triton.cdiv(programs, per_split)))
     tiles_per_split = triton.cdiv(tiles, splits)
+    consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
+    q_in, do_in = box_operands((q, grad_out), block_t, consts)
     _cmp_dkv_kernel[(triton.cdiv(C, block_c), B * Hkv, triton.cdiv(tiles, tiles_per_split))](
-        q, k_cmp, v_cmp, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        q_in, k_cmp, v_cmp, do_in, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         T, C, Hkv, tiles_per_split, scale, scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)

@@ -33,15 +33,18 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    LOG2E, backward_lse, check_query, kernel_layout, load_delta, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta,
-    strides_like, tuning_for,
+    LOG2E, backward_lse, box_operands, check_query, has_tma, kernel_layout, load_block, load_delta, load_rows, load_tuning_file,
+    row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
 )
+
+__all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
 
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 128  # with PACK_ENTRIES, per-token (NOTES Lever 27: 114.2 ms at 64, 107.2 at 128)
 PACKED = True  # the rule for TUNING's "packed" knob
 PACK_ENTRIES = True  # the rule for dK/dV's "entries" knob (NOTES Lever 27: per-token backward 174.0 -> 107.2 ms)
-TMA = True  # the rule for the forward's and dQ's "tma" knob (NOTES Lever 31: block-shared 128K fwd 10.54 -> 9.89 ms, dQ -1.1 ms)
+TMA = True  # the rule for the "tma" knob (NOTES Lever 31: block-shared 128K fwd 10.54 -> 9.89 ms, dQ -1.1 ms)
+HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -60,7 +63,8 @@ TMA = True  # the rule for the forward's and dQ's "tma" knob (NOTES Lever 31: bl
 TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
-    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None},
+    "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
+            "head_major": None, "tma": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -116,29 +120,17 @@ def _whole_block(blk, t_first, t_last, T, L: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _visible(keys, key_ok, t, row_ok, WINDOW: tl.constexpr):
-    """[rows, keys] bool: the key exists, is causal for the row's token t and (WINDOW > 0) lies
-    within the window: t - WINDOW < s <= t."""
-    seen = key_ok[None, :] & (keys[None, :] <= t[:, None]) & row_ok[:, None]
+def _visible(keys, key_ok, t, row_ok, WINDOW: tl.constexpr, KEYS_FIRST: tl.constexpr = False):
+    """[rows, keys] bool ([keys, rows] when KEYS_FIRST): the key exists, is causal for the row's
+    token t and (WINDOW > 0) lies within the window: t - WINDOW < s <= t."""
+    if KEYS_FIRST:
+        s, s_ok, tt, t_ok = keys[:, None], key_ok[:, None], t[None, :], row_ok[None, :]
+    else:
+        s, s_ok, tt, t_ok = keys[None, :], key_ok[None, :], t[:, None], row_ok[:, None]
+    seen = s_ok & (s <= tt) & t_ok
     if WINDOW > 0:
-        seen = seen & (t[:, None] - keys[None, :] < WINDOW)
+        seen = seen & (tt - s < WINDOW)
     return seen
-
-
-@triton.jit
-def _load_keys(PTR, base, keys, key_ok, s_t, D: tl.constexpr):
-    return tl.load(PTR + base + keys[:, None] * s_t + tl.arange(0, D)[None, :], mask=key_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _load_block(X, kv_base, b, h, blk, keys, key_ok, s_t, L: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
-    """The [L, D] K or V tile of block blk: by TMA (X a [B, Hkv, T, D] descriptor; rows outside
-    [0, T) read as 0, which covers blk = -1) or by pointers (X a pointer, masked by key_ok)."""
-    if TMA:
-        x = tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
-    else:  # (not an early return: the code after one is compiled for descriptors too)
-        x = _load_keys(X, kv_base, keys, key_ok, s_t, D)
-    return x
 
 
 @triton.jit
@@ -164,8 +156,8 @@ def _slc_fwd_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
-        k = _load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
-        v = _load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        k = load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        v = load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
@@ -200,8 +192,8 @@ def _slc_dq_kernel(
     dq = tl.zeros([ROWS, D], tl.float32)
     for i in range(N_SEL):
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
-        k = _load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
-        v = _load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        k = load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
+        v = load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # 0 on idle rows (lse2 +inf)
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             p = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), p, 0.0)
@@ -217,10 +209,16 @@ def _slc_dkv_kernel(
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, PER: tl.constexpr,
+    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
-    dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads."""
+    dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads.
+
+    HEAD_MAJOR (a tile of TILE tokens = one program's rows): one flat loop over (entry, head), each
+    step one head's TILE consecutive tokens, so q and dO come as one box each (TMA: Q and DO are
+    descriptors) and the next step's loads can be issued ahead; logits as [keys, rows] (K Q^T),
+    so P^T and dS^T feed the dV and dK products from registers with no transpose through shared
+    memory (NOTES Lever 36). Otherwise (per-token rows) packed (token, head) rows as below."""
     pid = tl.program_id(0)
     owner = tl.load(ITEMS + pid)  # (b * HKV + h) * NUM_BLOCKS + j, or -1 past the last item
     if owner >= 0:
@@ -234,29 +232,46 @@ def _slc_dkv_kernel(
         keys = (owner % NUM_BLOCKS) * L + j
         key_ok = (j < L) & (keys < T)
         kv_base = b * sk_b + h * sk_h
-        k = _load_keys(K, kv_base, keys, key_ok, sk_t, D)
-        v = _load_keys(V, kv_base, keys, key_ok, sk_t, D)
+        k = load_rows(K, kv_base, keys, key_ok, sk_t, D)
+        v = load_rows(V, kv_base, keys, key_ok, sk_t, D)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         # Masked everywhere: skipping the mask on whole blocks (as the fwd and dQ kernels do) made
         # this kernel 17% slower in the 64K training step (NOTES Lever 20).
-        for e in range(lo, hi, PER):
-            tile_first = tl.load(ROW_OF_ENTRY + e) * TILE
-            for sub in range(SUBS):
-                if PER == 1:  # one entry's tile over SUBS programs' worth of rows
-                    t, g, row_ok, _, _ = _span_rows(tile_first, sub, T, TILE, G, G_PAD, ROWS)
-                else:  # PER entries' tiles in one set of rows (SUBS = 1)
-                    t, g, row_ok = _entry_rows(ROW_OF_ENTRY, e, hi, T, TILE, G, G_PAD, ROWS, PER)
-                row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
-                q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
-                do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+        if HEAD_MAJOR:
+            for it in range(lo * G, hi * G):
+                qh = h * G + it % G
+                r = tl.load(ROW_OF_ENTRY + it // G)
+                t = r * TILE + tl.arange(0, TILE)
+                row_ok = t < T
+                row_base = b * sq_b + qh * sq_h
+                q = load_block(Q, row_base, b, qh, r, t, row_ok, sq_t, TILE, D, TMA)
+                do = load_block(DO, row_base, b, qh, r, t, row_ok, sq_t, TILE, D, TMA)
                 lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
                 delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-                seen = _visible(keys, key_ok, t, row_ok, WINDOW)
-                p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                seen = _visible(keys, key_ok, t, row_ok, WINDOW, True)
+                p_t = tl.where(seen, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do)
+                ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q)
+        else:
+            for e in range(lo, hi, PER):
+                tile_first = tl.load(ROW_OF_ENTRY + e) * TILE
+                for sub in range(SUBS):
+                    if PER == 1:  # one entry's tile over SUBS programs' worth of rows
+                        t, g, row_ok, _, _ = _span_rows(tile_first, sub, T, TILE, G, G_PAD, ROWS)
+                    else:  # PER entries' tiles in one set of rows (SUBS = 1)
+                        t, g, row_ok = _entry_rows(ROW_OF_ENTRY, e, hi, T, TILE, G, G_PAD, ROWS, PER)
+                    row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+                    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+                    do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+                    lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
+                    delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+                    seen = _visible(keys, key_ok, t, row_ok, WINDOW)
+                    p = tl.where(seen, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         out = b * sd_b + h * sd_h + keys[:, None] * sd_t + tl.arange(0, D)[None, :]
         if alone != 0:
             tl.store(DK + out, dk * scale, mask=key_ok[:, None])
@@ -336,37 +351,21 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
         g_pad = max(g_pad, 16 // block_t)
         rows_per = block_t * g_pad
     block_n = max(16, triton.next_power_of_2(block_size))
-    tma = kernel != "dkv" and bool(tune.get("tma", TMA)) and block_n == block_size and all(map(_tma_ready, (k, v)))
+    tma = kernel != "dkv" and bool(tune.get("tma", TMA)) and block_n == block_size and all(map(tma_ready, (k, v)))
     per = 1  # dK/dV: selection rows per iteration
     if kernel == "dkv" and tune.get("entries", PACK_ENTRIES) and 2 * tile * g_pad <= target:
         rows_per = target
         per = target // (tile * g_pad)
+    # dK/dV over (entry, head) steps of one head's tile (a power of two of 16 .. target tokens)
+    head_major = kernel == "dkv" and per == 1 and tune.get("head_major", HEAD_MAJOR) and 16 <= tile <= target and tile & (tile - 1) == 0
+    if head_major:
+        g_pad, rows_per = G, tile
+        tma = bool(tune.get("tma", TMA)) and tma_ready(q)  # q's (and dO's: same strides) tiles as boxes
     stages = tune.get("num_stages") or (1 if q.element_size() == 4 and D >= 128 else 2)
     consts = dict(TILE=tile, L=block_size, BLOCK_N=block_n,
                   G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
-                  num_warps=tune.get("num_warps") or 4, num_stages=stages)
-    return consts | ({"PER": per} if kernel == "dkv" else {"TMA": tma})
-
-
-def _tma_ready(x) -> bool:
-    """A [B, Hkv, T, D] descriptor can cover x: a device with TMA, 16-byte aligned base and strides."""
-    return has_tma(x.device) and x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
-
-
-def has_tma(device: torch.device) -> bool:
-    """TMA (the tensor memory accelerator) exists from Hopper (sm_90) on; before it a descriptor
-    load does not compile, so those GPUs keep pointer loads. The CPU interpreter emulates it."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _kv_operands(k, v, consts: dict):
-    """K and V as the kernels take them: TMA descriptors with one block per box, or the tensors."""
-    if not consts["TMA"]:
-        return k, v
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    box = [1, 1, consts["L"], consts["D"]]
-    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in (k, v))
+                  num_warps=tune.get("num_warps") or 4, num_stages=stages, TMA=tma)
+    return consts | ({"PER": per, "HEAD_MAJOR": head_major} if kernel == "dkv" else {})
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
@@ -382,7 +381,7 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     if T == 0:
         return out, lse
     _slc_fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, *_kv_operands(k, v, consts), rows, out, lse,
+        q, *box_operands((k, v), consts["L"], consts), rows, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3], **consts,
@@ -412,16 +411,18 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, *_kv_operands(k, v, consts), out, grad_out, rows, lse, delta, dq, *q_strides,
+        q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
         T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
     )
     consts = _launch_params(q, k, v, rows, block_size, tile, "dkv", window)
+    consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
+    q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
-        q, k, v, grad_out, lse, delta, dk, dv, items, row_of_entry, *q_strides,
+        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
         T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )

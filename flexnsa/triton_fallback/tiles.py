@@ -105,6 +105,28 @@ def rows_per_tile(group: int, rows: int = ROWS, packed: bool = False) -> tuple[i
     return g_pad, max(1, rows // g_pad)
 
 
+def tma_ready(x) -> bool:
+    """A [B, H, T, D] descriptor can cover x: a device with TMA, 16-byte aligned base and strides."""
+    return has_tma(x.device) and x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+
+
+def has_tma(device: torch.device) -> bool:
+    """TMA (the tensor memory accelerator) exists from Hopper (sm_90) on; before it a descriptor
+    load does not compile, so those GPUs keep pointer loads. The CPU interpreter emulates it."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def box_operands(tensors, rows: int, consts: dict):
+    """[B, H, T, D] tensors as the kernels take them: TMA descriptors whose box is ``rows``
+    consecutive tokens of one head (a selected K/V block; one head's q/dO tile), or the tensors."""
+    if not consts["TMA"]:
+        return tuple(tensors)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    box = [1, 1, rows, consts["D"]]
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in tensors)
+
+
 @triton.jit
 def tile_rows(t_first, T, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr):
     """(token, head-in-group, valid) of each of the ROWS rows of the tile starting at ``t_first``."""
@@ -129,6 +151,26 @@ def load_blocks(PTR, base, c, s_c, C, D: tl.constexpr):
 
 
 @triton.jit
+def load_rows(PTR, base, rows, row_ok, s_t, D: tl.constexpr):
+    """Rows ``rows`` of one head of a [B, H, T, D] tensor (from ``base``, the (b, h) offset);
+    rows not ``row_ok`` read as 0."""
+    return tl.load(PTR + base + rows[:, None] * s_t + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def load_block(X, base, b, h, blk, rows, row_ok, s_t, L: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Rows blk*L .. blk*L + L - 1 of head h of a [B, H, T, D] tensor (a selected K/V block, one
+    head's q or dO tile), [L, D]: by TMA (X a descriptor with an [L, D] box; rows outside [0, T)
+    read as 0, which covers blk = -1) or by pointers (X a pointer; ``rows`` = those positions,
+    masked by ``row_ok``)."""
+    if TMA:
+        x = tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
+    else:  # (not an early return: the code after one is compiled for descriptors too)
+        x = load_rows(X, base, rows, row_ok, s_t, D)
+    return x
+
+
+@triton.jit
 def visible_block_end(t_last, C, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Number of compressed blocks visible to token ``t_last`` (C-style division kept >= 0)."""
     return tl.minimum(tl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
@@ -143,7 +185,11 @@ def full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr, 
 
 
 @triton.jit
-def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BLOCKS_FIRST: tl.constexpr = False):
+    """[rows, blocks] bool ([blocks, rows] when BLOCKS_FIRST): block c exists and is visible to
+    the row's token t."""
+    if BLOCKS_FIRST:
+        return (c[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1) & (c < C)[:, None] & row_ok[None, :]
     return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
 
 
