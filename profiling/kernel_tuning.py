@@ -39,9 +39,10 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]]
           + [PADDED],
+    # Lever 36 (head-major tiles, q/dO by TMA): rows = tokens of one head per step
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-            [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]]
-           + [{"programs": 1024}, {"programs": 8192}, PADDED],  # programs: the split floor of the token axis
+            [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2)]]
+           + [{"programs": 1024}, {"programs": 8192}, {"head_major": False}, {"tma": False}],  # programs: the split floor of the token axis
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 # TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.
@@ -54,9 +55,9 @@ SLC_VARIANTS = {
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
            [(128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
           + [PADDED] + TMA_VARIANTS,
-    "dkv": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
-            [(32, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
-           + [{"chunk": 8}, {"chunk": 32}, {"chunk": 64}, PADDED],
+    # Lever 36 (block-shared: one head's 64-token tile per step, q/dO by TMA; "rows" does not apply)
+    "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(4, 3), (4, 4), (8, 2), (8, 3), (2, 2)]]
+           + [{"chunk": 8}, {"chunk": 32}, {"head_major": False}, {"tma": False}],
 }
 
 SCORE_VARIANTS = {
@@ -146,6 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="a tiny fp32 shape with 16-token blocks (checks the script on CPU)")
     p.add_argument("--match", default=None, help="only the variants whose knobs (as JSON) match this regex; the defaults always run")
+    p.add_argument("--kernels", default=None, help="only these kernels' variants (comma list of fwd,dq,dkv,scores)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = Shape(1, 7, 1, 16, torch.float32, device) if args.tiny else Shape(1, 28, 4, 128, torch.bfloat16, device)
@@ -166,7 +168,8 @@ def main(argv=None) -> None:
             base = {"fwd": fwd(), "bwd": bwd() if bwd else None}
             runs = [("default", "fwd", {})] + ([("default", "bwd", {})] if bwd else [])
             runs += [(kernel, "bwd" if kernel in ("dq", "dkv") else "fwd", change) for kernel, knobs in variants.items() for change in knobs
-                     if args.match is None or re.search(args.match, json.dumps(change))]
+                     if (args.match is None or re.search(args.match, json.dumps(change)))
+                     and (args.kernels is None or kernel in args.kernels.split(","))]
             for kernel, which, change in runs:
                 fn = fwd if which == "fwd" else bwd
                 record = {"seq_len": T, "op": op, "selection": selection, "kernel": kernel, "change": change, "pass": which}

@@ -188,9 +188,11 @@ def full_chunks_end(t_first, C, BLOCK_C: tl.constexpr, CMP_BLOCK: tl.constexpr, 
 def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, BLOCKS_FIRST: tl.constexpr = False):
     """[rows, blocks] bool ([blocks, rows] when BLOCKS_FIRST): block c exists and is visible to
     the row's token t."""
-    if BLOCKS_FIRST:
-        return (c[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1) & (c < C)[:, None] & row_ok[None, :]
-    return (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
+    if BLOCKS_FIRST:  # (one return: Triton compiles every return of a constexpr branch, NOTES Lever 36)
+        seen = (c[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1) & (c < C)[:, None] & row_ok[None, :]
+    else:
+        seen = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :] & row_ok[:, None]
+    return seen
 
 
 @triton.jit
