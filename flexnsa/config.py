@@ -50,9 +50,10 @@ class NSAConfig:
     ``window_kernel`` runs the sliding-window branch: ``triton`` = the selection branch's Triton
     kernels, each 64-token tile walking the blocks its window spans with the window bound in the
     mask (GPU, or CPU under the interpreter); ``flex`` = FlexAttention with the window BlockMask;
-    ``auto`` = ``triton`` on CUDA, ``flex`` on CPU. Measured at Q7B on an H200 (profiling/NOTES.md,
-    Lever 33): the window stage at 128K 10.23 -> 8.57 ms fwd+bwd and 2.86 -> 2.09 ms forward, no
-    loss at 32K, peak memory +126 MiB.
+    ``auto`` = ``triton`` on CUDA from ``WINDOW_TRITON_FROM`` (16K) tokens on, else ``flex``.
+    Measured at Q7B on an H200 (profiling/NOTES.md, Lever 33): the window stage at 128K 10.23 ->
+    8.57 ms fwd+bwd and 2.86 -> 2.09 ms forward, the op even at 32K, peak memory +126 MiB; at 8K
+    the eager op is launch-bound and the Triton window's host work costs ~2 ms more per fwd+bwd.
 
     ``gate_prune_epsilon`` (inference only, 0 = off): a selection row whose selection gates are all
     below it (all query heads of the kv group, all tokens of the tile) gets no selected blocks, so

@@ -9,7 +9,7 @@ import torch
 from flexnsa import NSAConfig
 from flexnsa.reference import masked_attention, window_visibility
 from flexnsa.triton_fallback import selection_attention as slc
-from flexnsa.triton_fallback import use_triton_window
+from flexnsa.triton_fallback import WINDOW_TRITON_FROM, use_triton_window
 from flexnsa.triton_fallback.selection_attention import window_attention, window_rows
 
 from helpers import assert_rel, random_inputs
@@ -85,11 +85,13 @@ def test_window_kernel_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cfg = NSAConfig()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cpu"))
-    assert cfg.window_kernel == "auto" and use_triton_window(cfg, torch.device("cuda"))  # default: Triton on CUDA
-    assert not use_triton_window(cfg, torch.device("cpu"))  # and FlexAttention on CPU
-    assert not use_triton_window(cfg.replace(window_kernel="flex"), torch.device("cuda"))
-    assert use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cuda"))
+        use_triton_window(cfg.replace(window_kernel="triton"), torch.device("cpu"), 100)
+    cuda, long, short = torch.device("cuda"), WINDOW_TRITON_FROM, WINDOW_TRITON_FROM - 1
+    # default: Triton on CUDA from WINDOW_TRITON_FROM tokens on (launch-bound below), FlexAttention on CPU
+    assert cfg.window_kernel == "auto" and use_triton_window(cfg, cuda, long) and not use_triton_window(cfg, cuda, short)
+    assert not use_triton_window(cfg, torch.device("cpu"), long)
+    assert not use_triton_window(cfg.replace(window_kernel="flex"), cuda, long)
+    assert use_triton_window(cfg.replace(window_kernel="triton"), cuda, short)
     with pytest.raises(ValueError, match="window_kernel"):
         cfg.replace(window_kernel="cuda")
 

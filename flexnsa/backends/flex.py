@@ -136,7 +136,7 @@ def build_masks(selected, seq_len: int, layout: QueryLayout, config: NSAConfig) 
     device = selected.device
     return NSAMasks(
         None if use_triton_selection(config, device) else selection_block_mask(selected, layout, config),
-        None if use_triton_window(config, device) else static_mask(window_block_mask, seq_len, layout, config, device),
+        None if use_triton_window(config, device, seq_len) else static_mask(window_block_mask, seq_len, layout, config, device),
     )
 
 

@@ -11,7 +11,8 @@ are in log2 units inside the kernels (exp2; NOTES Lever 28); the lse output is n
 Why not FlexAttention here: its backward gives dK/dV one program per kv block, and the compressed
 key axis is short (C = T/64), so at 32K only 16 programs did all the dK~/dV~ work (H100 trace in
 profiling/results/h100). The dK~/dV~ kernel here also splits the query axis (SPLIT_T token tiles
-per program) and accumulates with fp32 atomics, which keeps the GPU full at any length.
+per program) and accumulates with fp32 atomics, which keeps the GPU full at any length; its tiles
+are 64 tokens of one head at a time (q and dO as TMA boxes, logits as [blocks, rows]: NOTES Lever 36).
 """
 
 from __future__ import annotations

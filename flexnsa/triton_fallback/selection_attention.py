@@ -8,8 +8,8 @@ inside the current block (DESIGN.md step 4). ``rows`` [B, Hkv, R, n] holds the b
 The same kernels run the sliding window (``window`` > 0): each 64-token tile's rows are the
 blocks its window spans (``window_rows``), and a key must also lie within ``window`` tokens of
 the query (t - s < window): 320 keys per query where FlexAttention's 128-wide kv blocks compute
-384, K/V loads shared by the group's G heads. Measured no faster than FlexAttention at 128K and
-0.6 GB more peak memory (fp32 dK/dV), so it is an option, not the default (NOTES Lever 25).
+384, K/V loads shared by the group's G heads. The window's default on CUDA from 16K tokens on
+(NSAConfig.window_kernel; NOTES Levers 25, 33).
 
 Why not FlexAttention here: the selection blocks are 64 tokens, FlexAttention's only bf16 Hopper
 backward config needs 128-wide kv blocks, and then every selected 64-block sits in a partial
@@ -23,7 +23,9 @@ G = 7 are exactly 7 programs of 64, tokens split across programs; padded (G_PAD 
 whole tokens per program, one head slot in 8 idle at G = 7 (NOTES Lever 26). The
 dK/dV pass walks the reverse lists (which selection rows chose kv block j), split into chunks of
 at most ``CHUNK`` rows so the initial block, chosen by every row, does not serialise on one
-program; chunks of a block that has several add into fp32 buffers with atomics.
+program; chunks of a block that has several add into fp32 buffers with atomics. For tiles of 16+
+tokens it steps over one head's tokens at a time (q and dO as TMA boxes, logits as [keys, rows]:
+NOTES Lever 36); per-token rows keep packed (token, head) rows.
 """
 
 from __future__ import annotations
