@@ -28,7 +28,8 @@ from .tiles import (
     full_chunks_end,
     kernel_layout,
     box_operands,
-    load_block,
+    dkv_from_probs_t,
+    head_tile,
     load_delta,
     load_blocks,
     load_tuning_file,
@@ -106,23 +107,13 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
 def _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, tile, qh, b, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
                    MASKED: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
                    CMP_STRIDE: tl.constexpr, TMA: tl.constexpr):
-    """``_dkv_step`` over one head's BLOCK_T tokens of a token tile: q and dO as one box each
-    (TMA: Q and DO are descriptors), logits as [blocks, rows] (K~ Q^T), so P^T and dS^T feed the
-    dV~ and dK~ products from registers, no transpose through shared memory (NOTES Lever 36)."""
-    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = t < T
-    row_base = b * sq_b + qh * sq_h
-    q = load_block(Q, row_base, b, qh, tile, t, row_ok, sq_t, BLOCK_T, D, TMA)
-    do = load_block(DO, row_base, b, qh, tile, t, row_ok, sq_t, BLOCK_T, D, TMA)
-    lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
-    delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+    """``_dkv_step`` over one head's BLOCK_T tokens of a token tile, logits as [blocks, rows]
+    (K~ Q^T; ``tiles.head_tile``, ``tiles.dkv_from_probs_t``)."""
+    t, row_ok, q, do, lse, delta = head_tile(Q, DO, LSE, DELTA, b, qh, tile, T, sq_b, sq_h, sq_t, sl_b, sl_h, BLOCK_T, D, TMA)
     p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
     if MASKED:
         p_t = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE, True), p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
-    return dk, dv
+    return dkv_from_probs_t(p_t, q, do, v, delta, dk, dv)
 
 
 @triton.jit

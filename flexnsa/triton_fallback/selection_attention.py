@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    LOG2E, backward_lse, box_operands, check_query, has_tma, kernel_layout, load_block, load_delta, load_rows, load_tuning_file,
-    row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
+    LOG2E, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
+    load_rows, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
 )
 
 __all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
@@ -241,21 +241,13 @@ def _slc_dkv_kernel(
         # Masked everywhere: skipping the mask on whole blocks (as the fwd and dQ kernels do) made
         # this kernel 17% slower in the 64K training step (NOTES Lever 20).
         if HEAD_MAJOR:
-            for it in range(lo * G, hi * G):
-                qh = h * G + it % G
+            for it in range(lo * G, hi * G):  # (tiles.head_tile, tiles.dkv_from_probs_t)
                 r = tl.load(ROW_OF_ENTRY + it // G)
-                t = r * TILE + tl.arange(0, TILE)
-                row_ok = t < T
-                row_base = b * sq_b + qh * sq_h
-                q = load_block(Q, row_base, b, qh, r, t, row_ok, sq_t, TILE, D, TMA)
-                do = load_block(DO, row_base, b, qh, r, t, row_ok, sq_t, TILE, D, TMA)
-                lse2 = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
-                delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+                t, row_ok, q, do, lse2, delta = head_tile(Q, DO, LSE, DELTA, b, h * G + it % G, r, T, sq_b, sq_h, sq_t,
+                                                          sl_b, sl_h, TILE, D, TMA)
                 seen = _visible(keys, key_ok, t, row_ok, WINDOW, True)
                 p_t = tl.where(seen, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :]), 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do)
-                ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q)
+                dk, dv = dkv_from_probs_t(p_t, q, do, v, delta, dk, dv)
         else:
             for e in range(lo, hi, PER):
                 tile_first = tl.load(ROW_OF_ENTRY + e) * TILE

@@ -221,6 +221,31 @@ def backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h):
 
 
 @triton.jit
+def head_tile(Q, DO, LSE, DELTA, b, qh, tile, T, sq_b, sq_h, sq_t, sl_b, sl_h,
+              ROWS: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """What a head-major dK/dV step reads (NOTES Lever 36): tokens tile*ROWS .. + ROWS - 1 of
+    head qh, their q and dO as one box each (TMA: Q and DO are descriptors), lse in log2 units
+    (+inf on rows past T) and delta. -> (t, row_ok, q, dO, lse, delta)."""
+    t = tile * ROWS + tl.arange(0, ROWS)
+    row_ok = t < T
+    base = b * sq_b + qh * sq_h
+    q = load_block(Q, base, b, qh, tile, t, row_ok, sq_t, ROWS, D, TMA)
+    do = load_block(DO, base, b, qh, tile, t, row_ok, sq_t, ROWS, D, TMA)
+    return t, row_ok, q, do, backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h), load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
+
+
+@triton.jit
+def dkv_from_probs_t(p_t, q, do, v, delta, dk, dv):
+    """dV += P^T dO and dK += dS^T Q (unscaled), dS = P (dO V^T - delta), from P^T [keys, rows]:
+    P^T and dS^T are MMA accumulators fed to the next products from registers (no transpose
+    through shared memory, NOTES Lever 36)."""
+    dv += tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
 def store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h):
     """delta = rowsum(dO * O) of the tile's rows (the softmax backward's correction), computed
     from the dO tile already in registers and stored for the dK/dV pass. O shares dO's strides.
