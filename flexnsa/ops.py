@@ -36,5 +36,5 @@ def nsa_attention(
     else:
         from .backends.flex import nsa_flex
 
-        result = nsa_flex(q, k, v, gates, config, compressors=compressors)
+        result = nsa_flex(q, k, v, gates, config, compressors=compressors, branches=return_branches)
     return result if return_branches else result.out

@@ -18,7 +18,7 @@ limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 KERNEL_TESTS="tests/test_triton_compression.py tests/test_triton_scores.py tests/test_triton_selection.py tests/test_cuda_graphs.py"
-OP_TESTS="tests/test_flex.py tests/test_triton_window.py tests/test_custom_ops.py tests/test_token_major.py tests/test_no_host_sync.py
+OP_TESTS="tests/test_flex.py tests/test_triton_window.py tests/test_custom_ops.py tests/test_fused_gates.py tests/test_token_major.py tests/test_no_host_sync.py
   tests/test_model_hybrid.py tests/test_model_forward_bench.py"
 
 gpu_tests() {  # name, files...: -rfE prints each failure's one-line reason; -p no:logging keeps DEBUG logs out

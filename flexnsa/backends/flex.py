@@ -283,7 +283,52 @@ def query_layout(config: NSAConfig, device: torch.device, group: int) -> QueryLa
     return QueryLayout(name, group)
 
 
-def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutput:
+def use_fused_gates(q, k_cmp, gates, config: NSAConfig, branches: bool) -> bool:
+    """``fused_gates.GatedBranches`` instead of autograd through each branch and the gated sum:
+    its rule is on, a backward will run, the ungated branches are not wanted back, and all three
+    branches run on the Triton kernels (with at least one compressed block)."""
+    from .fused_gates import fused_gates_rule
+
+    T = q.shape[2]
+    return (
+        fused_gates_rule(q)
+        and not branches
+        and torch.is_grad_enabled()
+        and any(x.requires_grad for x in (q, k_cmp, gates))
+        and k_cmp.shape[2] > 0
+        and use_triton_compression_attention(config, q.device)
+        and use_triton_selection(config, q.device)
+        and use_triton_window(config, q.device, T)
+    )
+
+
+def fused_gates_branches(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig):
+    """The three Triton branches without autograd, then their gated sum as one autograd node
+    (``fused_gates.GatedBranches``). -> (out, cmp, slc, win, selected, cmp_lse); the branches
+    are detached."""
+    from ..triton_fallback.compression_attention import compression_attention
+    from ..triton_fallback.selection_attention import selection_attention, window_rows
+    from .fused_gates import GatedBranches
+
+    scale = config.softmax_scale(q.shape[-1])
+    B, Hkv, T = k.shape[:3]
+    tile = config.select_query_tile if config.selection == "block_shared" else 1
+    with torch.no_grad():
+        cmp, cmp_lse = compression_attention(q, k_cmp, v_cmp, config.block_size, config.stride, scale)
+        selected, cmp_lse = score_and_select(q, k_cmp, config, gates, cmp_lse)
+        rows = selection_rows(selected, config).contiguous()
+        slc, slc_lse = selection_attention(q, k, v, rows, config.select_block_size, tile, scale)
+        win_rows = window_rows(B, Hkv, T, config.window, WINDOW_KERNEL_BLOCK, q.device).contiguous()
+        win, win_lse = selection_attention(q, k, v, win_rows, WINDOW_KERNEL_BLOCK, WINDOW_KERNEL_BLOCK, scale, config.window)
+    spec = (config.block_size, config.stride, config.select_block_size, tile, config.window, WINDOW_KERNEL_BLOCK, scale)
+    out = GatedBranches.apply(gates_like(gates, cmp), q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse,
+                              rows, win_rows, spec)
+    return out, cmp, slc, win, selected, cmp_lse
+
+
+def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None, branches: bool = True) -> NSAOutput:
+    """``branches``: the ungated branch outputs are wanted (differentiable) in the result; False
+    lets the gated sum's backward run through the branch kernels (``use_fused_gates``)."""
     shape = check_nsa_inputs(q, k, v, gates, config)
     check_not_traced_on_cuda(q, config)
     T, D = shape.seq_len, shape.head_dim
@@ -298,6 +343,8 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None) -> NSAOutpu
     # every branch's output and gradients come back token-major (NOTES Lever 21).
     q, k, v = (kernel_layout(x) for x in (q, k, v))
     k_cmp, v_cmp = compress(k, v, config, compressors)
+    if use_fused_gates(q, k_cmp, gates, config, branches):
+        return NSAOutput(*fused_gates_branches(q, k, v, k_cmp, v_cmp, gates, config))
     q_rows = layout.fold(q)
     cmp, cmp_lse = compression_branch(q, q_rows, k_cmp, v_cmp, layout, config)
     selected, cmp_lse = score_and_select(q, k_cmp, config, gates, cmp_lse)

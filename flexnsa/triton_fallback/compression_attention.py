@@ -302,16 +302,17 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
 
 
 def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: int, stride: int, scale: float):
-    """(dq, dk_cmp, dv_cmp) for compression_attention_fwd, each in its input's layout; inputs
-    in kernel layout."""
+    """(dq, dk_cmp, dv_cmp, delta) for compression_attention_fwd, each gradient in its input's
+    layout; delta = rowsum(grad_out * out) [B, Hq, T] fp32 (the softmax backward's correction, and
+    the gate gradient of a gated sum: NOTES Lever 37). Inputs in kernel layout."""
     (B, Hq, T, D), (Hkv, C) = q.shape, k_cmp.shape[1:3]
     grad_out, out, v_cmp = strides_like(grad_out, q), strides_like(out, q), strides_like(v_cmp, k_cmp)  # shared strides
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k_cmp, dtype=torch.float32)  # fp32 for the atomics; k_cmp's layout (so dv's too)
     dv = torch.zeros_like(dk)
-    if T == 0 or C == 0:
-        return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+    if T == 0 or C == 0:  # nothing visible: out = 0
+        return dq.zero_(), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype), delta.zero_()
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _cmp_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
@@ -332,7 +333,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
         q_in, k_cmp, v_cmp, do_in, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         T, C, Hkv, tiles_per_split, scale, scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
-    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype), delta
 
 
 def compression_attention(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float):

@@ -5,9 +5,9 @@ backward (itself a custom op, so compiled autograd graphs stay whole too).
 
 Ops (namespace ``flexnsa``):
   compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
-  compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp)
+  compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp, delta = rowsum(grad_out * out))
   selection_attention(q, k, v, rows, select_block, tile, scale, window=0) -> (out, lse)     differentiable
-  selection_attention_backward(...) -> (dq, dk, dv)
+  selection_attention_backward(...) -> (dq, dk, dv, delta)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
   selection_top_n_given_lse(q, k_cmp, lse, block, n, tile, ...) -> ids   (the compression branch's lse)
   compression_group_scores(q, k_cmp, block, stride, scale, t0, t1, tokens_per_sum) -> (scores, lse rows [t0, t1))
@@ -36,10 +36,11 @@ def fake_attention(q):
 
 
 def fake_grads(q, k, v):
-    """(dq, dk, dv) as the backward kernels allocate them: dq in q's kernel layout, dk and dv
-    in k's (the kernels index K and V, and dK and dV, with one set of strides)."""
+    """(dq, dk, dv, delta) as the backward kernels allocate them: dq in q's kernel layout, dk and
+    dv in k's (the kernels index K and V, and dK and dV, with one set of strides), delta [B, Hq, T]
+    fp32."""
     dk = torch.empty_like(kl(k))
-    return torch.empty_like(kl(q)), dk, torch.empty_like(dk)
+    return torch.empty_like(kl(q)), dk, torch.empty_like(dk), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @compression_attention.register_fake
@@ -50,7 +51,7 @@ def _(q, k_cmp, v_cmp, block_size, stride, scale):
 @torch.library.custom_op("flexnsa::compression_attention_backward", mutates_args=())
 def compression_attention_backward(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, block_size: int, stride: int, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return cmp_attn.compression_attention_bwd(kl(q), kl(k_cmp), kl(v_cmp), out, lse, grad_out, block_size, stride, scale)
 
 
@@ -61,14 +62,15 @@ def _(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale):
 
 def register_backward(op, backward_op, num_tensors: int) -> None:
     """Autograd for ``op(*tensors, *params) -> (out, lse)`` through ``backward_op(*tensors, out, lse,
-    grad_out, *params) -> grads of the leading differentiable tensors`` (the rest get None)."""
+    grad_out, *params) -> (dq, dk, dv, delta)``: the grads of the leading three tensors (the rest,
+    and the params, get None)."""
 
     def save(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:num_tensors], *output)
         ctx.params = inputs[num_tensors:]
 
     def backward(ctx, grad_out, grad_lse):
-        grads = backward_op(*ctx.saved_tensors, grad_out, *ctx.params)
+        grads = backward_op(*ctx.saved_tensors, grad_out, *ctx.params)[:3]
         return (*grads, *[None] * (num_tensors + len(ctx.params) - len(grads)))
 
     op.register_autograd(backward, setup_context=save)
@@ -93,7 +95,7 @@ def _(q, k, v, rows, block_size, tile, scale, window=0):
 def selection_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
     block_size: int, tile: int, scale: float, window: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (block_size, tile, scale, window)
     return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, *args)
 

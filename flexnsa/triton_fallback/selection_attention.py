@@ -384,7 +384,8 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
 
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0):
-    """(dq, dk, dv) for selection_attention_fwd, each in its input's layout; inputs in
+    """(dq, dk, dv, delta) for selection_attention_fwd, each gradient in its input's layout;
+    delta = rowsum(grad_out * out) [B, Hq, T] fp32 (as ``compression_attention_bwd``'s). Inputs in
     kernel layout."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
@@ -400,9 +401,9 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     # so the gradients are written in k's dtype: no 2 x 268 MB fp32 buffers at 128K (NOTES Lever 33).
     dk = torch.zeros_like(k, dtype=k.dtype if window > 0 else torch.float32)
     dv = torch.zeros_like(dk)
-    if T == 0:
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
+    if T == 0:
+        return dq, dk.to(k.dtype), dv.to(v.dtype), delta
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq, *q_strides,
@@ -420,7 +421,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
         T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), delta
 
 
 def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):

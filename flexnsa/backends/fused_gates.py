@@ -1,0 +1,70 @@
+"""The gated sum's backward through the branch kernels themselves (NOTES Lever 37; rule
+``FUSED_GATES``, off until measured).
+
+out = sum_b g_b o_b. Autograd through the gated sum writes dO_b = g_b dY for each branch (three
+q-sized tensors, 2.4-2.6 ms at 128K) and the branch kernels read them back. With P' = g P, a
+branch's softmax backward is dS = P' (dY V^T - delta), dV = P'^T dY, delta = rowsum(dY o_b), and
+P' = 2^(s - lse') for lse' = lse - ln g per row. So the branch backward kernels, given dY itself,
+lse' and o_b, compute every gradient, and the delta their dQ kernels store *is* the gate gradient
+rowsum(dY o_b). Exact, also at g = 0 (lse' = +inf: P' = 0; the gate gradient still comes from o_b).
+
+Used when the three branches all run on the Triton kernels (compression, selection, the window)
+and the caller does not want the ungated branches back: the branches' forwards run without
+autograd, and one node (``GatedBranches``) holds what their backwards need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..triton_fallback.tiles import load_tuning_file, tuning_for
+
+FUSED_GATES = False  # the rule (NOTES Lever 37: prepared in session 14, not yet measured on a GPU)
+# The knob at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
+# {"gates": {"combine": {"fused_gates": true}}}.
+TUNING = {"combine": {"fused_gates": None}}
+load_tuning_file("gates", TUNING)
+
+
+def fused_gates_rule(q: torch.Tensor) -> bool:
+    return bool(tuning_for(TUNING, "combine", q).get("fused_gates", FUSED_GATES))
+
+
+def gated_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """lse - ln g per row ([B, Hq, T] fp32, unit stride over T as the kernels read it): the
+    softmax of the branch scaled by its gate. Rows that see nothing keep -inf (-inf - ln 0 would
+    be NaN); g = 0 gives +inf, i.e. no probability mass."""
+    shifted = lse - torch.log(gate.float())
+    return torch.where(lse == float("-inf"), lse, shifted).contiguous()
+
+
+class GatedBranches(torch.autograd.Function):
+    """out = g_cmp cmp + g_slc slc + g_win win from branch outputs computed without autograd;
+    the backward calls each branch's backward op on dY with ``gated_lse``.
+
+    Inputs: head_gates [B, Hq, T, 3]; the differentiable q, k, v [B, H, T, D] and pooled k_cmp,
+    v_cmp; then per branch its output and lse (compression, selection, window), the selection and
+    window rows, and ``spec`` (block_size, stride, select_block, tile, window, window_block, scale).
+    """
+
+    @staticmethod
+    def forward(ctx, head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows, spec):
+        from .flex import compiled_gated_sum
+
+        ctx.save_for_backward(head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows)
+        ctx.spec = spec
+        return compiled_gated_sum(head_gates, cmp, slc, win)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward
+
+        head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows = ctx.saved_tensors
+        block_size, stride, select_block, tile, window, window_block, scale = ctx.spec
+        lse = [gated_lse(x, head_gates[..., i]) for i, x in enumerate((cmp_lse, slc_lse, win_lse))]
+        dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(q, k_cmp, v_cmp, cmp, lse[0], grad, block_size, stride, scale)
+        dq_s, dk, dv, dg_slc = selection_attention_backward(q, k, v, rows, slc, lse[1], grad, select_block, tile, scale, 0)
+        dq_w, dk_w, dv_w, dg_win = selection_attention_backward(q, k, v, window_rows, win, lse[2], grad, window_block,
+                                                                window_block, scale, window)
+        d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)
+        return (d_gates, dq + dq_s + dq_w, dk + dk_w, dv + dv_w, dk_cmp, dv_cmp, *[None] * 9)

@@ -1,0 +1,81 @@
+"""The gated sum's backward through the branch kernels (NOTES Lever 37, rule off until measured)
+== float64 reference: output and the gradients of q, k, v and the gates, including gates that are
+exactly 0 (whose gradient must still come out). Interpreter on CPU (fp32), native on GPU."""
+
+import pytest
+import torch
+
+from flexnsa import NSAConfig, nsa_attention, nsa_reference
+from flexnsa.backends import flex, fused_gates
+from flexnsa.compression import compress_kv
+from flexnsa.triton_fallback.tiles import kernel_layout
+
+from helpers import SMALL, assert_rel, float64, random_inputs
+
+ALL_TRITON = dict(compression_kernel="triton", selection_kernel="triton", window_kernel="triton", check_inputs=False)
+
+
+def test_gated_lse():
+    lse = torch.tensor([1.5, float("-inf"), 0.25, float("-inf"), -2.0])
+    gate = torch.tensor([0.5, 0.5, 0.0, 0.0, 1.0])
+    out = fused_gates.gated_lse(lse, gate)
+    expected = torch.tensor([1.5 - torch.log(torch.tensor(0.5)).item(), float("-inf"), float("inf"), float("-inf"), -2.0])
+    assert torch.equal(torch.isnan(out), torch.zeros(5, dtype=torch.bool))
+    torch.testing.assert_close(out, expected)
+
+
+def check(case, cfg, dtype, device, tol, grad_tol, via_op=False):
+    _, Hq, Hkv, T, D = case
+    q, k, v, gates = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=5, requires_grad=True)
+    with torch.no_grad():
+        gates[:, ::7, :, 1] = 0.0  # selection gates exactly 0 on some tokens: their gradient must survive
+        gates[0, 3:9, :2, :] = 0.0
+    if via_op:
+        out = nsa_attention(q, k, v, gates, cfg)
+        selected = nsa_attention(q, k, v, gates, cfg, return_branches=True).selected
+    else:
+        k_cmp, v_cmp = compress_kv(k, v, cfg)
+        out, _, _, _, selected, _ = flex.fused_gates_branches(*(kernel_layout(x) for x in (q, k, v)), k_cmp, v_cmp, gates, cfg)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_in = float64(q, k, v, gates)
+    ref = nsa_reference(*ref_in, cfg, selected=selected.cpu())
+    ref.out.backward(grad.double().cpu())
+    assert_rel(out, ref.out, tol, "out")
+    for name, a, b in zip(("q", "k", "v", "gates"), (q, k, v, gates), ref_in):
+        assert_rel(a.grad, b.grad, grad_tol, f"d{name}")
+    zero = gates.detach() == 0
+    assert zero.any() and (gates.grad[zero] != 0).any(), "gates at 0 must keep their gradient"
+
+
+@pytest.mark.parametrize("selection", ["block_shared", "per_token"])
+def test_fused_gates_interpreter(selection):
+    cfg = SMALL.replace(selection=selection, window=40, **ALL_TRITON)
+    check(("G7-T200", 14, 2, 200, 16), cfg, torch.float32, "cpu", tol=1e-5, grad_tol=2e-5)
+
+
+def test_fused_gates_only_where_the_rule_and_kernels_allow(monkeypatch):
+    q, k, v, gates = random_inputs(1, 7, 1, 64, 16, requires_grad=True)
+    cfg = SMALL.replace(**ALL_TRITON)
+    k_cmp = compress_kv(k, v, cfg)[0]
+    assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)  # the rule is off
+    monkeypatch.setattr(fused_gates, "FUSED_GATES", True)
+    assert flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)
+    monkeypatch.setitem(fused_gates.TUNING["combine"], "fused_gates", False)  # the knob, at the tuned shape only
+    q16 = torch.empty(1, 7, 64, 128, dtype=torch.bfloat16)
+    assert not fused_gates.fused_gates_rule(q16) and fused_gates.fused_gates_rule(q)
+    monkeypatch.setitem(fused_gates.TUNING["combine"], "fused_gates", None)
+    assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=True)  # ungated branches wanted back
+    assert not flex.use_fused_gates(q, k_cmp, gates, cfg.replace(window_kernel="flex"), branches=False)
+    with torch.no_grad():
+        assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)  # no backward to fuse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_gates_gpu(dtype, monkeypatch):
+    # Through nsa_attention with the rule on, at the Q7B shape (Triton window forced at T = 1000).
+    monkeypatch.setattr(fused_gates, "FUSED_GATES", True)
+    cfg = NSAConfig(selection="block_shared", window_kernel="triton", check_inputs=False)
+    tol, grad_tol = (2.5e-2, 4e-2) if dtype == torch.bfloat16 else (2e-3, 4e-3)
+    check(("Q7B-T1000", 28, 4, 1000, 128), cfg, dtype, "cuda", tol, grad_tol, via_op=True)
