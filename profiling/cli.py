@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-kernel", choices=list(SELECTION_KERNELS), default="auto",
                    help="selection branch: Triton selected-block kernel or FlexAttention BlockMask")
     p.add_argument("--window-kernel", choices=list(WINDOW_KERNELS), default="auto",
-                   help="window branch: the Triton selected-block kernels or FlexAttention BlockMask (auto: Triton on CUDA)")
+                   help="window branch: the Triton selected-block kernels or FlexAttention BlockMask (auto: Triton on CUDA from 16K tokens)")
     for name, default in (("block-size", 64), ("stride", 64), ("select-block-size", 64), ("num-selected", 32),
                           ("window", 256), ("select-query-tile", 64), ("flex-block-q", 128), ("flex-block-kv", 128)):
         p.add_argument(f"--{name}", type=int, default=default)
