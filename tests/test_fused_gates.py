@@ -58,17 +58,17 @@ def test_fused_gates_only_where_the_rule_and_kernels_allow(monkeypatch):
     q, k, v, gates = random_inputs(1, 7, 1, 64, 16, requires_grad=True)
     cfg = SMALL.replace(**ALL_TRITON)
     k_cmp = compress_kv(k, v, cfg)[0]
-    assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)  # the rule is off
+    assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)  # the rule is off
     monkeypatch.setattr(fused_gates, "FUSED_GATES", True)
-    assert flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)
+    assert flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)
     monkeypatch.setitem(fused_gates.TUNING["combine"], "fused_gates", False)  # the knob, at the tuned shape only
     q16 = torch.empty(1, 7, 64, 128, dtype=torch.bfloat16)
     assert not fused_gates.fused_gates_rule(q16) and fused_gates.fused_gates_rule(q)
     monkeypatch.setitem(fused_gates.TUNING["combine"], "fused_gates", None)
-    assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=True)  # ungated branches wanted back
-    assert not flex.use_fused_gates(q, k_cmp, gates, cfg.replace(window_kernel="flex"), branches=False)
+    assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=True)  # ungated branches wanted back
+    assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg.replace(window_kernel="flex"), branches=False)
     with torch.no_grad():
-        assert not flex.use_fused_gates(q, k_cmp, gates, cfg, branches=False)  # no backward to fuse
+        assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)  # no backward to fuse
 
 
 @pytest.mark.gpu

@@ -283,7 +283,7 @@ def query_layout(config: NSAConfig, device: torch.device, group: int) -> QueryLa
     return QueryLayout(name, group)
 
 
-def use_fused_gates(q, k_cmp, gates, config: NSAConfig, branches: bool) -> bool:
+def use_fused_gates(q, k, v, gates, k_cmp, config: NSAConfig, branches: bool) -> bool:
     """``fused_gates.GatedBranches`` instead of autograd through each branch and the gated sum:
     its rule is on, a backward will run, the ungated branches are not wanted back, and all three
     branches run on the Triton kernels (with at least one compressed block)."""
@@ -294,7 +294,7 @@ def use_fused_gates(q, k_cmp, gates, config: NSAConfig, branches: bool) -> bool:
         fused_gates_rule(q)
         and not branches
         and torch.is_grad_enabled()
-        and any(x.requires_grad for x in (q, k_cmp, gates))
+        and any(x.requires_grad for x in (q, k, v, gates, k_cmp))
         and k_cmp.shape[2] > 0
         and use_triton_compression_attention(config, q.device)
         and use_triton_selection(config, q.device)
@@ -343,7 +343,7 @@ def nsa_flex(q, k, v, gates, config: NSAConfig, *, compressors=None, branches: b
     # every branch's output and gradients come back token-major (NOTES Lever 21).
     q, k, v = (kernel_layout(x) for x in (q, k, v))
     k_cmp, v_cmp = compress(k, v, config, compressors)
-    if use_fused_gates(q, k_cmp, gates, config, branches):
+    if use_fused_gates(q, k, v, gates, k_cmp, config, branches):
         return NSAOutput(*fused_gates_branches(q, k, v, k_cmp, v_cmp, gates, config))
     q_rows = layout.fold(q)
     cmp, cmp_lse = compression_branch(q, q_rows, k_cmp, v_cmp, layout, config)
