@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # What a GPU session should re-check after changes, in parts that each fit one 600 s device call
-# (single GPU; session 12 on an H200: kernels ~350 s, op ~520 s, sweep ~170 s):
-#   kernels  the Triton kernels' GPU tests (compression, scores, selection) and CUDA graphs
-#   op       the whole op and the model (flex, window, custom ops, token-major, no host sync, hybrid layer, 7B forward)
+# (single GPU; sessions 12-14 on an H200: kernels ~400 s, op + model ~600 s together, sweep ~250 s):
+#   kernels  the Triton kernels' GPU tests (compression, scores, selection, window) and CUDA graphs
+#   op       the whole op: flex backend, custom ops, fused gates
+#   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   all      the three in a row (machines without a per-call limit)
+#   pending  the A/Bs session 14 left unmeasured (NOTES "Session 14 / Next" and Lever 37): the
+#            window's 16K threshold at 8K/16K/32K, and the fused gates at 32K/128K
+#   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|sweep|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-KERNEL_TESTS="tests/test_triton_compression.py tests/test_triton_scores.py tests/test_triton_selection.py tests/test_cuda_graphs.py"
-OP_TESTS="tests/test_flex.py tests/test_triton_window.py tests/test_custom_ops.py tests/test_fused_gates.py tests/test_token_major.py tests/test_no_host_sync.py
-  tests/test_model_hybrid.py tests/test_model_forward_bench.py"
+KERNEL_TESTS="tests/test_triton_compression.py tests/test_triton_scores.py tests/test_triton_selection.py tests/test_triton_window.py
+  tests/test_cuda_graphs.py"
+OP_TESTS="tests/test_flex.py tests/test_custom_ops.py tests/test_fused_gates.py"
+MODEL_TESTS="tests/test_token_major.py tests/test_no_host_sync.py tests/test_model_hybrid.py tests/test_model_forward_bench.py"
 
 gpu_tests() {  # name, files...: -rfE prints each failure's one-line reason; -p no:logging keeps DEBUG logs out
   local name=$1; shift
@@ -34,10 +38,25 @@ sweep() {
   grep -E '^\| 128K' "$out/sweep128/report.md" 2>/dev/null
 }
 
+short_op() {  # name, window kernel, lengths, modes[, tuning file]: the block-shared op alone, stages included
+  FLEXNSA_TUNING=${5:-} timeout 150 python3 -m profiling --lengths "$3" --selection block_shared --modes "$4" \
+    --window-kernel "$2" --baselines none --trace-lengths none --no-plots --out "$out/$1" > "$out/$1.log" 2>&1
+  echo "$1: exit $?"; grep -E '^\| [0-9]+K' "$out/$1/report.md" 2>/dev/null
+}
+
+pending() {
+  for w in auto triton flex; do short_op "window_$w" $w 8K,16K,32K fwd+bwd; done
+  echo '{"gates": {"combine": {"fused_gates": true}}}' > "$out/tune_fused_gates.json"
+  short_op gates_default auto 32K,128K fwd,fwd+bwd
+  short_op gates_fused auto 32K,128K fwd,fwd+bwd "$out/tune_fused_gates.json"
+}
+
 case "$part" in
   kernels) gpu_tests kernels $KERNEL_TESTS ;;
   op) gpu_tests op $OP_TESTS ;;
+  model) gpu_tests model $MODEL_TESTS ;;
   sweep) sweep ;;
-  all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, sweep or all)" >&2; exit 2 ;;
+  pending) pending ;;
+  all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending or all)" >&2; exit 2 ;;
 esac
