@@ -14,9 +14,9 @@ scorer launches instead of 2).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,24 +46,13 @@ def variants(q, k_cmp, cfg: NSAConfig) -> dict:
     return {"fused_4warps": fused(4), "fused_8warps": fused(8), "chunked": chunked, "group_scores_only": group_scores_only}
 
 
-@contextlib.contextmanager
-def scorer_rules(packed: bool, chunk_elements: int):
-    """The block-shared scorer's packed rule and the chunk bound, set for one variant."""
-    saved = compression_scores.PACKED, importance.CHUNK_ELEMENTS
-    compression_scores.PACKED, importance.CHUNK_ELEMENTS = packed, chunk_elements
-    try:
-        yield
-    finally:
-        compression_scores.PACKED, importance.CHUNK_ELEMENTS = saved
-
-
 def given_lse_variants(q, k_cmp, cfg: NSAConfig) -> dict:
     """The op's scores + top-n stage (the compression lse given), per (rows, chunk bound)."""
     lse = compression_attention_fwd(q, k_cmp, k_cmp, cfg.block_size, cfg.stride, cfg.softmax_scale(q.shape[-1]))[1]
 
     def stage(packed, chunk):
         def run():
-            with scorer_rules(packed, chunk):
+            with mock.patch.object(compression_scores, "PACKED", packed), mock.patch.object(importance, "CHUNK_ELEMENTS", chunk):
                 return importance.importance_top_n(q, k_cmp, cfg, lse)
         return run
 

@@ -11,12 +11,12 @@ and re-read the per-head [Hq, T, C] probabilities ~8 times; this writes [Hkv, T,
 Block-shared selection only needs each query tile's sum. ``tokens_per_sum`` sums that many
 consecutive tokens: the power of two of them that fits a program is summed in registers before
 the store (16x fewer bytes at Q7B's tile of 64), the rest by PyTorch over the much smaller partials.
-With the ``packed`` / ``packed_per_token`` knobs (NOTES Levers 30 and 32; both off: measured
+With the ``packed`` / ``packed_per_token`` knobs (NOTES Levers 30, 32 and 35; both off: measured
 slower than the padded tiling on an H200) the rows are the chunk's (token, head) rows back to back,
-no head slot padded: tile sums write a partial per power-of-two group of
-a tile's rows; per-token scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's
-run of G rows, which no power-of-two reshape groups, by a matmul with a 0/1 token indicator, and
-add a token split between two programs atomically.
+no head slot padded: tile sums write a partial per power-of-two group of a tile's rows; per-token
+scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's run of G rows, which no
+power-of-two reshape groups, by a matmul with a 0/1 token indicator, and add a token split between
+two programs atomically.
 
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
