@@ -58,6 +58,7 @@ def test_fused_gates_only_where_the_rule_and_kernels_allow(monkeypatch):
     q, k, v, gates = random_inputs(1, 7, 1, 64, 16, requires_grad=True)
     cfg = SMALL.replace(**ALL_TRITON)
     k_cmp = compress_kv(k, v, cfg)[0]
+    monkeypatch.setattr(fused_gates, "FUSED_GATES", False)
     assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)  # the rule is off
     monkeypatch.setattr(fused_gates, "FUSED_GATES", True)
     assert flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)

@@ -155,6 +155,34 @@ def test_opcheck_selection_attention():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def check_dq_in(case, dtype, device, tol, seed=5):
+    """dq_in (another branch's gradient of q) is added inside the dQ kernel: dq = dq_in + this
+    branch's dq; the other gradients do not change (NOTES Lever 39)."""
+    _, Hq, Hkv, T, D, block, tile, n = case
+    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed)
+    rows = random_rows(2, Hkv, T, block, tile, n, seed).to(device)
+    out, lse = slc.selection_attention_fwd(q, k, v, rows, block, tile, D**-0.5)
+    grad, dq_in = torch.randn_like(out), torch.randn_like(q)
+    plain = slc.selection_attention_bwd(q, k, v, rows, out, lse, grad, block, tile, D**-0.5)
+    summed = slc.selection_attention_bwd(q, k, v, rows, out, lse, grad, block, tile, D**-0.5, dq_in=dq_in)
+    assert_rel(summed[0], dq_in.double() + plain[0].double(), tol, "dq + dq_in")
+    for name, a, b in zip(("dk", "dv", "delta"), summed[1:], plain[1:]):  # equal up to the atomics' order
+        assert_rel(a, b.double(), tol, name)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=[CASES[i][0] for i in (0, 1, 5)])
+def test_dq_in_is_added_interpreter(case):
+    check_dq_in(case, torch.float32, "cpu", tol=1e-5)
+
+
+def test_dq_in_must_match_q():
+    q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
+    rows = random_rows(1, 1, 40, 8, 8, 3, seed=0)
+    out, lse = slc.selection_attention_fwd(q, k, v, rows, 8, 8, 0.25)
+    with pytest.raises(ValueError, match="dq_in must be"):
+        slc.selection_attention_bwd(q, k, v, rows, out, lse, out, 8, 8, 0.25, dq_in=q.double())
+
+
 def test_bad_shapes_raise():
     q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
     with pytest.raises(ValueError, match="bad shapes"):
@@ -171,6 +199,13 @@ def test_bad_shapes_raise():
 def test_selection_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dq_in_is_added_gpu(dtype):
+    # dq_in + dq rounded once to q's dtype: the relative error of one rounding (bf16 3.9e-3)
+    check_dq_in(("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.gpu

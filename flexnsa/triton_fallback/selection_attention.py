@@ -172,15 +172,15 @@ def _slc_fwd_kernel(
 
 @triton.jit
 def _slc_dq_kernel(
-    Q, K, V, O, DO, SEL, LSE, DELTA, DQ,
+    Q, K, V, O, DO, SEL, LSE, DELTA, DQ, DQ_IN,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, sl_b, sl_h,
     T, scale, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, TMA: tl.constexpr,
+    WINDOW: tl.constexpr, TMA: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """dQ = scale * sum dS K, dS = P (dP - delta), dP = dO V^T (q, o, do, dq share strides);
-    stores delta for the dK/dV pass."""
+    """dQ = scale * sum dS K (+ DQ_IN when ACCUMULATE), dS = P (dP - delta), dP = dO V^T (q, o,
+    do, dq, dq_in share strides); stores delta for the dK/dV pass."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = pid_t // SUBS
     t, g, row_ok, t_first, t_last = _span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
@@ -201,7 +201,10 @@ def _slc_dq_kernel(
             p = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq = dq * scale
+    if ACCUMULATE:  # another branch's dq, added before the one rounding to q's dtype (NOTES Lever 39)
+        dq += tl.load(DQ_IN + row_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -383,16 +386,23 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     return out, lse
 
 
-def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0):
+def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0,
+                            dq_in=None):
     """(dq, dk, dv, delta) for selection_attention_fwd, each gradient in its input's layout;
     delta = rowsum(grad_out * out) [B, Hq, T] fp32 (as ``compression_attention_bwd``'s). Inputs in
-    kernel layout."""
+    kernel layout. ``dq_in``: another branch's gradient of the same q, added inside the dQ kernel
+    (dq = dq_in + this branch's): one q-sized read instead of a separate add's two reads and a
+    write (NOTES Lever 39)."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     grad_out, out, v = strides_like(grad_out, q), strides_like(out, q), strides_like(v, k)  # shared strides
     dq = torch.empty_like(q)
+    if dq_in is not None:
+        if dq_in.shape != q.shape or dq_in.dtype != q.dtype:
+            raise ValueError(f"dq_in must be {tuple(q.shape)} {q.dtype}, got {tuple(dq_in.shape)} {dq_in.dtype}")
+        dq_in = strides_like(dq_in, q)
     chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
         chunk = max(chunk, rows.shape[2])
@@ -406,9 +416,10 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         return dq, dk.to(k.dtype), dv.to(v.dtype), delta
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq, *q_strides,
+        q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq,
+        dq if dq_in is None else dq_in, *q_strides,
         rows.stride(0), rows.stride(1), rows.stride(2), lse.stride(0), lse.stride(1),
-        T, scale, scale * LOG2E, N_SEL=rows.shape[3], **consts,
+        T, scale, scale * LOG2E, N_SEL=rows.shape[3], ACCUMULATE=dq_in is not None, **consts,
     )
     consts = _launch_params(q, k, v, rows, block_size, tile, "dkv", window)
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
