@@ -48,6 +48,21 @@ def random_inputs(shape: Shape, seq_len: int, seed: int, requires_grad: bool):
     return [x.requires_grad_(requires_grad) for x in (q, k, v, gates)]
 
 
+def op_call(shape: Shape, seq_len: int, config: NSAConfig, backward: bool, seed: int = 0):
+    """(fn, inputs): one call of the op on fresh random inputs, with its backward from a random
+    output gradient when ``backward`` (for the profilers that drive the op from outside the sweep)."""
+    q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
+    grad_out = torch.randn_like(q)
+
+    def call():
+        with torch.set_grad_enabled(backward):
+            out = nsa_attention(q, k, v, gates, config)
+            if backward:
+                out.backward(grad_out)
+
+    return call, [q, k, v, gates]
+
+
 def _leaf(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return x.detach().requires_grad_(requires_grad)
 

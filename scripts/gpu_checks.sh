@@ -5,18 +5,21 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  the A/Bs session 14 left unmeasured (NOTES "Session 14 / Next" and Lever 37): the
-#            window's 16K threshold at 8K/16K/32K, and the fused gates at 32K/128K
+#   pending  session 15's A/Bs at 32K/128K (NOTES "Session 15"): the gated sum unfused (Lever 37
+#            off), fused with in-place dq adds (Lever 39 off), fused with dq summed in the dQ
+#            kernels (the rules); the head-major scorer (Lever 38) against the padded one
+#   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
+#            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop)
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -45,10 +48,29 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file]: the block-sh
 }
 
 pending() {
-  for w in auto triton flex; do short_op "window_$w" $w 8K,16K,32K fwd+bwd; done
-  echo '{"gates": {"combine": {"fused_gates": true}}}' > "$out/tune_fused_gates.json"
-  short_op gates_default auto 32K,128K fwd,fwd+bwd
-  short_op gates_fused auto 32K,128K fwd,fwd+bwd "$out/tune_fused_gates.json"
+  echo '{"gates": {"combine": {"fused_gates": false}}}' > "$out/tune_unfused.json"
+  echo '{"gates": {"combine": {"dq_in": false}}}' > "$out/tune_dq_added.json"
+  echo '{"scores": {"scores": {"head_major": true}}}' > "$out/tune_head_major_scores.json"
+  short_op rules auto 32K,128K fwd,fwd+bwd
+  short_op unfused auto 32K,128K fwd,fwd+bwd "$out/tune_unfused.json"
+  short_op dq_added auto 32K,128K fwd+bwd "$out/tune_dq_added.json"
+  short_op head_major_scores auto 32K,128K fwd,fwd+bwd "$out/tune_head_major_scores.json"
+}
+
+diagnose() {
+  timeout 120 python3 -m profiling.host_profile --lengths 8K,32K --calls 20 --out "$out/host" > "$out/host.log" 2>&1
+  echo "host_profile: exit $?"; tail -2 "$out/host.log"
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  timeout 300 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_|_cmp_|_group_scores' \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats -f -o "$out/ncu_128K" \
+    python3 -m profiling.op_loop --lengths 128K --calls 1 > "$out/ncu.log" 2>&1
+  echo "ncu: exit $?"; tail -3 "$out/ncu.log"
+  "$ncu" --import "$out/ncu_128K.ncu-rep" --page details > "$out/ncu_128K_details.txt" 2>&1
+  "$ncu" --import "$out/ncu_128K.ncu-rep" --page raw --csv > "$out/ncu_128K_raw.csv" 2>&1
+  grep -E '^  [_a-z]|Duration|L2 Cache Throughput|DRAM Throughput|Compute \(SM\) Throughput|L2 Hit Rate|Achieved Occupancy' \
+    "$out/ncu_128K_details.txt" | head -80
 }
 
 case "$part" in
@@ -57,6 +79,7 @@ case "$part" in
   model) gpu_tests model $MODEL_TESTS ;;
   sweep) sweep ;;
   pending) pending ;;
+  diagnose) diagnose ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
 esac

@@ -48,8 +48,10 @@ def check(case, cfg, dtype, device, tol, grad_tol, via_op=False):
     assert zero.any() and (gates.grad[zero] != 0).any(), "gates at 0 must keep their gradient"
 
 
+@pytest.mark.parametrize("dq_in", [True, False], ids=["dq-in-kernel", "dq-added"])
 @pytest.mark.parametrize("selection", ["block_shared", "per_token"])
-def test_fused_gates_interpreter(selection):
+def test_fused_gates_interpreter(selection, dq_in, monkeypatch):
+    monkeypatch.setattr(fused_gates, "DQ_IN", dq_in)  # the branches' dq summed by the dQ kernels or in place
     cfg = SMALL.replace(selection=selection, window=40, **ALL_TRITON)
     check(("G7-T200", 14, 2, 200, 16), cfg, torch.float32, "cpu", tol=1e-5, grad_tol=2e-5)
 

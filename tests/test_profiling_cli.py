@@ -77,3 +77,14 @@ def test_each_length_starts_from_fresh_compiles(tmp_path, monkeypatch):
     assert main(TINY + ["--lengths", "128,256", "--modes", "fwd", "--trace-lengths", "none", "--keep-compiles",
                         "--out", str(tmp_path / "kept")]) == 0
     assert len(resets) == 2  # --keep-compiles: the variable-length regime, no reset
+
+
+def test_host_profile_and_op_loop_run_the_op(tmp_path, capsys):
+    from profiling import host_profile, op_loop
+
+    assert host_profile.main(["--lengths", "128", "--modes", "fwd", "--dtype", "fp32", "--calls", "1", "--rows", "5",
+                              "--device", "cpu", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "host_profile_T128_fwd.txt").read_text()
+    assert "top 5 by tottime" in text and "top 5 by cumulative" in text and "nsa_flex" in text
+    assert op_loop.main(["--lengths", "128", "--mode", "fwd", "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert "T=128 fwd: 1 profiled call(s)" in capsys.readouterr().out

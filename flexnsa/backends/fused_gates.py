@@ -20,14 +20,19 @@ import torch
 from ..triton_fallback.tiles import load_tuning_file, tuning_for
 
 FUSED_GATES = True  # the rule (NOTES Lever 37: 78.7 -> 75.7 ms at 128K fwd+bwd, 15.35 -> 15.01 at 32K, H200)
-# The knob at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
-# {"gates": {"combine": {"fused_gates": true}}}.
-TUNING = {"combine": {"fused_gates": None}}
+DQ_IN = True  # the branches' dq summed inside the selection dQ kernels (NOTES Lever 39), else by in-place adds
+# The knobs at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
+# {"gates": {"combine": {"fused_gates": false, "dq_in": false}}}.
+TUNING = {"combine": {"fused_gates": None, "dq_in": None}}
 load_tuning_file("gates", TUNING)
 
 
 def fused_gates_rule(q: torch.Tensor) -> bool:
     return bool(tuning_for(TUNING, "combine", q).get("fused_gates", FUSED_GATES))
+
+
+def dq_in_rule(q: torch.Tensor) -> bool:
+    return bool(tuning_for(TUNING, "combine", q).get("dq_in", DQ_IN))
 
 
 def gated_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -61,17 +66,24 @@ class GatedBranches(torch.autograd.Function):
 
         head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows = ctx.saved_tensors
         block_size, stride, select_block, tile, window, window_block, scale = ctx.spec
-        # Each branch's dq kernel adds the one before it (dq_in, NOTES Lever 39): no q-sized adds,
-        # and at most two q-sized gradients live at once (the three summed out of place at the end
-        # measured +1.25 GiB of peak at 128K, NOTES Lever 37)
+        # Each branch's dq kernel adds the one before it (dq_in, NOTES Lever 39), or in-place adds:
+        # either way at most two q-sized gradients live at once (the three summed out of place at
+        # the end measured +1.25 GiB of peak at 128K, NOTES Lever 37)
         dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(
             q, k_cmp, v_cmp, cmp, gated_lse(cmp_lse, head_gates[..., 0]), grad, block_size, stride, scale)
-        dq, dk, dv, dg_slc = selection_attention_backward(
-            q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]), grad, select_block, tile, scale, 0, dq)
-        dq, dk_w, dv_w, dg_win = selection_attention_backward(
-            q, k, v, window_rows, win, gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale,
-            window, dq)
+        dq, dk, dv, dg_slc = add_dq(dq, selection_attention_backward, q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]),
+                                    grad, select_block, tile, scale, 0)
+        dq, dk_w, dv_w, dg_win = add_dq(dq, selection_attention_backward, q, k, v, window_rows, win,
+                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window)
         dk.add_(dk_w)
         dv.add_(dv_w)
         d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)
         return (d_gates, dq, dk, dv, dk_cmp, dv_cmp, *[None] * 9)
+
+
+def add_dq(dq, backward_op, q, *args):
+    """backward_op(q, *args) with ``dq`` added to its dq: inside its dQ kernel (``dq_in``) or in place."""
+    if dq_in_rule(q):
+        return backward_op(q, *args, dq)
+    dq_b, *rest = backward_op(q, *args)
+    return dq.add_(dq_b), *rest
