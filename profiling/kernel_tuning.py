@@ -67,7 +67,12 @@ SCORE_VARIANTS = {
               # Lever 30: packed rows (no head slot padded), block-shared tile sums
               + [{"packed": True}, {"packed": True, "rows": 64}, {"packed": True, "num_warps": 8}]
               # Lever 32: packed per-token scores (--ops scores:per_token; head sum by an indicator matmul at G = 7)
-              + [{"packed_per_token": True}, {"packed_per_token": True, "num_warps": 8}, {"packed_per_token": True, "block_c": 32}],
+              + [{"packed_per_token": True}, {"packed_per_token": True, "num_warps": 8}, {"packed_per_token": True, "block_c": 32}]
+              # Lever 38: head-major tile sums (one head's 64 tokens at a time, the G heads looped inside, one row per
+              # tile; q by TMA boxes unless "tma": False), --ops scores:block_shared --match head_major
+              + [{"head_major": True, **change} for change in
+                 [{}, {"block_c": 32}, {"block_c": 128}, {"block_c": 128, "num_warps": 8}, {"num_warps": 8}, {"num_stages": 3},
+                  {"tma": False}, {"tma": False, "num_stages": 3}, {"tma": False, "block_c": 32}]],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,

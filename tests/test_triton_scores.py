@@ -145,6 +145,72 @@ def test_importance_packed_per_token(monkeypatch, stride):
         test_op_with_triton_kernels_matches_reference("per_token", stride)
 
 
+# Lever 38 (prepared, off): head-major tile sums, one program per (tile, kv head) whose rows are the
+# tile's tokens of one head at a time, the G heads looped inside, one output row per tile. Sums of
+# 16, 32, 64 tokens; G = 7, 3, 1; T < the tile (and < block), T not a multiple of the tile, a chunk
+# (70, 181) off the tiles, stride 8 < block 16, C > 64 (unmasked chunks), D = 16 to 256; own and given lse.
+HEAD_MAJOR_CASES = [(CASES[0], 16, False), (CASES[0], 32, True), (CASES[1], 16, True), (CASES[1], 32, False),
+                    (CASES[2], 16, False), (CASES[2], 16, True), (CASES[3], 64, True), (CASES[4], 16, True),
+                    (CASES[4], 32, False), (("G3-T260", 6, 2, 260, 16, 16, 16, None), 64, False),
+                    (("G3-T260", 6, 2, 260, 16, 16, 16, None), 32, True),
+                    (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 64, True),
+                    (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 16, False),
+                    (("G7-T150-D64-chunk", 7, 1, 150, 64, 32, 16, (20, 150)), 16, False),
+                    (("G3-T100-D128", 3, 1, 100, 128, 16, 8, None), 32, True),
+                    (("G1-T90-D256-chunk", 1, 1, 90, 256, 16, 16, (16, 90)), 16, False)]
+HEAD_MAJOR_IDS = [f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse" for c, n, g in HEAD_MAJOR_CASES]
+
+
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", HEAD_MAJOR_CASES, ids=HEAD_MAJOR_IDS)
+def test_group_scores_head_major_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
+    monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)  # q as TMA boxes (the interpreter emulates them)
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
+
+
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", HEAD_MAJOR_CASES[::3], ids=HEAD_MAJOR_IDS[::3])
+def test_group_scores_head_major_pointer_loads_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
+    monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)
+    monkeypatch.setattr(score_kernels, "TMA", False)
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_group_scores_head_major_token_major_q(tma, monkeypatch):
+    """A token-major q ([B, T, Hq, D] seen as [B, Hq, T, D], the model's projections) gives the
+    contiguous q's scores: the q boxes and pointers take its strides."""
+    monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)
+    monkeypatch.setattr(score_kernels, "TMA", tma)
+    q, k, _, _ = random_inputs(1, 14, 2, 200, 16, seed=6)
+    k_cmp = k[:, :, :12].contiguous()
+    token_major = q.transpose(1, 2).contiguous().transpose(1, 2)
+    lse = compression_lse(q, k_cmp, 16, 16)
+    for given in (None, lse):
+        want = compression_group_scores(q, k_cmp, 16, 16, 0.25, 10, 200, 32, given)
+        got = compression_group_scores(token_major, k_cmp, 16, 16, 0.25, 10, 200, 32, given)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        assert (got[1] is None) == (given is not None) and (given is not None or torch.equal(got[1], want[1]))
+
+
+def test_head_major_needs_no_partial_sums(monkeypatch):
+    """Head-major tile sums are whole in the kernel; other sums keep the padded tiling's partials."""
+    q = torch.zeros(1, 7, 64, 16)
+    assert score_kernels.partial_rows(q, 7, 64) == 4
+    monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)
+    assert [score_kernels.partial_rows(q, 7, n) for n in (16, 32, 64, 128)] == [1, 1, 1, 1]
+    assert score_kernels.partial_rows(q, 7, 8) == 1 and score_kernels.partial_rows(q, 7, 48) == 3  # padded tiling
+    assert score_kernels.partial_rows(q, 7, 256) == 16 and not score_kernels._head_major(q, 1)
+
+
+@pytest.mark.parametrize("stride", [16, 8], ids=["l=s", "overlap"])
+def test_importance_head_major(monkeypatch, stride):
+    """The op's chunked block-shared selection over the head-major scorer (16-token tiles, as
+    importance.py sizes its chunks from partial_rows = 1), and the whole op against the reference."""
+    monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)
+    test_importance_chunks_match_one_pass(monkeypatch, "block_shared", "triton", stride, tile=16)
+    if stride == 8:  # the chunked scorer inside the op (stride 16 would take the fused top-n)
+        test_op_with_triton_kernels_matches_reference("block_shared", stride)
+
+
 def test_given_lse_must_match_the_sequence():
     q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
     k_cmp = k[:, :, :4].contiguous()
@@ -174,10 +240,12 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
 @pytest.mark.gpu
 @pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("rule,tokens_per_sum", [("PACKED", 64), ("PACKED_PER_TOKEN", 1)], ids=["tile-sums", "per-token"])
+@pytest.mark.parametrize("rule,tokens_per_sum", [("PACKED", 64), ("PACKED_PER_TOKEN", 1), ("HEAD_MAJOR", 64)],
+                         ids=["tile-sums", "per-token", "head-major"])
 def test_group_scores_packed_gpu(rule, tokens_per_sum, dtype, given_lse, monkeypatch):
     """Packed rows at Q7B (G = 7): tile sums (partials per 64 rows) and per-token sums (the
-    segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits)."""
+    segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits); and
+    head-major tile sums (Lever 38: 64 tokens of one head at a time, q by TMA boxes on sm_90)."""
     monkeypatch.setattr(score_kernels, rule, True)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
@@ -296,13 +364,13 @@ def test_fused_top_n_needs_the_triton_kernels():
 @pytest.mark.parametrize("stride", [16, 8], ids=["l=s", "overlap"])
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_importance_chunks_match_one_pass(monkeypatch, selection, kernel, stride):
+def test_importance_chunks_match_one_pass(monkeypatch, selection, kernel, stride, tile=8):
     """Several query chunks (a tiny CHUNK_ELEMENTS) select what one pass selects, and the tile
     sums (in the kernel, then PyTorch) give a valid top-n under the float64 scores."""
     from flexnsa import importance
     from flexnsa.compression import compress_kv
 
-    cfg = SMALL.replace(selection=selection, compression_kernel=kernel, stride=stride, select_query_tile=8)
+    cfg = SMALL.replace(selection=selection, compression_kernel=kernel, stride=stride, select_query_tile=tile)
     q, k, v, _ = random_inputs(1, 7, 1, 181, 16, seed=4)
     k_cmp, _ = compress_kv(k, v, cfg)
     whole, lse = importance.importance_top_n(q, k_cmp, cfg)

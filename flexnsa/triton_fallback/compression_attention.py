@@ -33,6 +33,7 @@ from .tiles import (
     load_blocks,
     load_delta,
     load_tuning_file,
+    probs_t,
     row_offsets,
     rows_per_tile,
     softmax_finish,
@@ -110,9 +111,7 @@ def _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, tile, qh, b, sq_b, sq_h, sq_t, sl
     """``_dkv_step`` over one head's BLOCK_T tokens of a token tile, logits as [blocks, rows]
     (K~ Q^T; ``tiles.head_tile``, ``tiles.dkv_from_probs_t``)."""
     t, row_ok, q, do, lse, delta = head_tile(Q, DO, LSE, DELTA, b, qh, tile, T, sq_b, sq_h, sq_t, sl_b, sl_h, BLOCK_T, D, TMA)
-    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-    if MASKED:
-        p_t = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE, True), p_t, 0.0)
+    p_t = probs_t(k, q, lse, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     return dkv_from_probs_t(p_t, q, do, v, delta, dk, dv)
 
 

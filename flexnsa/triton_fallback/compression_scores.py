@@ -16,7 +16,11 @@ slower than the padded tiling on an H200) the rows are the chunk's (token, head)
 no head slot padded: tile sums write a partial per power-of-two group of a tile's rows; per-token
 scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's run of G rows, which no
 power-of-two reshape groups, by a matmul with a 0/1 token indicator, and add a token split between
-two programs atomically.
+two programs atomically. With the ``head_major`` knob (NOTES Lever 38; rule off, not yet measured
+on a GPU) a power-of-two tile sum of 16-128 tokens is one program per (tile, kv head): its rows
+are the tile's tokens of one head at a time ([SUM, D] of q, pointers or a TMA box), the G heads
+(any G) looped inside each chunk of compressed blocks, whose K~ is loaded once for them; the whole
+sum over tokens and heads stays in registers, one output row per tile, nothing left for PyTorch.
 
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
@@ -30,8 +34,9 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    check_given_lse, check_query, full_chunks_end, load_blocks, load_tuning_file, row_lse, row_offsets, rows_per_tile, tile_rows,
-    tuning_for, visible, visible_block_end,
+    ROWS as TILE_ROWS, backward_lse, box_operands, check_given_lse, check_query, full_chunks_end, load_blocks, load_box,
+    load_tuning_file, probs_t, row_lse, row_offsets, rows_per_tile, tile_rows, tma_ready, tuning_for, visible,
+    visible_block_end,
 )
 
 # Launch overrides at the tuned shape (``tiles.tuning_for``; ``python -m profiling.kernel_tuning
@@ -48,9 +53,17 @@ from .tiles import (
 # head sum an indicator matmul (tf32x3) onto 32 token columns per program.
 # Measured (session 13, 128K scores + top-n stage): packed tile sums 4.00 ms against the padded
 # 3.25, packed per-token scores 45.3 against 31.5, so both rules stay off.
+# "head_major" (None = the HEAD_MAJOR rule; Lever 38, not yet measured on a GPU): tile sums of a
+# power-of-two tokens_per_sum in [16, 128] as one program per tile whose rows are its tokens of one
+# head at a time, the G heads looped inside (no head slot padded, one output row per tile, no
+# partials for PyTorch to add); takes precedence over "packed". "tma" (None = the TMA rule; used
+# only head-major, where the GPU has TMA): each head's q tile as one [SUM, D] TMA box.
 PACKED = False
 PACKED_PER_TOKEN = False
-TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None}}
+HEAD_MAJOR = False
+TMA = True
+TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None,
+                     "head_major": None, "tma": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -150,6 +163,61 @@ def _group_scores_kernel(
                       ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
 
 
+@triton.jit
+def _head_major_chunk(Q, K, LSE, out, c0, t_first, t, row_ok, b, h, k_base, sk_c, sq_b, sq_h, sq_t, sl_b, sl_h, LSE_T0, C,
+                      qk_scale, MASKED: tl.constexpr, G: tl.constexpr, SUM: tl.constexpr, BLOCK_C: tl.constexpr,
+                      D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr):
+    """The tile's sums over its SUM tokens and the G heads for blocks [c0, c0 + BLOCK_C): the K~
+    chunk loaded once for the G heads, each head's q tile and lse re-read (from L2), the logits
+    as [blocks, rows] (summed along each thread's columns, Lever 29), one store."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    k = load_blocks(K, k_base, c, sk_c, C, D)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for g in range(G):
+        qh = h * G + g
+        q = load_box(Q, b * sq_b + qh * sq_h, b, qh, t_first, t, row_ok, sq_t, SUM, D, TMA)
+        lse2 = backward_lse(LSE, b, qh, t - LSE_T0, row_ok, sl_b, sl_h)  # +inf: idle or sees nothing
+        acc += tl.sum(probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE), 1)
+    tl.store(out + c, acc, mask=c < C)
+
+
+@triton.jit
+def _head_major_kernel(
+    Q, K, LSE, SCORES,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, ss_b, ss_h, ss_t,
+    T0, T1, C, scale, LSE_T0,
+    G: tl.constexpr, SUM: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
+    CMP_STRIDE: tl.constexpr, GIVEN_LSE: tl.constexpr, TMA: tl.constexpr,
+):
+    """Lever 38: one program per tile of SUM tokens T0 + SUM * pid + [0, SUM) (clipped to T1) and
+    kv head; rows are the tile's tokens of one head at a time (Q a descriptor with a [SUM, D] box
+    when TMA), the G heads looped inside each chunk of compressed blocks, their sum in registers:
+    one output row per tile. LSE is indexed at t - LSE_T0 (the whole sequence's when given, else
+    this chunk's buffer, which pass 1 fills per head and the score pass re-reads)."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_first = T0 + pid_t * SUM
+    t = t_first + tl.arange(0, SUM)
+    row_ok = t < T1
+    c_end = visible_block_end(tl.minimum(t_first + SUM, T1) - 1, C, CMP_BLOCK, CMP_STRIDE)
+    c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    k_base = b * sk_b + h * sk_h
+    if not GIVEN_LSE:  # pass 1, a head at a time, stored for the score pass
+        for g in range(G):
+            qh = h * G + g
+            q = load_box(Q, b * sq_b + qh * sq_h, b, qh, t_first, t, row_ok, sq_t, SUM, D, TMA)
+            lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+            tl.store(LSE + b * sl_b + qh * sl_h + (t - LSE_T0), lse, mask=row_ok)
+        tl.debug_barrier()  # the score pass reads them back, in other threads
+    qk_scale = scale * 1.4426950408889634  # LOG2E
+    out = SCORES + b * ss_b + h * ss_h + pid_t * ss_t
+    for c0 in range(0, c_mid, BLOCK_C):
+        _head_major_chunk(Q, K, LSE, out, c0, t_first, t, row_ok, b, h, k_base, sk_c, sq_b, sq_h, sq_t, sl_b, sl_h, LSE_T0,
+                          C, qk_scale, False, G, SUM, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
+    for c0 in range(c_mid, c_end, BLOCK_C):
+        _head_major_chunk(Q, K, LSE, out, c0, t_first, t, row_ok, b, h, k_base, sk_c, sq_b, sq_h, sq_t, sl_b, sl_h, LSE_T0,
+                          C, qk_scale, True, G, SUM, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
+
+
 def _launch_params(q, group: int) -> tuple[int, int, dict]:
     """(G_PAD, BLOCK_T, launch constants) of the padded tiling: 128-row tiles, 64 compressed
     blocks per step."""
@@ -159,6 +227,13 @@ def _launch_params(q, group: int) -> tuple[int, int, dict]:
     if tune.get("num_stages"):
         consts["num_stages"] = tune["num_stages"]
     return g_pad, block_t, consts
+
+
+def _head_major(q, tokens_per_sum: int) -> bool:
+    """The head-major tiling (Lever 38): block-shared sums of a power of two of tokens from 16 (the
+    dot's minimum) to a 128-row MMA tile (``tiles.ROWS``; more stays on the padded tiling)."""
+    n = tokens_per_sum
+    return 16 <= n <= TILE_ROWS and n & (n - 1) == 0 and tuning_for(TUNING, "scores", q).get("head_major", HEAD_MAJOR)
 
 
 def _packed(q, tokens_per_sum: int) -> bool:
@@ -199,7 +274,9 @@ def _group_rows(q, group: int, tokens_per_sum: int) -> int:
 def partial_rows(q, group: int, tokens_per_sum: int) -> int:
     """Rows the kernel writes per summed row (PyTorch adds them afterwards): packed, a sum's rows
     over the power-of-two group (segmented per-token sums: 1); padded, tokens_per_sum over the
-    power of two of its tokens a program sums (1 = summed wholly in registers)."""
+    power of two of its tokens a program sums (1 = summed wholly in registers); head-major, 1."""
+    if _head_major(q, tokens_per_sum):
+        return 1
     if _packed(q, tokens_per_sum):
         if _segmented(group, tokens_per_sum):
             return 1
@@ -241,7 +318,9 @@ def compression_group_scores(
     scores = torch.zeros(B, Hkv, rows * rest, C, device=q.device, dtype=torch.float32)
     if not given:
         lse = torch.full((B, Hq, t1 - t0), float("-inf"), device=q.device, dtype=torch.float32)
-    if t1 > t0:
+    if t1 > t0 and _head_major(q, tokens_per_sum):
+        _launch_head_major(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, tokens_per_sum, given, consts)
+    elif t1 > t0:
         if _packed(q, tokens_per_sum):
             per_program = _program_rows(q, G)
             segmented = _segmented(G, tokens_per_sum)
@@ -262,3 +341,19 @@ def compression_group_scores(
             G=G, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, **tiling, **consts,
         )
     return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), (None if given else lse)
+
+
+def _launch_head_major(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, tokens_per_sum, given, consts):
+    """The head-major tile sums (``_head_major_kernel``) into ``scores`` [B, Hkv, R, C]; own lse
+    (not ``given``) into ``lse`` [B, Hq, t1 - t0]."""
+    B, Hq, _, D = q.shape
+    Hkv = k_cmp.shape[1]
+    consts = dict(consts, D=D, TMA=bool(tuning_for(TUNING, "scores", q).get("tma", TMA)) and tma_ready(q))
+    (q_in,) = box_operands((q,), tokens_per_sum, consts)
+    _head_major_kernel[(triton.cdiv(t1 - t0, tokens_per_sum), Hkv, B)](
+        q_in, k_cmp, lse, scores,
+        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
+        t0, t1, k_cmp.shape[2], scale, 0 if given else t0,
+        G=Hq // Hkv, SUM=tokens_per_sum, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, **consts,
+    )

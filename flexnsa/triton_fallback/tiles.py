@@ -160,11 +160,18 @@ def load_rows(PTR, base, rows, row_ok, s_t, D: tl.constexpr):
 @triton.jit
 def load_block(X, base, b, h, blk, rows, row_ok, s_t, L: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
     """Rows blk*L .. blk*L + L - 1 of head h of a [B, H, T, D] tensor (a selected K/V block, one
-    head's q or dO tile), [L, D]: by TMA (X a descriptor with an [L, D] box; rows outside [0, T)
-    read as 0, which covers blk = -1) or by pointers (X a pointer; ``rows`` = those positions,
-    masked by ``row_ok``)."""
+    head's q or dO tile), [L, D]: ``load_box`` from row blk*L (rows outside [0, T) read as 0 by
+    TMA, which covers blk = -1)."""
+    return load_box(X, base, b, h, blk * L, rows, row_ok, s_t, L, D, TMA)
+
+
+@triton.jit
+def load_box(X, base, b, h, start, rows, row_ok, s_t, L: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Rows start .. start + L - 1 of head h of a [B, H, T, D] tensor, [L, D]: by TMA (X a
+    descriptor with an [L, D] box; rows outside [0, T) read as 0) or by pointers (X a pointer;
+    ``rows`` = those positions, masked by ``row_ok``)."""
     if TMA:
-        x = tl.reshape(X.load([b, h, blk * L, 0]), (L, D))
+        x = tl.reshape(X.load([b, h, start, 0]), (L, D))
     else:  # (not an early return: the code after one is compiled for descriptors too)
         x = load_rows(X, base, rows, row_ok, s_t, D)
     return x
@@ -209,6 +216,19 @@ def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
         s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m, s_sum, _, _ = online_max_sum(s, m, s_sum)
     return tl.where(s_sum > 0, (m + tl.log2(s_sum)) * 0.6931471805599453, float("-inf"))
+
+
+@triton.jit
+def probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr,
+            CMP_STRIDE: tl.constexpr):
+    """P^T [blocks, rows] = 2^(K~ Q^T * qk_scale - lse2) of compressed blocks c and the rows'
+    tokens t (log2 units; lse2 +inf on rows that see nothing or are idle, as ``backward_lse``
+    gives it, so those rows are 0 without a mask); the visibility mask only where some row
+    cannot see the whole chunk (MASKED)."""
+    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE, True), p_t, 0.0)
+    return p_t
 
 
 @triton.jit
