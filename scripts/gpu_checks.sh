@@ -52,9 +52,9 @@ pending() {
   echo '{"gates": {"combine": {"dq_in": false}}}' > "$out/tune_dq_added.json"
   echo '{"scores": {"scores": {"head_major": true}}}' > "$out/tune_head_major_scores.json"
   short_op rules auto 32K,128K fwd,fwd+bwd
-  short_op unfused auto 32K,128K fwd,fwd+bwd "$out/tune_unfused.json"
-  short_op dq_added auto 32K,128K fwd+bwd "$out/tune_dq_added.json"
-  short_op head_major_scores auto 32K,128K fwd,fwd+bwd "$out/tune_head_major_scores.json"
+  short_op unfused auto 32K,128K fwd+bwd "$out/tune_unfused.json"
+  short_op dq_added auto 128K fwd+bwd "$out/tune_dq_added.json"
+  short_op head_major_scores auto 32K,128K fwd "$out/tune_head_major_scores.json"  # the scores stage is the same in both modes
 }
 
 diagnose() {
@@ -62,7 +62,7 @@ diagnose() {
   echo "host_profile: exit $?"; tail -2 "$out/host.log"
   local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
-  timeout 300 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_|_cmp_|_group_scores' \
+  timeout 180 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_|_cmp_|_group_scores' \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats -f -o "$out/ncu_128K" \
     python3 -m profiling.op_loop --lengths 128K --calls 1 > "$out/ncu.log" 2>&1
