@@ -9,6 +9,10 @@ Python down, so read the shares, not the absolute times). Writes ``host_profile_
 the profiler) under ``--out``.
 
     python -m profiling.host_profile --lengths 8K,16K --out DIR        (GPU; CPU runs too, slowly)
+
+``--dispatch`` also times, per length, the host cost of a torch.library custom op call against
+calling its implementation directly (the compression and selection forwards, no grad): what the
+dispatcher, fake-kernel machinery and alias checks add per call (``dispatch_T<T>.json``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 from pathlib import Path
 
@@ -41,6 +46,33 @@ def profile_calls(fn, device: torch.device, calls: int, grads) -> pstats.Stats:
     return pstats.Stats(prof)
 
 
+def dispatch_costs(shape: Shape, seq_len: int, cfg: NSAConfig, calls: int) -> dict:
+    """Host ms per call of each forward custom op, through torch.library and direct."""
+    from flexnsa.compression import compress_kv
+    from flexnsa.importance import importance_top_n
+    from flexnsa.backends.flex import selection_rows
+    from flexnsa.triton_fallback import custom_ops
+    from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
+    from flexnsa.triton_fallback.selection_attention import selection_attention_fwd
+
+    _, (q, k, v, _) = op_call(shape, seq_len, cfg, backward=False)
+    k_cmp, v_cmp = compress_kv(k, v, cfg)
+    scale = cfg.softmax_scale(q.shape[-1])
+    rows = selection_rows(importance_top_n(q, k_cmp, cfg)[0], cfg).contiguous()
+    cmp_args = (q, k_cmp, v_cmp, cfg.block_size, cfg.stride, scale)
+    slc_args = (q, k, v, rows, cfg.select_block_size, cfg.select_query_tile, scale)
+    pairs = {"compression_attention": (custom_ops.compression_attention, compression_attention_fwd, cmp_args),
+             "selection_attention": (custom_ops.selection_attention, selection_attention_fwd, slc_args)}
+    out = {}
+    with torch.no_grad():
+        for name, (op, direct, args) in pairs.items():
+            for fn in (op, direct):
+                fn(*args)
+            out[name] = {"custom_op_host_ms": host_ms(lambda: op(*args), shape.device, reps=calls),
+                         "direct_host_ms": host_ms(lambda: direct(*args), shape.device, reps=calls)}
+    return out
+
+
 def report(stats: pstats.Stats, rows: int) -> str:
     text = io.StringIO()
     stats.stream = text
@@ -61,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dispatch", action="store_true", help="also time custom-op dispatch against direct calls")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     modes = args.modes.split(",")
@@ -82,6 +115,10 @@ def main(argv=None) -> int:
             path = args.out / f"host_profile_T{seq_len}_{mode.replace('+', '_')}.txt"
             path.write_text(head + report(stats, args.rows))
             print(f"T={seq_len} {mode}: host {plain} ms per call -> {path}")
+        if args.dispatch:
+            costs = dispatch_costs(shape, seq_len, cfg, args.calls)
+            (args.out / f"dispatch_T{seq_len}.json").write_text(json.dumps({"stamp": stamp, "seq_len": seq_len, **costs}, indent=1))
+            print(f"T={seq_len} dispatch (host ms, custom op vs direct): {costs}")
     return 0
 
 

@@ -82,9 +82,11 @@ def test_each_length_starts_from_fresh_compiles(tmp_path, monkeypatch):
 def test_host_profile_and_op_loop_run_the_op(tmp_path, capsys):
     from profiling import host_profile, op_loop
 
-    assert host_profile.main(["--lengths", "128", "--modes", "fwd", "--dtype", "fp32", "--calls", "1", "--rows", "5",
+    assert host_profile.main(["--lengths", "128", "--modes", "fwd", "--dtype", "fp32", "--calls", "1", "--rows", "5", "--dispatch",
                               "--device", "cpu", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "host_profile_T128_fwd.txt").read_text()
     assert "top 5 by tottime" in text and "top 5 by cumulative" in text and "nsa_flex" in text
+    dispatch = json.loads((tmp_path / "dispatch_T128.json").read_text())
+    assert set(dispatch) >= {"compression_attention", "selection_attention"}  # host ms are None on CPU
     assert op_loop.main(["--lengths", "128", "--mode", "fwd", "--dtype", "fp32", "--device", "cpu"]) == 0
     assert "T=128 fwd: 1 profiled call(s)" in capsys.readouterr().out
