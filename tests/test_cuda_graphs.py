@@ -27,9 +27,10 @@ def test_refuses_learned_compression_and_no_warmup():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window_kernel", ["auto", "triton"], ids=["auto", "triton-window-fused-gates"])
 @pytest.mark.parametrize("selection", ["block_shared", "per_token"])
-def test_replays_match_the_eager_op_and_the_reference(selection):
-    cfg = SMALL.replace(selection=selection)
+def test_replays_match_the_eager_op_and_the_reference(selection, window_kernel):
+    cfg = SMALL.replace(selection=selection, window_kernel=window_kernel)  # triton: the fused gated backward
     shape = (1, 14, 2, 700, 64)
     samples = random_inputs(*shape, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
     kept = [x.detach().clone() for x in samples]

@@ -31,9 +31,11 @@ def assert_no_sync(fn, inputs):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("window_kernel", ["auto", "triton"], ids=["auto", "triton-window-fused-gates"])
 @pytest.mark.parametrize("selection", ["block_shared", "per_token"])
-def test_op_makes_no_host_sync(selection):
-    cfg = SMALL.replace(selection=selection, check_inputs=False)
+def test_op_makes_no_host_sync(selection, window_kernel):
+    # the Triton window puts all three branches on the kernels: the fused gated backward (Lever 37)
+    cfg = SMALL.replace(selection=selection, window_kernel=window_kernel, check_inputs=False)
     inputs = random_inputs(1, 14, 2, 700, 128, dtype=torch.bfloat16, device="cuda", seed=1, requires_grad=True)
     assert_no_sync(lambda q, k, v, g: nsa_attention(q, k, v, g, cfg), inputs)
 

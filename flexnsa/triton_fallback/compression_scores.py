@@ -16,8 +16,8 @@ slower than the padded tiling on an H200) the rows are the chunk's (token, head)
 no head slot padded: tile sums write a partial per power-of-two group of a tile's rows; per-token
 scores at G = 7 (12.5% fewer rows than 8 head slots) sum each token's run of G rows, which no
 power-of-two reshape groups, by a matmul with a 0/1 token indicator, and add a token split between
-two programs atomically. With the ``head_major`` knob (NOTES Lever 38; rule off, not yet measured
-on a GPU) a power-of-two tile sum of 16-128 tokens is one program per (tile, kv head): its rows
+two programs atomically. With the ``head_major`` knob (NOTES Lever 38; rule off, measured 43% slower
+than padded at 128K on an H200) a power-of-two tile sum of 16-128 tokens is one program per (tile, kv head): its rows
 are the tile's tokens of one head at a time ([SUM, D] of q, pointers or a TMA box), the G heads
 (any G) looped inside each chunk of compressed blocks, whose K~ is loaded once for them; the whole
 sum over tokens and heads stays in registers, one output row per tile, nothing left for PyTorch.
@@ -53,7 +53,8 @@ from .tiles import (
 # head sum an indicator matmul (tf32x3) onto 32 token columns per program.
 # Measured (session 13, 128K scores + top-n stage): packed tile sums 4.00 ms against the padded
 # 3.25, packed per-token scores 45.3 against 31.5, so both rules stay off.
-# "head_major" (None = the HEAD_MAJOR rule; Lever 38, not yet measured on a GPU): tile sums of a
+# "head_major" (None = the HEAD_MAJOR rule; Lever 38, measured slower: 4.73 ms against the padded
+# 3.30 at 128K on an H200, session 15, so the rule stays off): tile sums of a
 # power-of-two tokens_per_sum in [16, 128] as one program per tile whose rows are its tokens of one
 # head at a time, the G heads looped inside (no head slot padded, one output row per tile, no
 # partials for PyTorch to add); takes precedence over "packed". "tma" (None = the TMA rule; used
