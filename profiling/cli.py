@@ -27,7 +27,7 @@ from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS, WIND
 
 from . import report
 from .baselines import fla_version, measure_fla, measure_sdpa
-from .measure import MODES, Shape, measure_nsa
+from .measure import INPUTS, MODES, Shape, measure_nsa
 from .timing import matmul_tflops
 from .traces import write_trace
 
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=list(DTYPES))
+    p.add_argument("--inputs", choices=list(INPUTS), default="random",
+                   help="random: i.i.d. normal q/k/v (unrelated selections per tile, the default); smooth: q and k "
+                        "drift slowly along the tokens as video frames do (neighbouring tiles select overlapping blocks)")
     p.add_argument("--backend", choices=["flex", "reference"], default="flex", help="NSA backend (reference is O(T^2): short T only)")
     p.add_argument("--selection", choices=["per_token", "block_shared", "both"])
     p.add_argument("--layout", choices=list(LAYOUTS), default="auto")
@@ -166,7 +169,7 @@ def resolve(args) -> dict:
         if device.type != "cuda":
             raise UsageError("--cuda-graphs needs a CUDA GPU")
         variants = {f"{name}+cuda_graphs": config for name, config in variants.items()}
-    shape = Shape(args.batch, args.q_heads, args.kv_heads, args.head_dim, DTYPES[pick("dtype")], device)
+    shape = Shape(args.batch, args.q_heads, args.kv_heads, args.head_dim, DTYPES[pick("dtype")], device, args.inputs)
     return dict(device=device, lengths=lengths, modes=modes, baselines=baselines, traces=traces, variants=variants, shape=shape)
 
 
@@ -363,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "meta": meta,
         "shape": {"batch": shape.batch, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
-                  "head_dim": shape.head_dim, "dtype": str(shape.dtype).replace("torch.", ""), "device": shape.device.type},
+                  "head_dim": shape.head_dim, "dtype": str(shape.dtype).replace("torch.", ""), "device": shape.device.type,
+                  "inputs": shape.inputs},
         "variants": {k: variant_record(v, shape) for k, v in run["variants"].items()},
         "nsa": [], "baselines": [], "errors": [], "traces": [],
     }

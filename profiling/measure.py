@@ -27,22 +27,48 @@ STAGES = ("compression", "scores_topk", "mask_build", "selection", "window", "co
 MODES = ("fwd", "fwd+bwd")
 
 
+INPUTS = ("random", "smooth")
+
+
 @dataclass(frozen=True)
 class Shape:
+    """The measured problem: sizes, dtype, device, and how its inputs are drawn (``INPUTS``)."""
     batch: int
     q_heads: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    inputs: str = "random"
+
+
+SMOOTH_SPACING = 512  # tokens between the anchors of a smooth input (8 frames of 64 tokens)
+SMOOTH_SHARE = 0.8  # variance share of the slowly varying part
 
 
 def random_inputs(shape: Shape, seq_len: int, seed: int, requires_grad: bool):
-    """Fresh random q, k, v, gates (never zeros), generated on the device."""
+    """Fresh random q, k, v, gates (never zeros), generated on the device.
+
+    ``shape.inputs``: "random", i.i.d. normal (neighbouring query tiles select unrelated blocks:
+    the worst case for the selection backward's L2 reuse, NOTES session 15); "smooth", q and k
+    drift slowly along the tokens (a normal anchor every SMOOTH_SPACING tokens, linearly
+    interpolated, carrying SMOOTH_SHARE of the variance, plus i.i.d. noise), as consecutive
+    frames of a video do, so neighbouring tiles select overlapping blocks."""
+    if shape.inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {shape.inputs!r}")
     gen = torch.Generator(device=shape.device).manual_seed(seed)
     kw = dict(device=shape.device, dtype=shape.dtype, generator=gen)
-    q = torch.randn(shape.batch, shape.q_heads, seq_len, shape.head_dim, **kw)
-    k = torch.randn(shape.batch, shape.kv_heads, seq_len, shape.head_dim, **kw)
+
+    def draw(heads):
+        x = torch.randn(shape.batch, heads, seq_len, shape.head_dim, **kw)
+        if shape.inputs == "smooth" and seq_len > 1:
+            anchors = torch.randn(shape.batch * heads, shape.head_dim, seq_len // SMOOTH_SPACING + 2, **kw)
+            slow = torch.nn.functional.interpolate(anchors.float(), size=seq_len, mode="linear", align_corners=True)
+            slow = slow.view(shape.batch, heads, shape.head_dim, seq_len).transpose(2, 3)
+            x = (SMOOTH_SHARE**0.5 * slow + (1 - SMOOTH_SHARE) ** 0.5 * x.float()).to(shape.dtype).contiguous()
+        return x
+
+    q, k = draw(shape.q_heads), draw(shape.kv_heads)
     v = torch.randn(shape.batch, shape.kv_heads, seq_len, shape.head_dim, **kw)
     gates = torch.rand(shape.batch, seq_len, shape.q_heads, 3, **kw)
     return [x.requires_grad_(requires_grad) for x in (q, k, v, gates)]

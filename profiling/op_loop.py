@@ -17,7 +17,7 @@ import torch
 from flexnsa import NSAConfig
 
 from .cli import DTYPES, parse_lengths, pick_device
-from .measure import MODES, Shape, op_call
+from .measure import INPUTS, MODES, Shape, op_call
 from .timing import synchronize
 
 
@@ -29,12 +29,13 @@ def main(argv=None) -> int:
     p.add_argument("--selection", choices=["per_token", "block_shared"], default="block_shared")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--calls", type=int, default=1)
+    p.add_argument("--inputs", choices=list(INPUTS), default="random", help="as python -m profiling --inputs")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     cfg = NSAConfig(selection=args.selection, check_inputs=False)
     for seq_len in parse_lengths(args.lengths):
-        call, _ = op_call(Shape(1, 28, 4, 128, DTYPES[args.dtype], device), seq_len, cfg, args.mode == "fwd+bwd")
+        call, _ = op_call(Shape(1, 28, 4, 128, DTYPES[args.dtype], device, args.inputs), seq_len, cfg, args.mode == "fwd+bwd")
         call()
         synchronize(device)
         cuda = device.type == "cuda"

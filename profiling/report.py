@@ -44,7 +44,8 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
         f"- date {meta['date']}, commit `{meta['commit']}`{' (dirty tree)' if meta.get('dirty') else ''}"
         + (f" ({meta['commit_note']})" if meta.get("commit_note") else ""),
         f"- torch {meta['torch']}, triton {meta['triton']}, fla {meta.get('fla') or 'not importable'}",
-        f"- shape B={shape['batch']} Hq={shape['q_heads']} Hkv={shape['kv_heads']} D={shape['head_dim']} {shape['dtype']}",
+        f"- shape B={shape['batch']} Hq={shape['q_heads']} Hkv={shape['kv_heads']} D={shape['head_dim']} {shape['dtype']}, "
+        f"{shape.get('inputs', 'random')} inputs",
         f"- measured matmul rate {_fmt(meta.get('matmul_tflops'), 0)} TFLOP/s (floor = FLOPs / this rate; fwd+bwd = 3.5x fwd FLOPs)",
         f"- timing: {meta['timing']}",
         *([f"- launch overrides (FLEXNSA_TUNING): `{json.dumps(meta['tuning_file'])}`"] if meta.get("tuning_file") else []),

@@ -5,11 +5,12 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  session 15's A/Bs at 32K/128K (NOTES "Session 15"): the gated sum unfused (Lever 37
-#            off), fused with in-place dq adds (Lever 39 off), fused with dq summed in the dQ
-#            kernels (the rules); the head-major scorer (Lever 38) against the padded one
+#   pending  the A/Bs session 15 left for the next GPU session (NOTES "Session 15 / Next"): smooth
+#            (video-like) against random inputs at 32K/128K, and the selection forward at one
+#            pipeline stage (48 KB of shared memory: 3 CTAs per SM instead of 2)
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
-#            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop)
+#            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
+#            INPUTS=smooth for video-like inputs)
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -41,20 +42,17 @@ sweep() {
   grep -E '^\| 128K' "$out/sweep128/report.md" 2>/dev/null
 }
 
-short_op() {  # name, window kernel, lengths, modes[, tuning file]: the block-shared op alone, stages included
+short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: the block-shared op alone, stages included
   FLEXNSA_TUNING=${5:-} timeout 150 python3 -m profiling --lengths "$3" --selection block_shared --modes "$4" \
-    --window-kernel "$2" --baselines none --trace-lengths none --no-plots --out "$out/$1" > "$out/$1.log" 2>&1
+    --window-kernel "$2" --inputs "${6:-random}" --baselines none --trace-lengths none --no-plots --out "$out/$1" > "$out/$1.log" 2>&1
   echo "$1: exit $?"; grep -E '^\| [0-9]+K' "$out/$1/report.md" 2>/dev/null
 }
 
 pending() {
-  echo '{"gates": {"combine": {"fused_gates": false}}}' > "$out/tune_unfused.json"
-  echo '{"gates": {"combine": {"dq_in": false}}}' > "$out/tune_dq_added.json"
-  echo '{"scores": {"scores": {"head_major": true}}}' > "$out/tune_head_major_scores.json"
-  short_op rules auto 32K,128K fwd,fwd+bwd
-  short_op unfused auto 32K,128K fwd+bwd "$out/tune_unfused.json"
-  short_op dq_added auto 128K fwd+bwd "$out/tune_dq_added.json"
-  short_op head_major_scores auto 32K,128K fwd "$out/tune_head_major_scores.json"  # the scores stage is the same in both modes
+  short_op random auto 32K,128K fwd,fwd+bwd
+  short_op smooth auto 32K,128K fwd,fwd+bwd "" smooth
+  echo '{"selection": {"fwd": {"num_stages": 1}}}' > "$out/tune_fwd_1stage.json"
+  short_op fwd_1stage auto 128K fwd "$out/tune_fwd_1stage.json"
 }
 
 diagnose() {
@@ -65,7 +63,7 @@ diagnose() {
   timeout 180 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_|_cmp_|_group_scores' \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats -f -o "$out/ncu_128K" \
-    python3 -m profiling.op_loop --lengths 128K --calls 1 > "$out/ncu.log" 2>&1
+    python3 -m profiling.op_loop --lengths 128K --calls 1 --inputs "${INPUTS:-random}" > "$out/ncu.log" 2>&1
   echo "ncu: exit $?"; tail -3 "$out/ncu.log"
   "$ncu" --import "$out/ncu_128K.ncu-rep" --page details > "$out/ncu_128K_details.txt" 2>&1
   "$ncu" --import "$out/ncu_128K.ncu-rep" --page raw --csv > "$out/ncu_128K_raw.csv" 2>&1

@@ -90,3 +90,31 @@ def test_host_profile_and_op_loop_run_the_op(tmp_path, capsys):
     assert set(dispatch) >= {"compression_attention", "selection_attention"}  # host ms are None on CPU
     assert op_loop.main(["--lengths", "128", "--mode", "fwd", "--dtype", "fp32", "--device", "cpu"]) == 0
     assert "T=128 fwd: 1 profiled call(s)" in capsys.readouterr().out
+
+
+def test_smooth_inputs_are_recorded(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["--lengths", "128", "--inputs", "smooth", "--trace-lengths", "none", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["shape"]["inputs"] == "smooth"
+    assert "float32, smooth inputs" in (out / "report.md").read_text()
+
+
+def test_smooth_inputs_make_neighbouring_tiles_select_alike():
+    """What --inputs smooth is for: consecutive query tiles pick overlapping blocks (as video
+    frames would), where i.i.d. inputs share little beyond the forced blocks."""
+    import torch
+
+    from flexnsa import NSAConfig
+    from flexnsa.compression import compress_kv
+    from flexnsa.importance import importance_top_n
+    from profiling.measure import Shape, random_inputs
+
+    cfg = NSAConfig(selection="block_shared", num_selected=8, compression_kernel="torch")
+    overlap = {}
+    for kind in ("random", "smooth"):
+        q, k, v, _ = random_inputs(Shape(1, 7, 1, 64, torch.float32, torch.device("cpu"), kind), 4096, 0, False)
+        assert q.std() > 0.5 and k.std() > 0.5  # never (near) zeros
+        rows = importance_top_n(q, compress_kv(k, v, cfg)[0], cfg)[0][0, 0, ::cfg.select_query_tile]
+        shared = [len(set(a.tolist()) & set(b.tolist())) / cfg.num_selected for a, b in zip(rows[20:-1], rows[21:])]
+        overlap[kind] = sum(shared) / len(shared)
+    assert overlap["smooth"] > overlap["random"] + 0.25, overlap
