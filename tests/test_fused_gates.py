@@ -48,8 +48,8 @@ def check(case, cfg, dtype, device, tol, grad_tol, via_op=False):
     assert zero.any() and (gates.grad[zero] != 0).any(), "gates at 0 must keep their gradient"
 
 
-@pytest.mark.parametrize("dq_in", [True, False], ids=["dq-in-kernel", "dq-added"])
-@pytest.mark.parametrize("selection", ["block_shared", "per_token"])
+@pytest.mark.parametrize("selection,dq_in", [("block_shared", True), ("block_shared", False), ("per_token", True)],
+                         ids=["block_shared-dq-in-kernel", "block_shared-dq-added", "per_token-dq-in-kernel"])
 def test_fused_gates_interpreter(selection, dq_in, monkeypatch):
     monkeypatch.setattr(fused_gates, "DQ_IN", dq_in)  # the branches' dq summed by the dQ kernels or in place
     cfg = SMALL.replace(selection=selection, window=40, **ALL_TRITON)

@@ -167,7 +167,11 @@ def test_group_scores_head_major_interpreter(case, tokens_per_sum, given_lse, mo
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
-@pytest.mark.parametrize("case,tokens_per_sum,given_lse", HEAD_MAJOR_CASES[::3], ids=HEAD_MAJOR_IDS[::3])
+POINTER_CASES = (0, 3, 6, 9, 15)  # the q loads differ from TMA's, not the chunk loop (the long case's)
+
+
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", [HEAD_MAJOR_CASES[i] for i in POINTER_CASES],
+                         ids=[HEAD_MAJOR_IDS[i] for i in POINTER_CASES])
 def test_group_scores_head_major_pointer_loads_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
     monkeypatch.setattr(score_kernels, "HEAD_MAJOR", True)
     monkeypatch.setattr(score_kernels, "TMA", False)
