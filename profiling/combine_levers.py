@@ -21,7 +21,7 @@ from flexnsa.backends import flex as stages
 from flexnsa.block_masks import QueryLayout
 
 from .cli import device_stamp, parse_lengths
-from .measure import Shape, random_inputs
+from .measure import q7b_shape, random_inputs
 from .timing import median_ms
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = Shape(1, 28, 4, 128, dtype, device)
+    shape = q7b_shape(dtype, device)
     static_sum = torch.compile(stages.gated_sum, fullgraph=True, dynamic=False)
     rows = []
     for T in parse_lengths(args.lengths):

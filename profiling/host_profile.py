@@ -29,7 +29,7 @@ import torch
 from flexnsa import NSAConfig
 
 from .cli import DTYPES, device_stamp, parse_lengths, pick_device
-from .measure import MODES, Shape, op_call
+from .measure import MODES, Shape, op_call, q7b_shape, random_inputs
 from .timing import host_ms, synchronize
 
 
@@ -55,7 +55,7 @@ def dispatch_costs(shape: Shape, seq_len: int, cfg: NSAConfig, calls: int) -> di
     from flexnsa.triton_fallback.compression_attention import compression_attention_fwd
     from flexnsa.triton_fallback.selection_attention import selection_attention_fwd
 
-    _, (q, k, v, _) = op_call(shape, seq_len, cfg, backward=False)
+    q, k, v, _ = random_inputs(shape, seq_len, 0, False)
     k_cmp, v_cmp = compress_kv(k, v, cfg)
     scale = cfg.softmax_scale(q.shape[-1])
     rows = selection_rows(importance_top_n(q, k_cmp, cfg)[0], cfg).contiguous()
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if set(modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
     device = pick_device(args.device)
-    shape = Shape(1, 28, 4, 128, DTYPES[args.dtype], device)
+    shape = q7b_shape(DTYPES[args.dtype], device)
     cfg = NSAConfig(selection=args.selection, window_kernel=args.window_kernel, check_inputs=False)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = device_stamp()

@@ -28,7 +28,7 @@ from flexnsa.triton_fallback import compression_scores as score_kernels
 from flexnsa.triton_fallback import selection_attention as slc_kernels
 
 from .cli import device_stamp, parse_lengths
-from .measure import Shape, random_inputs
+from .measure import Shape, q7b_shape, random_inputs
 from .timing import median_ms
 
 PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--kernels", default=None, help="only these kernels' variants (comma list of fwd,dq,dkv,scores)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = Shape(1, 7, 1, 16, torch.float32, device) if args.tiny else Shape(1, 28, 4, 128, torch.bfloat16, device)
+    shape = Shape(1, 7, 1, 16, torch.float32, device) if args.tiny else q7b_shape(torch.bfloat16, device)
     small = dict(block_size=16, stride=16, select_block_size=16, select_query_tile=16, num_selected=4) if args.tiny else {}
     rows = []
     for T in parse_lengths(args.lengths):

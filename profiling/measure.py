@@ -42,6 +42,11 @@ class Shape:
     inputs: str = "random"
 
 
+def q7b_shape(dtype: torch.dtype, device: torch.device, inputs: str = "random") -> Shape:
+    """DESIGN.md's canonical benchmark shape: B=1, Hq=28, Hkv=4, D=128."""
+    return Shape(1, 28, 4, 128, dtype, device, inputs)
+
+
 SMOOTH_SPACING = 512  # tokens between the anchors of a smooth input (8 frames of 64 tokens)
 SMOOTH_SHARE = 0.8  # variance share of the slowly varying part
 

@@ -17,7 +17,7 @@ import torch
 from flexnsa import NSAConfig
 
 from .cli import DTYPES, parse_lengths, pick_device
-from .measure import INPUTS, MODES, Shape, op_call
+from .measure import INPUTS, MODES, op_call, q7b_shape
 from .timing import synchronize
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     cfg = NSAConfig(selection=args.selection, check_inputs=False)
     for seq_len in parse_lengths(args.lengths):
-        call, _ = op_call(Shape(1, 28, 4, 128, DTYPES[args.dtype], device, args.inputs), seq_len, cfg, args.mode == "fwd+bwd")
+        call, _ = op_call(q7b_shape(DTYPES[args.dtype], device, args.inputs), seq_len, cfg, args.mode == "fwd+bwd")
         call()
         synchronize(device)
         cuda = device.type == "cuda"

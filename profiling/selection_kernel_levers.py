@@ -17,7 +17,7 @@ import torch
 from flexnsa import NSAConfig
 from flexnsa.backends import flex as stages
 from .cli import device_stamp, parse_lengths
-from .measure import Shape, random_inputs
+from .measure import q7b_shape, random_inputs
 from .timing import median_ms
 
 VARIANTS = ["flex", "triton"]
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     device = torch.device("cuda")
-    shape = Shape(1, 28, 4, 128, torch.bfloat16, device)
+    shape = q7b_shape(torch.bfloat16, device)
     skip = set(filter(None, args.skip.split(",")))
     rows = []
     for T in parse_lengths(args.lengths):
