@@ -128,3 +128,28 @@ def test_mlp_compression_is_differentiable():
     assert k.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="compressors"):
         nsa_reference(q, k, v, g, cfg)
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("T", [256, 200])
+def test_mean_pool_matches_reference_forward_and_backward(T, token_major):
+    """compression.mean_pool (BlockMean's one-pass backward) against the float64 per-block mean of
+    the reference: pooled values and the gradient, tokens after the last whole block included
+    (their gradient is 0), and dx in x's layout (token-major inputs keep token-major gradients)."""
+    from flexnsa.compression import mean_pool
+    from flexnsa.reference import reference_compress
+
+    cfg = NSAConfig(block_size=64, stride=64)
+    gen = torch.Generator().manual_seed(T)
+    base = torch.randn(2, T, 3, 16, generator=gen) if token_major else torch.randn(2, 3, T, 16, generator=gen)
+    x = (base.transpose(1, 2) if token_major else base).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    pooled = mean_pool(x, cfg.block_size, cfg.stride)
+    ref, _ = reference_compress(x64, x64, cfg)
+    grad = torch.randn(pooled.shape, generator=gen)
+    pooled.backward(grad)
+    ref.backward(grad.double())
+    torch.testing.assert_close(pooled.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
+    assert x.grad.stride() == x.stride()
+    assert x.grad[:, :, (T // 64) * 64 :].abs().sum() == 0 and x.grad.abs().sum() > 0
