@@ -48,12 +48,10 @@ def check(case, cfg, dtype, device, tol, grad_tol, via_op=False):
     assert zero.any() and (gates.grad[zero] != 0).any(), "gates at 0 must keep their gradient"
 
 
-@pytest.mark.parametrize("selection,dq_in,dkv_in", [("block_shared", True, True), ("block_shared", False, False),
-                                                    ("per_token", True, True)],
-                         ids=["block_shared-sums-in-kernels", "block_shared-sums-added", "per_token-sums-in-kernels"])
-def test_fused_gates_interpreter(selection, dq_in, dkv_in, monkeypatch):
+@pytest.mark.parametrize("selection,dq_in", [("block_shared", True), ("block_shared", False), ("per_token", True)],
+                         ids=["block_shared-dq-in-kernel", "block_shared-dq-added", "per_token-dq-in-kernel"])
+def test_fused_gates_interpreter(selection, dq_in, monkeypatch):
     monkeypatch.setattr(fused_gates, "DQ_IN", dq_in)  # the branches' dq summed by the dQ kernels or in place
-    monkeypatch.setattr(fused_gates, "DKV_IN", dkv_in)  # the selection's dk/dv added by the window's dK/dV kernel or in place
     cfg = SMALL.replace(selection=selection, window=40, **ALL_TRITON)
     check(("G7-T200", 14, 2, 200, 16), cfg, torch.float32, "cpu", tol=1e-5, grad_tol=2e-5)
 

@@ -61,43 +61,6 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     assert (owner >= 0).sum() == 2 * 2 * -(-200 // 16) and (alone[owner >= 0] == 1).all()
 
 
-def check_dkv_in(case, dtype, device, tol, seed=6):
-    """dk_in / dv_in (the selection pass's fp32 gradients of k, v) are added inside the window's
-    dK/dV kernel before its one rounding: dk = dk_in + the window's dk; dq and delta unchanged.
-    ``fp32_dkv`` returns a pass's dk/dv unrounded. Every row is written (no zero fill with dk_in)."""
-    _, Hq, Hkv, T, D, block, window = case
-    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed)
-    rows = window_rows(2, Hkv, T, window, block, device).contiguous()
-    out, lse = slc.selection_attention_fwd(q, k, v, rows, block, block, D**-0.5, window)
-    grad = torch.randn_like(out)
-    dk_in, dv_in = (torch.randn(k.shape, device=device, dtype=torch.float32) for _ in range(2))
-    plain = slc.selection_attention_bwd(q, k, v, rows, out, lse, grad, block, block, D**-0.5, window, fp32_dkv=True)
-    assert plain[1].dtype == plain[2].dtype == torch.float32
-    summed = slc.selection_attention_bwd(q, k, v, rows, out, lse, grad, block, block, D**-0.5, window, dk_in=dk_in, dv_in=dv_in)
-    assert summed[1].dtype == k.dtype
-    assert_rel(summed[1], dk_in.double() + plain[1].double(), tol, "dk + dk_in")
-    assert_rel(summed[2], dv_in.double() + plain[2].double(), tol, "dv + dv_in")
-    for name, a, b in (("dq", summed[0], plain[0]), ("delta", summed[3], plain[3])):
-        assert_rel(a, b.double(), tol, name)
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
-def test_dkv_in_is_added_interpreter(case):
-    check_dkv_in(case, torch.float32, "cpu", tol=1e-5)
-
-
-def test_dkv_in_only_for_the_window():
-    # Selection rows may leave kv blocks without a work item (they would lose dk_in): refused.
-    q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
-    rows = window_rows(1, 1, 40, 8, 8, "cpu").contiguous()
-    out, lse = slc.selection_attention_fwd(q, k, v, rows, 8, 8, 0.25)
-    dk_in = torch.zeros(k.shape)
-    with pytest.raises(ValueError, match="dk_in and dv_in"):
-        slc.selection_attention_bwd(q, k, v, rows, out, lse, out, 8, 8, 0.25, 0, dk_in=dk_in, dv_in=dk_in)
-    with pytest.raises(ValueError, match="dk_in and dv_in"):
-        slc.selection_attention_bwd(q, k, v, rows, out, lse, out, 8, 8, 0.25, 8, dk_in=dk_in)
-
-
 def test_window_rows_span_exactly_the_window():
     # Every visible key's block is in its tile's row, and each row's first block holds a visible key.
     T, block, window = 300, 16, 50
@@ -140,10 +103,3 @@ def test_window_kernel_switch(monkeypatch):
 def test_window_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_dkv_in_is_added_gpu(dtype):
-    # dk_in + dk rounded once to k's dtype: the relative error of one rounding (bf16 3.9e-3)
-    check_dkv_in(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -21,10 +21,9 @@ from ..triton_fallback.tiles import load_tuning_file, tuning_for
 
 FUSED_GATES = True  # the rule (NOTES Lever 37: 78.7 -> 75.7 ms at 128K fwd+bwd, 15.35 -> 15.01 at 32K, H200)
 DQ_IN = True  # the branches' dq summed inside the selection dQ kernels (NOTES Lever 39), else by in-place adds
-DKV_IN = True  # the selection's fp32 dk/dv added inside the window's dK/dV kernel (NOTES session 16), else in place
 # The knobs at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
-# {"gates": {"combine": {"fused_gates": false, "dq_in": false, "dkv_in": false}}}.
-TUNING = {"combine": {"fused_gates": None, "dq_in": None, "dkv_in": None}}
+# {"gates": {"combine": {"fused_gates": false, "dq_in": false}}}.
+TUNING = {"combine": {"fused_gates": None, "dq_in": None}}
 load_tuning_file("gates", TUNING)
 
 
@@ -34,10 +33,6 @@ def fused_gates_rule(q: torch.Tensor) -> bool:
 
 def dq_in_rule(q: torch.Tensor) -> bool:
     return bool(tuning_for(TUNING, "combine", q).get("dq_in", DQ_IN))
-
-
-def dkv_in_rule(q: torch.Tensor) -> bool:
-    return bool(tuning_for(TUNING, "combine", q).get("dkv_in", DKV_IN))
 
 
 def gated_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -76,25 +71,19 @@ class GatedBranches(torch.autograd.Function):
         # the end measured +1.25 GiB of peak at 128K, NOTES Lever 37)
         dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(
             q, k_cmp, v_cmp, cmp, gated_lse(cmp_lse, head_gates[..., 0]), grad, block_size, stride, scale)
-        # The window's dK/dV kernel adds the selection's unrounded fp32 dk/dv before its one
-        # rounding (dkv_in, NOTES session 16), else the two are rounded apart and added in place.
-        dkv_in = dkv_in_rule(q)
         dq, dk, dv, dg_slc = add_dq(dq, selection_attention_backward, q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]),
-                                    grad, select_block, tile, scale, 0, fp32_dkv=dkv_in)
-        into = dict(dk_in=dk, dv_in=dv) if dkv_in else {}
+                                    grad, select_block, tile, scale, 0)
         dq, dk_w, dv_w, dg_win = add_dq(dq, selection_attention_backward, q, k, v, window_rows, win,
-                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window, **into)
-        if dkv_in:
-            dk, dv = dk_w, dv_w
-        else:
-            dk, dv = dk.add_(dk_w), dv.add_(dv_w)
+                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window)
+        dk.add_(dk_w)
+        dv.add_(dv_w)
         d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)
         return (d_gates, dq, dk, dv, dk_cmp, dv_cmp, *[None] * 9)
 
 
-def add_dq(dq, backward_op, q, *args, **kwargs):
-    """backward_op(q, *args, **kwargs) with ``dq`` added to its dq: inside its dQ kernel (``dq_in``) or in place."""
+def add_dq(dq, backward_op, q, *args):
+    """backward_op(q, *args) with ``dq`` added to its dq: inside its dQ kernel (``dq_in``) or in place."""
     if dq_in_rule(q):
-        return backward_op(q, *args, dq_in=dq, **kwargs)
-    dq_b, *rest = backward_op(q, *args, **kwargs)
+        return backward_op(q, *args, dq)
+    dq_b, *rest = backward_op(q, *args)
     return dq.add_(dq_b), *rest

@@ -209,17 +209,15 @@ def _slc_dq_kernel(
 
 @triton.jit
 def _slc_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, ITEMS, ROW_OF_ENTRY,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, ACCUMULATE: tl.constexpr,
+    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
-    dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads. ACCUMULATE
-    (every item alone: the window): DK_IN / DV_IN (another pass's gradients, sharing dK's strides)
-    are added before the one rounding to dK's dtype.
+    dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads.
 
     HEAD_MAJOR (a tile of TILE tokens = one program's rows): one flat loop over (entry, head), each
     step one head's TILE consecutive tokens, so q and dO come as one box each (TMA: Q and DO are
@@ -272,15 +270,11 @@ def _slc_dkv_kernel(
                     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         out = b * sd_b + h * sd_h + keys[:, None] * sd_t + tl.arange(0, D)[None, :]
-        dk = dk * scale
-        if ACCUMULATE:
-            dk += tl.load(DK_IN + out, mask=key_ok[:, None], other=0.0).to(tl.float32)
-            dv += tl.load(DV_IN + out, mask=key_ok[:, None], other=0.0).to(tl.float32)
         if alone != 0:
-            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+            tl.store(DK + out, dk * scale, mask=key_ok[:, None])
+            tl.store(DV + out, dv, mask=key_ok[:, None])
         else:
-            tl.atomic_add(DK + out, dk, mask=key_ok[:, None])
+            tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
             tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
 
 
@@ -393,15 +387,12 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
 
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0,
-                            dq_in=None, dk_in=None, dv_in=None, fp32_dkv: bool = False):
+                            dq_in=None):
     """(dq, dk, dv, delta) for selection_attention_fwd, each gradient in its input's layout;
     delta = rowsum(grad_out * out) [B, Hq, T] fp32 (as ``compression_attention_bwd``'s). Inputs in
     kernel layout. ``dq_in``: another branch's gradient of the same q, added inside the dQ kernel
     (dq = dq_in + this branch's): one q-sized read instead of a separate add's two reads and a
-    write (NOTES Lever 39). ``dk_in`` / ``dv_in`` (the window only, whose kv blocks each have one
-    work item): another pass's dk / dv, added inside the dK/dV kernel before its rounding.
-    ``fp32_dkv``: dk and dv come back in fp32, unrounded (for a later pass's ``dk_in``).
-    Together they replace two K-sized conversions and two adds (NOTES session 16)."""
+    write (NOTES Lever 39)."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
@@ -415,26 +406,14 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
         chunk = max(chunk, rows.shape[2])
-    accumulate = dk_in is not None or dv_in is not None
-    if accumulate and (window == 0 or dk_in is None or dv_in is None or dk_in.shape != k.shape or dv_in.shape != k.shape):
-        raise ValueError("dk_in and dv_in are added by the window's dK/dV pass (one work item per kv block) and "
-                         f"must both be given, shaped like k {tuple(k.shape)}; got window={window}, "
-                         f"{None if dk_in is None else tuple(dk_in.shape)}, {None if dv_in is None else tuple(dv_in.shape)}")
     # fp32 for the atomics of blocks split over several items; k's layout (so dv's too). With one
     # item per block (the window: a block is in n = 5 tiles' rows at Q7B) every item stores alone,
     # so the gradients are written in k's dtype: no 2 x 268 MB fp32 buffers at 128K (NOTES Lever 33).
-    # With dk_in, every row is written (no zero fill): rows must list every kv block, as
-    # ``window_rows`` do (each tile's window holds its own block); a block with no work item would
-    # lose its dk_in. That is why only the fused gated backward, which builds those rows, passes it.
-    dk = torch.zeros_like(k, dtype=k.dtype if window > 0 and not fp32_dkv else torch.float32)
+    dk = torch.zeros_like(k, dtype=k.dtype if window > 0 else torch.float32)
     dv = torch.zeros_like(dk)
-    if accumulate:
-        dk, dv = torch.empty_like(k), torch.empty_like(k)
-        dk_in, dv_in = strides_like(dk_in, dk), strides_like(dv_in, dk)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
-    out_dtype = torch.float32 if fp32_dkv else k.dtype
     if T == 0:
-        return dq, dk.to(out_dtype), dv.to(out_dtype), delta
+        return dq, dk.to(k.dtype), dv.to(v.dtype), delta
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq,
@@ -449,11 +428,11 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
-        q_in, k, v, do_in, lse, delta, dk, dv, dk if dk_in is None else dk_in, dv if dv_in is None else dv_in,
-        items, row_of_entry, *q_strides, lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, ACCUMULATE=accumulate, **consts,
+        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
+        lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
+        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
-    return dq, dk.to(out_dtype), dv.to(out_dtype), delta
+    return dq, dk.to(k.dtype), dv.to(v.dtype), delta
 
 
 def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
