@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # What a GPU session should re-check after changes, in parts that each fit one 600 s device call
-# (single GPU; sessions 12-14 on an H200: kernels ~400 s, op + model ~600 s together, sweep ~250 s):
+# (single GPU; sessions 12-14 on an H200: kernels ~400 s, op + model ~600 s together, sweep ~250 s;
+# session 16: test_flex.py alone ~350 s, the 8K/32K/128K sweep with fla 323 s):
 #   kernels  the Triton kernels' GPU tests (compression, scores, selection, window) and CUDA graphs
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  the A/Bs session 15 left for the next GPU session (NOTES "Session 15 / Next"): smooth
-#            (video-like) against random inputs at 32K/128K, and the selection forward at one
-#            pipeline stage (48 KB of shared memory: 3 CTAs per SM instead of 2)
+#   pending  what session 16 left for the next GPU session (NOTES "Session 16 / Next"): the scorer's
+#            GPU tests (test_triton_scores.py, ~58 tests; sessions 15 and 16 cut them by time, so no
+#            summary line at the current code)
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -49,10 +50,7 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  short_op random auto 32K,128K fwd,fwd+bwd
-  short_op smooth auto 32K,128K fwd,fwd+bwd "" smooth
-  echo '{"selection": {"fwd": {"num_stages": 1}}}' > "$out/tune_fwd_1stage.json"
-  short_op fwd_1stage auto 128K fwd "$out/tune_fwd_1stage.json"
+  gpu_tests scores tests/test_triton_scores.py
 }
 
 diagnose() {
