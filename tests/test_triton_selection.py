@@ -17,7 +17,7 @@ from helpers import assert_rel, random_inputs
 # of the block, T < l', tile < l', n larger than the eligible blocks.
 CASES = [
     ("G7-T200-shared", 14, 2, 200, 16, 16, 16, 4),
-    ("G1-T150-per_token", 2, 2, 150, 16, 16, 1, 3),
+    ("G1-T75-per_token", 2, 2, 75, 16, 16, 1, 3),  # (T 150 -> 75 for CI time: 6 interpreter tests took 35-43 s each)
     ("G7-T10-short", 7, 1, 10, 16, 16, 16, 4),
     ("G7-T333-l32-tile8", 7, 1, 333, 32, 32, 8, 5),
     ("G7-T90-per_token", 7, 1, 90, 16, 16, 1, 4),
