@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import NSAConfig
 from .init_rules import COMPRESSOR_POS_STD
+from .triton_fallback.tiles import is_dense
 
 
 def block_view(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
@@ -42,8 +43,6 @@ class BlockMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, block_size):
-        from .triton_fallback.tiles import is_dense
-
         C = x.shape[2] // block_size
         ctx.x_meta = (x.shape, x.stride() if is_dense(x) else None, x.dtype)  # dx in x's layout where it is dense
         ctx.block_size = block_size
@@ -59,7 +58,6 @@ class BlockMean(torch.autograd.Function):
         dx[:, :, : C * l].unflatten(2, (C, l)).copy_(per_row.unsqueeze(3).expand(*per_row.shape[:3], l, per_row.shape[3]))
         dx[:, :, C * l :].zero_()  # tokens after the last whole block
         return dx, None
-
 
 
 class MLPCompressor(nn.Module):

@@ -7,7 +7,8 @@ Q7B shape on random inputs, each pair of independent branch passes alone and tog
 
     python -m profiling.overlap_probe --lengths 128K --out DIR   (GPU only)
 
-A pair's ``gain`` = (a + b) - together: what a two-stream schedule could take off the op.
+A pair's ``gain`` = its time on one stream (a then b) - its time on two: what a two-stream
+schedule could take off the op (compare it with ``a_ms + b_ms`` too: NOTES session 16).
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ def branch_passes(T: int, cfg: NSAConfig, device: torch.device, dtype=torch.bflo
     """The fused-gates path's branch passes at length T as zero-argument callables: forward and
     backward of compression, selection and window, on the inputs the op would give them."""
     shape = q7b_shape(dtype, device)
-    q, k, v, gates = random_inputs(shape, T, seed=0, requires_grad=False)
+    q, k, v, _ = random_inputs(shape, T, seed=0, requires_grad=False)
     dy = torch.randn_like(q)
     scale = cfg.softmax_scale(q.shape[-1])
     win_block = stages.WINDOW_KERNEL_BLOCK
-    with torch.no_grad():
-        k_cmp, v_cmp = stages.compress(k, v, cfg)
-        cmp, cmp_lse = compression_attention_fwd(q, k_cmp, v_cmp, cfg.block_size, cfg.stride, scale)
-        selected, _ = stages.score_and_select(q, k_cmp, cfg, cmp_lse=cmp_lse)
-        rows = stages.selection_rows(selected, cfg).contiguous()
-        w_rows = window_rows(1, k.shape[1], T, cfg.window, win_block, q.device).contiguous()
-        tile = cfg.select_query_tile
-        slc, slc_lse = selection_attention_fwd(q, k, v, rows, cfg.select_block_size, tile, scale)
-        win, win_lse = selection_attention_fwd(q, k, v, w_rows, win_block, win_block, scale, cfg.window)
-    return {
+    tile = cfg.select_query_tile
+    w_rows = window_rows(1, k.shape[1], T, cfg.window, win_block, q.device).contiguous()
+    k_cmp, v_cmp = stages.compress(k, v, cfg)
+    passes = {
         "cmp_fwd": lambda: compression_attention_fwd(q, k_cmp, v_cmp, cfg.block_size, cfg.stride, scale),
         "slc_fwd": lambda: selection_attention_fwd(q, k, v, rows, cfg.select_block_size, tile, scale),
         "win_fwd": lambda: selection_attention_fwd(q, k, v, w_rows, win_block, win_block, scale, cfg.window),
+    }
+    cmp, cmp_lse = passes["cmp_fwd"]()
+    rows = stages.selection_rows(stages.score_and_select(q, k_cmp, cfg, cmp_lse=cmp_lse)[0], cfg).contiguous()
+    (slc, slc_lse), (win, win_lse) = passes["slc_fwd"](), passes["win_fwd"]()
+    return passes | {
         "cmp_bwd": lambda: compression_attention_bwd(q, k_cmp, v_cmp, cmp, cmp_lse, dy, cfg.block_size, cfg.stride, scale),
         "slc_bwd": lambda: selection_attention_bwd(q, k, v, rows, slc, slc_lse, dy, cfg.select_block_size, tile, scale),
         "win_bwd": lambda: selection_attention_bwd(q, k, v, w_rows, win, win_lse, dy, win_block, win_block, scale, cfg.window),
