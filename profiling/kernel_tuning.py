@@ -33,12 +33,14 @@ from .timing import median_ms
 
 PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
+    # session 17: K~/V~ chunks by TMA ("tma", the rule) take the forward's registers from 232 to 175
+    # (sm_90 SASS); 64 rows x 4 warps x 2 stages then fit 2 CTAs per SM (83 KB, 174 registers)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]]
-           + [PADDED],
+            [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]]
+           + [{"tma": False}, PADDED],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-           [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]]
-          + [PADDED],
+           [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
+          + [{"tma": False}, PADDED],
     # Lever 36 (head-major tiles, q/dO by TMA): rows = tokens of one head per step
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2)]]

@@ -31,6 +31,7 @@ from .tiles import (
     head_tile,
     kernel_layout,
     load_blocks,
+    load_box,
     load_delta,
     load_tuning_file,
     probs_t,
@@ -51,18 +52,28 @@ BLOCK_C = 64
 
 
 @triton.jit
-def _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, MASKED: tl.constexpr,
-              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+def _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """K~, V~ rows c = c0 .. c0 + BLOCK_C - 1 of kv head h (rows past C read as 0): by TMA (K, V
+    descriptors with a [BLOCK_C, D] box: one copy instruction, no per-thread addresses or masks in
+    the loop) or by pointers."""
+    c_ok = c < C
+    return (load_box(K, kv_base, b, h, c0, c, c_ok, sk_c, BLOCK_C, D, TMA),
+            load_box(V, kv_base, b, h, c0, c, c_ok, sk_c, BLOCK_C, D, TMA))
+
+
+@triton.jit
+def _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, MASKED: tl.constexpr,
+              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+              TMA: tl.constexpr):
     """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C) in log2 units (qk_scale
     includes log2 e); the visibility mask only where some row of the tile cannot see all of them
     (MASKED)."""
     c = c0 + tl.arange(0, BLOCK_C)
-    k = load_blocks(K, kv_base, c, sk_c, C, D)
-    v = load_blocks(V, kv_base, c, sk_c, C, D)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    k, v = _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C, D, TMA)
+    qk = tl.dot(q, tl.trans(k))
     if MASKED:
-        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), s, float("-inf"))
-    return softmax_step(s, m, s_sum, acc, v)
+        qk = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), qk, float("-inf"))
+    return softmax_step(qk, qk_scale, m, s_sum, acc, v)
 
 
 @triton.jit
@@ -76,11 +87,11 @@ def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK
 
 
 @triton.jit
-def _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, MASKED: tl.constexpr,
-             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+def _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, MASKED: tl.constexpr,
+             BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+             TMA: tl.constexpr):
     c = c0 + tl.arange(0, BLOCK_C)
-    k = load_blocks(K, kv_base, c, sk_c, C, D)
-    v = load_blocks(V, kv_base, c, sk_c, C, D)
+    k, v = _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C, D, TMA)
     p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
@@ -121,7 +132,7 @@ def _cmp_fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
@@ -135,11 +146,11 @@ def _cmp_fwd_kernel(
     s_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
-        m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, False,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, False,
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     for c0 in range(c_mid, c_end, BLOCK_C):
-        m, s_sum, acc = _fwd_step(q, K, V, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -152,7 +163,7 @@ def _cmp_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, o, do, dq share strides);
     stores delta for the dK~/dV~ pass."""
@@ -169,11 +180,11 @@ def _cmp_dq_kernel(
     kv_base = b * sk_b + h * sk_h
     dq = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
-        dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, False,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        dq = _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, False,
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     for c0 in range(c_mid, c_end, BLOCK_C):
-        dq = _dq_step(q, do, K, V, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, True,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        dq = _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, True,
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -241,13 +252,13 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # Session 12 (H200, results/h200/session12-levers/): exp2 on log2-unit logits and lse took the
 # forward from 6.81 to 4.98 ms and the backward from 16.55 to ~15.5 ms (NOTES Lever 28).
 TUNING = {
-    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True},
-    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True},
+    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None},
+    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
     "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
             "head_major": None, "tma": None},
 }
 HEAD_MAJOR = True  # the rule for dK~/dV~'s "head_major" knob: tiles of one head's tokens (NOTES Lever 36)
-TMA = True  # the rule for its "tma" knob (head-major only): q / dO tiles as TMA boxes
+TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / dQ, q / dO tiles in dK~/dV~ (head-major only)
 load_tuning_file("compression", TUNING)
 
 
@@ -270,8 +281,11 @@ def _launch_params(q, k_cmp, kernel: str):
         rows = triton.next_power_of_2(block_t * g_pad)  # rows_per_tile may return fewer than asked (G > rows)
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, ROWS=rows, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
                   num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
+    tma = bool(tune.get("tma", TMA))
     if kernel == "dkv":
-        consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and bool(tune.get("tma", TMA)) and tma_ready(q))
+        consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and tma and tma_ready(q))
+    else:
+        consts["TMA"] = tma and tma_ready(k_cmp)
     return B, Hq, Hkv, T, D, block_t, consts
 
 
@@ -292,7 +306,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
     if T == 0:
         return out, lse
     _cmp_fwd_kernel[(triton.cdiv(T, block_t), Hkv, B)](
-        q, k_cmp, v_cmp, out, lse,
+        q, *box_operands((k_cmp, v_cmp), consts["BLOCK_C"], consts), out, lse,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         T, k_cmp.shape[2], scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
@@ -315,7 +329,8 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _cmp_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
-        q, k_cmp, v_cmp, out, grad_out, lse, delta, dq, *strides, T, C, scale, scale * LOG2E,
+        q, *box_operands((k_cmp, v_cmp), consts["BLOCK_C"], consts), out, grad_out, lse, delta, dq, *strides, T, C, scale,
+        scale * LOG2E,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     # Split the token axis so the short compressed axis still fills the GPU (>= DKV_PROGRAMS).

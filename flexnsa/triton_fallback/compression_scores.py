@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .tiles import (
     ROWS as TILE_ROWS, backward_lse, box_operands, check_given_lse, check_query, full_chunks_end, load_blocks, load_box,
-    load_tuning_file, probs_t, row_lse, row_offsets, rows_per_tile, tile_rows, tma_ready, tuning_for, visible,
+    load_tuning_file, probs_t, row_lse, row_offsets, rows_per_tile, tile_rows, tma_ready, tuning_for,
     visible_block_end,
 )
 
@@ -73,20 +73,16 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, s
                   ss_h, ss_t, MASKED: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
                   OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
                   CMP_STRIDE: tl.constexpr):
-    """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T): the sums over
-    a token's heads and the summed tokens run along each thread's own columns (shuffles), not
-    across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K); exp2 on
-    log2-unit logits and lse; the visibility mask only where some row cannot see the whole chunk
-    (MASKED), else just the idle rows. The program's ROWS rows are OUT_ROWS groups of consecutive
+    """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T, ``tiles.probs_t``):
+    the sums over a token's heads and the summed tokens run along each thread's own columns
+    (shuffles), not across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K);
+    exp2 on log2-unit logits and lse (+inf on idle rows and rows that see nothing, so they are 0
+    without a mask); the visibility mask only where some row cannot see the whole chunk (MASKED). The program's ROWS rows are OUT_ROWS groups of consecutive
     rows, one output row each; SEGMENTED (packed per-token rows, G not a power of two, which no
     reshape groups), OUT_ROWS token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, k_base, c, sk_c, C, D)
-    p = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-    if MASKED:
-        p = tl.where(tl.trans(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE)), p, 0.0)
-    else:
-        p = tl.where(row_ok[None, :], p, 0.0)
+    p = probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
     out_ok = row_in[None, :] & (c < C)[:, None]
     if SEGMENTED:
@@ -152,9 +148,8 @@ def _group_scores_kernel(
         lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
         tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)  # such rows see nothing: masked to 0
     qk_scale = scale * 1.4426950408889634  # log2 units: exp2
-    lse2 = lse_safe * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # idle or sees nothing: p = 0
     c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,

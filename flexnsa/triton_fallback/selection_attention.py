@@ -160,10 +160,10 @@ def _slc_fwd_kernel(
         keys, key_ok, blk = _block_keys(sel_row, i, T, L, BLOCK_N)
         k = load_block(K, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
         v = load_block(V, kv_base, b, h, blk, keys, key_ok, sk_t, L, D, TMA)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
-            s = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), s, float("-inf"))
-        m, s_sum, acc = softmax_step(s, m, s_sum, acc, v)
+            qk = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), qk, float("-inf"))
+        m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v)
     out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])

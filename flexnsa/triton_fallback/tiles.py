@@ -106,8 +106,9 @@ def rows_per_tile(group: int, rows: int = ROWS, packed: bool = False) -> tuple[i
 
 
 def tma_ready(x) -> bool:
-    """A [B, H, T, D] descriptor can cover x: a device with TMA, 16-byte aligned base and strides."""
-    return has_tma(x.device) and x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+    """A [B, H, T, D] descriptor can cover x: a device with TMA, no empty dim (a descriptor's
+    shape is positive), 16-byte aligned base and strides."""
+    return has_tma(x.device) and x.numel() > 0 and x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
 def has_tma(device: torch.device) -> bool:
@@ -213,8 +214,8 @@ def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         k = load_blocks(K, k_base, c, sk_c, C, D)
-        s = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m, s_sum, _, _ = online_max_sum(s, m, s_sum)
+        qk = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)), float("-inf"))
+        m, s_sum, _, _ = online_max_sum(qk, qk_scale, m, s_sum)
     return tl.where(s_sum > 0, (m + tl.log2(s_sum)) * 0.6931471805599453, float("-inf"))
 
 
@@ -282,24 +283,26 @@ def load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h):
 
 
 @triton.jit
-def online_max_sum(s, m, s_sum):
-    """The running (max, sum of 2^(s - max)) of each row after a tile of log2-unit logits ``s``
-    (-inf = hidden), with the rescale factor of the old state and the tile's 2^(s - max). exp2 is
-    the bare flush-to-zero ex2 (NOTES Lever 28: the compression forward 6.8 -> 5.0 ms against
-    tl.exp)."""
-    m_new = tl.maximum(m, tl.max(s, 1))
+def online_max_sum(qk, qk_scale, m, s_sum):
+    """The running (max, sum of 2^(s - max)) of each row after a tile of raw logits ``qk`` (-inf =
+    hidden; s = qk * qk_scale in log2 units), with the rescale factor of the old state and the
+    tile's 2^(s - max). The max is taken before scaling (scale > 0 and rounding is monotonic, so
+    max(qk) * scale == max(qk * scale) bit for bit) and the scale folds into the exponent's FMA:
+    one multiply per logit fewer (NOTES session 17). exp2 is the bare flush-to-zero ex2 (NOTES
+    Lever 28: the compression forward 6.8 -> 5.0 ms against tl.exp)."""
+    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(qk * qk_scale - m_safe[:, None])
     return m_new, s_sum * alpha + tl.sum(p, 1), alpha, p
 
 
 @triton.jit
-def softmax_step(s, m, s_sum, acc, v):
-    """One online-softmax step over a tile of logits ``s`` in log2 units (scale folded with log2 e;
-    -inf = hidden) and its values ``v``: rescale the running (max, sum, accumulator) and add the
-    tile."""
-    m_new, s_sum, alpha, p = online_max_sum(s, m, s_sum)
+def softmax_step(qk, qk_scale, m, s_sum, acc, v):
+    """One online-softmax step over a tile of raw logits ``qk`` (-inf = hidden; qk_scale = scale *
+    log2 e, so the softmax runs in log2 units) and its values ``v``: rescale the running (max, sum,
+    accumulator) and add the tile."""
+    m_new, s_sum, alpha, p = online_max_sum(qk, qk_scale, m, s_sum)
     return m_new, s_sum, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
