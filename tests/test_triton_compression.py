@@ -10,7 +10,9 @@ from flexnsa.reference import compression_visibility, masked_attention
 from flexnsa.triton_fallback import compression_attention as cmp_attn
 from flexnsa.triton_fallback.compression_attention import compression_attention
 
-from helpers import assert_rel, random_inputs
+from flexnsa.triton_fallback import tiles
+
+from helpers import assert_rel, random_inputs, spike_late_keys
 
 # (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap,
 # tiles of 18 tokens (packed, 126 of 128 rows) crossing block boundaries.
@@ -25,11 +27,13 @@ CASES = [
 ]
 
 
-def check(case, dtype, device, tol, compression="mean"):
+def check(case, dtype, device, tol, compression="mean", spiky=False):
     _, Hq, Hkv, T, D, block, stride = case
     cfg = NSAConfig(block_size=block, stride=stride, select_block_size=block, num_selected=4,
                     select_query_tile=block, compression=compression)
     q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=4, requires_grad=True)
+    if spiky:
+        spike_late_keys(k, 200.0)
     comp = None
     if compression == "mlp":
         torch.manual_seed(0)
@@ -60,6 +64,20 @@ def check(case, dtype, device, tol, compression="mean"):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_compression_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_interpreter(lazy, monkeypatch):
+    # Late compressed blocks with logits far above the early ones: the lazy forward (the rule) must
+    # rescale mid-sequence; the eager one (knob "lazy" off) rescales every step.
+    monkeypatch.setattr(tiles, "LAZY", lazy)
+    check(CASES[4], torch.float32, "cpu", tol=1e-4, spiky=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_gpu(dtype):
+    check(CASES[4], dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3, spiky=True)
 
 
 def test_compression_attention_mlp_phi_interpreter():

@@ -7,11 +7,11 @@ import torch
 
 from flexnsa import NSAConfig
 from flexnsa.reference import masked_attention, selection_visibility
-from flexnsa.triton_fallback import custom_ops, use_triton_selection
+from flexnsa.triton_fallback import custom_ops, tiles, use_triton_selection
 from flexnsa.triton_fallback import selection_attention as slc
 from flexnsa.triton_fallback.selection_attention import reverse_lists, selection_attention
 
-from helpers import assert_rel, random_inputs
+from helpers import assert_rel, random_inputs, spike_late_keys
 
 # (id, Hq, Hkv, T, D, select block l', tile (1 = per-token), n): G = 7 and 1, T not a multiple
 # of the block, T < l', tile < l', n larger than the eligible blocks.
@@ -42,10 +42,12 @@ def random_rows(B, Hkv, T, block, tile, n, seed):
     return rows
 
 
-def check(case, dtype, device, tol, seed=0):
+def check(case, dtype, device, tol, seed=0, spiky=False):
     _, Hq, Hkv, T, D, block, tile, n = case
     cfg = NSAConfig(block_size=block, stride=block, select_block_size=block, num_selected=n, select_query_tile=block)
     q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=seed, requires_grad=True)
+    if spiky:
+        spike_late_keys(k, 50.0)
     rows = random_rows(2, Hkv, T, block, tile, n, seed).to(device)
     out, lse = selection_attention(q, k, v, rows, block, tile, D**-0.5)
     grad = torch.randn_like(out)
@@ -66,6 +68,20 @@ def check(case, dtype, device, tol, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_selection_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_interpreter(lazy, monkeypatch):
+    # Selected blocks ascend, so late blocks with logits far above the early ones make the lazy
+    # forward (the rule) rescale mid-row; the eager one (knob "lazy" off) rescales every step.
+    monkeypatch.setattr(tiles, "LAZY", lazy)
+    check(CASES[0], torch.float32, "cpu", tol=1e-4, spiky=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_gpu(dtype):
+    check(CASES[0], dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3, spiky=True)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
