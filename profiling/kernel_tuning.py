@@ -37,7 +37,7 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
     # (sm_90 SASS); 64 rows x 4 warps x 2 stages then fit 2 CTAs per SM (83 KB, 174 registers)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]]
-           + [{"tma": False}, {"lazy": False}, {"lazy": False, "tma": False}, PADDED],  # lazy: the rescale every step
+           + [{"tma": False}, PADDED],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
           + [{"tma": False}, PADDED],
@@ -53,7 +53,7 @@ TMA_VARIANTS = [{"tma": True}, {"tma": True, "num_stages": 3}, {"tma": True, "ro
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
             [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]
-           + [PADDED, {"lazy": False}] + TMA_VARIANTS,
+           + [PADDED] + TMA_VARIANTS,
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
            [(128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
           + [PADDED] + TMA_VARIANTS,

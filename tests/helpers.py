@@ -34,7 +34,7 @@ def random_inputs(B, Hq, Hkv, T, D, *, dtype=torch.float32, device="cpu", seed=0
 def spike_late_keys(k: torch.Tensor, factor: float) -> torch.Tensor:
     """k with the keys of its last third scaled by ``factor`` (in place, no autograd): a query whose
     running max was set by early keys meets logits more than 128 (log2 units) above it later, so
-    a forward whose lazy rescale did not fire would overflow fp32 (2^128) and fail the comparison."""
+    a forward whose online-softmax rescale did not fire would overflow fp32 (2^128) and fail."""
     with torch.no_grad():
         k[:, :, 2 * k.shape[2] // 3:] *= factor
     return k

@@ -10,8 +10,6 @@ from flexnsa.reference import compression_visibility, masked_attention
 from flexnsa.triton_fallback import compression_attention as cmp_attn
 from flexnsa.triton_fallback.compression_attention import compression_attention
 
-from flexnsa.triton_fallback import tiles
-
 from helpers import assert_rel, random_inputs, spike_late_keys
 
 # (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap,
@@ -66,18 +64,19 @@ def test_compression_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
-def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_interpreter(lazy, monkeypatch):
-    # Late compressed blocks with logits far above the early ones: the lazy forward (the rule) must
-    # rescale mid-sequence; the eager one (knob "lazy" off) rescales every step.
-    monkeypatch.setattr(tiles, "LAZY", lazy)
+def test_forward_rescales_when_a_later_max_exceeds_the_running_one_interpreter():
+    # Late compressed blocks with logits far above the early ones: the online softmax's
+    # rescale of the running state (alpha < 1) must fire mid-row; without it 2^(s - max) overflows.
     check(CASES[4], torch.float32, "cpu", tol=1e-4, spiky=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_forward_rescales_when_a_later_max_exceeds_the_kept_one_gpu(dtype):
-    check(CASES[4], dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3, spiky=True)
+def test_forward_rescales_when_a_later_max_exceeds_the_running_one_gpu(dtype):
+    # fp32 dots run in TF32 (unit roundoff 4.9e-4) on logits of magnitude 1e2-1e3 here: the lse
+    # (~ the max logit) carries ~5e-3 relative error (measured 3.1e-3 and 5.3e-3 on an H200), so 1e-2;
+    # bf16 multiplies exactly with fp32 sums: its usual 2e-2 for rounded P.
+    check(CASES[4], dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 1e-2, spiky=True)
 
 
 def test_compression_attention_mlp_phi_interpreter():

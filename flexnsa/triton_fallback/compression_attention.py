@@ -30,7 +30,6 @@ from .tiles import (
     full_chunks_end,
     head_tile,
     kernel_layout,
-    lazy_bound,
     load_blocks,
     load_box,
     load_delta,
@@ -65,16 +64,16 @@ def _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C: tl.constexpr, D: t
 @triton.jit
 def _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, MASKED: tl.constexpr,
               BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-              TMA: tl.constexpr, LAZY: tl.constexpr):
+              TMA: tl.constexpr):
     """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C) in log2 units (qk_scale
-    includes log2 e; LAZY: ``tiles.softmax_step``); the visibility mask only where some row of the
-    tile cannot see all of them (MASKED)."""
+    includes log2 e); the visibility mask only where some row of the tile cannot see all of them
+    (MASKED)."""
     c = c0 + tl.arange(0, BLOCK_C)
     k, v = _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C, D, TMA)
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), qk, float("-inf"))
-    return softmax_step(qk, qk_scale, m, s_sum, acc, v, LAZY)
+    return softmax_step(qk, qk_scale, m, s_sum, acc, v)
 
 
 @triton.jit
@@ -133,7 +132,7 @@ def _cmp_fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
@@ -148,10 +147,10 @@ def _cmp_fwd_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, False,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, LAZY)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     for c0 in range(c_mid, c_end, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, LAZY)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -252,9 +251,12 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # padded 7.15); packing took the backward from 17.0 to 16.4 ms.
 # Session 12 (H200, results/h200/session12-levers/): exp2 on log2-unit logits and lse took the
 # forward from 6.81 to 4.98 ms and the backward from 16.55 to ~15.5 ms (NOTES Lever 28).
+# Session 17 (H200, results/h200/session17-levers/): K~/V~ chunks by TMA ("tma", rule TMA) took the
+# forward from 4.92 to 4.57 ms and the backward from 14.06 to 13.78 (dQ); with TMA the dQ's 64-wide
+# chunks beat 32-wide in two calls (13.47 / 13.55 against 13.78 / 13.82 ms), so dQ's block_c is 64.
 TUNING = {
-    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None, "lazy": None},
-    "dq": {"rows": 64, "block_c": 32, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
+    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None},
+    "dq": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
     "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
             "head_major": None, "tma": None},
 }
@@ -287,8 +289,6 @@ def _launch_params(q, k_cmp, kernel: str):
         consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and tma and tma_ready(q))
     else:
         consts["TMA"] = tma and tma_ready(k_cmp)
-    if kernel == "fwd":
-        consts["LAZY"] = lazy_bound(tune)
     return B, Hq, Hkv, T, D, block_t, consts
 
 

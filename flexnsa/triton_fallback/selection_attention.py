@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
-    lazy_bound, load_rows, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
+    load_rows, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
 )
 
 __all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
@@ -63,7 +63,7 @@ HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # no dQ or dK/dV variant beat the rule by 3%; on an H200 with packed rows (results/h200/session11-
 # lever26-tuning, Lever 26) 64-row forward programs beat 128-row ones by 8.5% (10.63 vs 11.62 ms).
 TUNING = {
-    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None, "lazy": None},
+    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
             "head_major": None, "tma": None},
@@ -142,11 +142,10 @@ def _slc_fwd_kernel(
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+    WINDOW: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: ROWS (token, head) rows of one selection row's tile over its N_SEL blocks.
-    Online softmax in base 2 (qk_scale = scale * log2 e; LAZY: ``tiles.softmax_step``); lse is
-    stored in natural log."""
+    Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = pid_t // SUBS
     t, g, row_ok, t_first, t_last = _span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
@@ -164,7 +163,7 @@ def _slc_fwd_kernel(
         qk = tl.dot(q, tl.trans(k))
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             qk = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), qk, float("-inf"))
-        m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v, LAZY)
+        m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v)
     out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -363,8 +362,6 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     consts = dict(TILE=tile, L=block_size, BLOCK_N=block_n,
                   G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
                   num_warps=tune.get("num_warps") or 4, num_stages=stages, TMA=tma)
-    if kernel == "fwd":
-        consts["LAZY"] = lazy_bound(tune)
     return consts | ({"PER": per, "HEAD_MAJOR": head_major} if kernel == "dkv" else {})
 
 

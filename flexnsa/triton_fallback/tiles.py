@@ -20,8 +20,6 @@ import triton.language as tl
 ROWS = 128  # rows (tokens x padded heads) per program: one 128-row MMA tile
 LOG2E = 1.4426950408889634  # logits times this are in log2 units (exp2, the GPU's native exponential)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two head dims the kernels are written for
-LAZY_RESCALE = 8.0  # log2 units: how far a row's tile max may exceed the forwards' kept max (``softmax_step``)
-LAZY = True  # the rule for the forwards' "lazy" knob (NOTES session 17)
 
 
 def tuning_for(table: dict, kernel: str, q) -> dict:
@@ -45,12 +43,6 @@ def load_tuning_file(family: str, table: dict) -> None:
         if kernel not in table or set(knobs) - set(table[kernel]):
             raise ValueError(f"FLEXNSA_TUNING {path}: unknown {family} kernel or knob in {kernel}: {knobs}")
         table[kernel].update(knobs)
-
-
-def lazy_bound(tune: dict) -> float:
-    """The forward kernels' LAZY constant: LAZY_RESCALE, or 0.0 (rescale every step) when the
-    kernel's "lazy" knob (rule LAZY) is off."""
-    return LAZY_RESCALE if tune.get("lazy", LAZY) else 0.0
 
 
 def check_query(q, kernel: str) -> None:
@@ -306,28 +298,12 @@ def online_max_sum(qk, qk_scale, m, s_sum):
 
 
 @triton.jit
-def softmax_step(qk, qk_scale, m, s_sum, acc, v, LAZY: tl.constexpr = 0.0):
+def softmax_step(qk, qk_scale, m, s_sum, acc, v):
     """One online-softmax step over a tile of raw logits ``qk`` (-inf = hidden; qk_scale = scale *
     log2 e, so the softmax runs in log2 units) and its values ``v``: rescale the running (max, sum,
-    accumulator) and add the tile. LAZY > 0: the running max is a bound kept while no row's tile
-    max exceeds it by more than LAZY (log2 units: p <= 2^LAZY, far inside fp32 and bf16), and the
-    state is rescaled only on a step where one does (one branch for the whole program); the
-    output acc / sum and the lse m + log2(sum) are the same quantities."""
-    if LAZY > 0:
-        m_tile = tl.max(qk, 1) * qk_scale
-        if tl.max((m_tile > m + LAZY).to(tl.int32), 0) > 0:
-            m_new = tl.maximum(m, m_tile)
-            alpha = tl.exp2(m - tl.where(m_new == float("-inf"), 0.0, m_new))
-            acc = acc * alpha[:, None]
-            s_sum = s_sum * alpha
-            m = m_new
-        p = tl.exp2(qk * qk_scale - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        m_new = m
-        s_sum = s_sum + tl.sum(p, 1)
-    else:
-        m_new, s_sum, alpha, p = online_max_sum(qk, qk_scale, m, s_sum)
-        acc = acc * alpha[:, None]
-    return m_new, s_sum, tl.dot(p.to(v.dtype), v, acc)
+    accumulator) and add the tile."""
+    m_new, s_sum, alpha, p = online_max_sum(qk, qk_scale, m, s_sum)
+    return m_new, s_sum, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
