@@ -6,9 +6,9 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what session 16 left for the next GPU session (NOTES "Session 16 / Next"): the scorer's
-#            GPU tests (test_triton_scores.py, ~58 tests; sessions 15 and 16 cut them by time, so no
-#            summary line at the current code)
+#   pending  what session 17 left for the next GPU session: the op's flex-backend tests
+#            (test_flex.py, ~350 s) and then the model part, not run at its code (its kernel files,
+#            fused gates and custom ops were: NOTES "Session 17")
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -50,7 +50,7 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  gpu_tests scores tests/test_triton_scores.py
+  gpu_tests flex tests/test_flex.py
 }
 
 diagnose() {
