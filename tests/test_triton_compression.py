@@ -89,9 +89,10 @@ def test_compression_attention_gpu(case, dtype):
 
 
 
-# dK~/dV~ variants of Lever 36 (the default: head-major tiles, q/dO by TMA boxes): packed
-# (token, head) rows (the "head_major" rule off) and head-major tiles by pointer loads ("tma" off).
-DKV_VARIANTS = {"packed_rows": ("HEAD_MAJOR", False), "head_major_pointer_loads": ("TMA", False)}
+# Variants of the rules (the default: dK~/dV~ over head-major tiles, q/dO by TMA boxes, Lever 36;
+# K~/V~ chunks by TMA boxes in fwd and dQ, session 17): packed (token, head) rows in dK~/dV~ (the
+# "head_major" rule off), and every load by pointers ("tma" off: pre-Hopper GPUs run this path).
+DKV_VARIANTS = {"packed_rows": ("HEAD_MAJOR", False), "pointer_loads": ("TMA", False)}
 
 
 @pytest.mark.parametrize("variant", DKV_VARIANTS)
@@ -101,11 +102,13 @@ def test_dkv_variants_interpreter(case, variant, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-def test_dkv_head_major_rule():
+def test_dkv_head_major_and_tma_rules():
     q, kc = torch.empty(1, 28, 4096, 128, dtype=torch.bfloat16), torch.empty(1, 4, 64, 128, dtype=torch.bfloat16)
     consts = cmp_attn._launch_params(q, kc, "dkv")[-1]
     assert (consts["HEAD_MAJOR"], consts["TMA"], consts["BLOCK_T"], consts["G_PAD"]) == (True, True, 64, 7)
     assert "HEAD_MAJOR" not in cmp_attn._launch_params(q, kc, "dq")[-1]
+    assert cmp_attn._launch_params(q, kc, "fwd")[-1]["TMA"] and cmp_attn._launch_params(q, kc, "dq")[-1]["TMA"]
+    assert not cmp_attn._launch_params(q, kc[:, :, :0], "fwd")[-1]["TMA"], "no descriptor over an empty K~ (T < l)"
 
 
 @pytest.mark.gpu

@@ -332,9 +332,8 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     strides = (q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2), lse.stride(0), lse.stride(1))
     *_, block_t, consts = _launch_params(q, k_cmp, "dq")
     _cmp_dq_kernel[(triton.cdiv(T, block_t), Hkv, B)](
-        q, *box_operands((k_cmp, v_cmp), consts["BLOCK_C"], consts), out, grad_out, lse, delta, dq, *strides, T, C, scale,
-        scale * LOG2E,
-        CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
+        q, *box_operands((k_cmp, v_cmp), consts["BLOCK_C"], consts), out, grad_out, lse, delta, dq, *strides,
+        T, C, scale, scale * LOG2E, CMP_BLOCK=block_size, CMP_STRIDE=stride, **consts,
     )
     # Split the token axis so the short compressed axis still fills the GPU (>= DKV_PROGRAMS).
     *_, block_t, consts = _launch_params(q, k_cmp, "dkv")

@@ -77,9 +77,10 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, s
     the sums over a token's heads and the summed tokens run along each thread's own columns
     (shuffles), not across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K);
     exp2 on log2-unit logits and lse (+inf on idle rows and rows that see nothing, so they are 0
-    without a mask); the visibility mask only where some row cannot see the whole chunk (MASKED). The program's ROWS rows are OUT_ROWS groups of consecutive
-    rows, one output row each; SEGMENTED (packed per-token rows, G not a power of two, which no
-    reshape groups), OUT_ROWS token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]."""
+    without a mask); the visibility mask only where some row cannot see the whole chunk (MASKED).
+    The program's ROWS rows are OUT_ROWS groups of consecutive rows, one output row each;
+    SEGMENTED (packed per-token rows, G not a power of two, which no reshape groups), OUT_ROWS
+    token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_blocks(K, k_base, c, sk_c, C, D)
     p = probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
