@@ -37,9 +37,9 @@ from .tiles import (
     probs_t,
     row_offsets,
     rows_per_tile,
-    softmax_finish,
     softmax_step,
     store_delta,
+    store_softmax,
     strides_like,
     tile_rows,
     tma_ready,
@@ -151,10 +151,7 @@ def _cmp_fwd_kernel(
     for c0 in range(c_mid, c_end, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
                                   BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
-    out, lse = softmax_finish(m, s_sum, acc)
-    o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+    store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
 
 
 @triton.jit
@@ -321,7 +318,7 @@ def compression_attention_bwd(q, k_cmp, v_cmp, out, lse, grad_out, block_size: i
     """(dq, dk_cmp, dv_cmp, delta) for compression_attention_fwd, each gradient in its input's
     layout; delta = rowsum(grad_out * out) [B, Hq, T] fp32 (the softmax backward's correction, and
     the gate gradient of a gated sum: NOTES Lever 37). Inputs in kernel layout."""
-    (B, Hq, T, D), (Hkv, C) = q.shape, k_cmp.shape[1:3]
+    (B, Hq, T, _), (Hkv, C) = q.shape, k_cmp.shape[1:3]
     grad_out, out, v_cmp = strides_like(grad_out, q), strides_like(out, q), strides_like(v_cmp, k_cmp)  # shared strides
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
     dq = torch.empty_like(q)

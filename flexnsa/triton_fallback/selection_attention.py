@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
-    load_rows, load_tuning_file, row_offsets, softmax_finish, softmax_step, store_delta, strides_like, tma_ready, tuning_for,
+    load_rows, load_tuning_file, row_offsets, softmax_step, store_delta, store_softmax, strides_like, tma_ready, tuning_for,
 )
 
 __all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
@@ -164,10 +164,7 @@ def _slc_fwd_kernel(
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             qk = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), qk, float("-inf"))
         m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v)
-    out, lse = softmax_finish(m, s_sum, acc)
-    o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+    store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
 
 
 @triton.jit
