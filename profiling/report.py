@@ -51,9 +51,9 @@ def write_markdown(results: dict, out_dir: Path) -> Path:
         *([f"- launch overrides (FLEXNSA_TUNING): `{json.dumps(meta['tuning_file'])}`"] if meta.get("tuning_file") else []),
         "",
         "Stage times are measured one stage at a time; their sum is shown next to the op's measured total. "
-        "Where all three branches run on the Triton kernels (CUDA, from 16K tokens), the op's fwd+bwd runs the "
-        "gated sum's backward through the branch kernels (NOTES Lever 37), which the stages, timed one by one, "
-        "do not follow: compare totals there. "
+        "Where all three branches run on the Triton kernels (CUDA, from 16K tokens), the op computes the gated "
+        "sum in the window kernel's epilogue (NOTES Lever 40) and runs its backward through the branch kernels "
+        "(Lever 37), which the stages, timed one by one (window, then combine), do not follow: compare totals there. "
         "`speedup` = baseline time / NSA total in this run. `host ms`: the host's time to issue one call "
         "(no wait for the GPU); where it reaches `total ms` the op is launch-bound at that length.",
         "",

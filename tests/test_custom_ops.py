@@ -27,6 +27,16 @@ def test_opcheck_compression_attention():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_opcheck_gated_window_attention():
+    from flexnsa.triton_fallback.selection_attention import window_rows
+
+    q, k, v, gates = random_inputs(1, 7, 1, 40, 16, seed=2)
+    cmp, slc = torch.randn_like(q), torch.randn_like(q)
+    rows = window_rows(1, 1, 40, 24, 16, q.device)
+    torch.library.opcheck(custom_ops.gated_window_attention, (q, k, v, rows, 16, 24, 0.25, gates.permute(0, 2, 1, 3), cmp, slc),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_opcheck_selection_top_n_and_group_scores():
     q, k, v, _ = random_inputs(1, 7, 1, 40, 16, seed=2)
     k_cmp, _ = compress_kv(k, v, SMALL.replace(block_size=8, stride=8, select_block_size=8, select_query_tile=8))

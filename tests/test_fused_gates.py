@@ -71,8 +71,24 @@ def test_fused_gates_only_where_the_rule_and_kernels_allow(monkeypatch):
     monkeypatch.setitem(fused_gates.TUNING["combine"], "fused_gates", None)
     assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=True)  # ungated branches wanted back
     assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg.replace(window_kernel="flex"), branches=False)
+    with torch.no_grad():  # forward only: the same kernels, the gated sum in the window's epilogue
+        assert flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)
+
+
+@pytest.mark.parametrize("gated_window", [True, False], ids=["sum-in-window-epilogue", "sum-after"])
+def test_fused_gates_forward_only_interpreter(gated_window, monkeypatch):
+    # Inference (no grad) through the fused path == float64 reference; the gated sum in the
+    # window kernel's epilogue or after it (NOTES Lever 40): both give the returned branches' sum.
+    monkeypatch.setattr(fused_gates, "GATED_WINDOW", gated_window)
+    cfg = SMALL.replace(selection="block_shared", window=40, **ALL_TRITON)
+    q, k, v, gates = random_inputs(1, 14, 2, 150, 16, seed=6)
     with torch.no_grad():
-        assert not flex.use_fused_gates(q, k, v, gates, k_cmp, cfg, branches=False)  # no backward to fuse
+        res = nsa_attention(q, k, v, gates, cfg, return_branches=True)
+        out = nsa_attention(q, k, v, gates, cfg)
+    ref = nsa_reference(*float64(q, k, v, gates), cfg, selected=res.selected)
+    assert_rel(out, ref.out, 1e-5, "out")
+    summed = flex.gated_sum(gates.permute(0, 2, 1, 3), res.cmp, res.slc, res.win)
+    torch.testing.assert_close(out, summed, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

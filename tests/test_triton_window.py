@@ -96,6 +96,51 @@ def test_window_kernel_switch(monkeypatch):
         cfg.replace(window_kernel="cuda")
 
 
+def check_gated(case, dtype, device, tol, token_major=False):
+    """The window kernel with the gated-sum epilogue (NOTES Lever 40): its window output and lse
+    are the plain launch's, bit for bit, and y == g_cmp cmp + g_slc slc + g_win win in float64
+    with the reference window; gates exactly 0 on some rows, cmp/slc fresh random."""
+    _, Hq, Hkv, T, D, block, window = case
+    q, k, v, gates = random_inputs(2, Hq, Hkv, T, D, dtype=dtype, device=device, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    o_cmp, o_slc = (torch.randn(2, Hq, T, D, generator=gen).to(device, dtype) for _ in range(2))
+    gates[:, ::5, :, 2] = 0.0
+    if token_major:  # the model's projections: [B, T, H, D] seen as [B, H, T, D]; gates as they come
+        q, k, v, o_cmp, o_slc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, o_cmp, o_slc))
+    head_gates = gates.permute(0, 2, 1, 3)  # [B, Hq, T, 3], strided
+    rows = window_rows(2, Hkv, T, window, block, q.device)
+    plain_out, plain_lse = slc.selection_attention_fwd(q, k, v, rows, block, block, D**-0.5, window)
+    out, out_lse, y = slc.selection_attention_fwd(q, k, v, rows, block, block, D**-0.5, window,
+                                                  gated=(head_gates, o_cmp, o_slc))
+    assert torch.equal(out, plain_out) and torch.equal(out_lse, plain_lse)
+    assert y.shape == q.shape and y.stride() == torch.empty_like(q).stride()
+    ref, _, _ = masked_attention(*(x.double().cpu() for x in (q, k, v)), window_visibility(T, window), D**-0.5)
+    g = head_gates.double().cpu()
+    expected = g[..., 0:1] * o_cmp.double().cpu() + g[..., 1:2] * o_slc.double().cpu() + g[..., 2:3] * ref
+    assert_rel(y, expected, tol, "gated sum")
+
+
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+@pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_gated_window_interpreter(case, token_major):
+    check_gated(case, torch.float32, "cpu", tol=1e-5, token_major=token_major)
+
+
+def test_gated_window_bad_shapes_raise():
+    q, k, v, gates = random_inputs(1, 7, 1, 40, 16)
+    rows = window_rows(1, 1, 40, 16, 16, q.device)
+    with pytest.raises(ValueError, match="head_gates must be"):
+        slc.selection_attention_fwd(q, k, v, rows, 16, 16, 0.25, 16, gated=(gates, q, q))  # [B, T, Hq, 3]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_gated_window_gpu(dtype, token_major):
+    check_gated(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), dtype, "cuda",
+                tol=2e-2 if dtype == torch.bfloat16 else 2e-3, token_major=token_major)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", CASES + [("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256)],

@@ -285,16 +285,15 @@ def query_layout(config: NSAConfig, device: torch.device, group: int) -> QueryLa
 
 def use_fused_gates(q, k, v, gates, k_cmp, config: NSAConfig, branches: bool) -> bool:
     """``fused_gates.GatedBranches`` instead of autograd through each branch and the gated sum:
-    its rule is on, a backward will run, the ungated branches are not wanted back, and all three
-    branches run on the Triton kernels (with at least one compressed block)."""
+    its rule is on, the ungated branches are not wanted back (differentiable), and all three
+    branches run on the Triton kernels (with at least one compressed block). Forward-only calls
+    take it too: the same kernels, and the gated sum in the window's epilogue (NOTES Lever 40)."""
     from .fused_gates import fused_gates_rule
 
     T = q.shape[2]
     return (
         fused_gates_rule(q)
         and not branches
-        and torch.is_grad_enabled()
-        and any(x.requires_grad for x in (q, k, v, gates, k_cmp))
         and k_cmp.shape[2] > 0
         and use_triton_compression_attention(config, q.device)
         and use_triton_selection(config, q.device)
@@ -319,10 +318,9 @@ def fused_gates_branches(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig):
         rows = selection_rows(selected, config).contiguous()
         slc, slc_lse = selection_attention(q, k, v, rows, config.select_block_size, tile, scale)
         win_rows = window_rows(B, Hkv, T, config.window, WINDOW_KERNEL_BLOCK, q.device).contiguous()
-        win, win_lse = selection_attention(q, k, v, win_rows, WINDOW_KERNEL_BLOCK, WINDOW_KERNEL_BLOCK, scale, config.window)
     spec = (config.block_size, config.stride, config.select_block_size, tile, config.window, WINDOW_KERNEL_BLOCK, scale)
-    out = GatedBranches.apply(gates_like(gates, cmp), q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse,
-                              rows, win_rows, spec)
+    out, win = GatedBranches.apply(gates_like(gates, cmp), q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, rows, win_rows,
+                                   spec)
     return out, cmp, slc, win, selected, cmp_lse
 
 

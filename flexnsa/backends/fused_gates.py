@@ -21,9 +21,10 @@ from ..triton_fallback.tiles import load_tuning_file, tuning_for
 
 FUSED_GATES = True  # the rule (NOTES Lever 37: 78.7 -> 75.7 ms at 128K fwd+bwd, 15.35 -> 15.01 at 32K, H200)
 DQ_IN = True  # the branches' dq summed inside the selection dQ kernels (NOTES Lever 39), else by in-place adds
+GATED_WINDOW = True  # the gated sum in the window kernel's epilogue (NOTES Lever 40), else the compiled sum after it
 # The knobs at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
-# {"gates": {"combine": {"fused_gates": false, "dq_in": false}}}.
-TUNING = {"combine": {"fused_gates": None, "dq_in": None}}
+# {"gates": {"combine": {"fused_gates": false, "dq_in": false, "gated_window": false}}}.
+TUNING = {"combine": {"fused_gates": None, "dq_in": None, "gated_window": None}}
 load_tuning_file("gates", TUNING)
 
 
@@ -35,6 +36,25 @@ def dq_in_rule(q: torch.Tensor) -> bool:
     return bool(tuning_for(TUNING, "combine", q).get("dq_in", DQ_IN))
 
 
+def gated_window_rule(q: torch.Tensor) -> bool:
+    return bool(tuning_for(TUNING, "combine", q).get("gated_window", GATED_WINDOW))
+
+
+def window_and_gated_sum(head_gates, q, k, v, cmp, slc, window_rows, window_block: int, window: int, scale: float):
+    """(out, win, win_lse): the window branch, run last, and the gated sum of the three branches.
+    With ``gated_window_rule`` one kernel: the window's epilogue reads cmp and slc back per row and
+    writes out (NOTES Lever 40: the separate sum re-read all three branches and the gates and
+    wrote out, 1.44 ms at 128K on an H200); else the window kernel, then the compiled sum."""
+    from ..triton_fallback.custom_ops import gated_window_attention, selection_attention
+    from .flex import compiled_gated_sum, gated_sum
+
+    if gated_window_rule(q):
+        return gated_window_attention(q, k, v, window_rows, window_block, window, scale, head_gates, cmp, slc)
+    win, win_lse = selection_attention(q, k, v, window_rows, window_block, window_block, scale, window)
+    summed = compiled_gated_sum if q.is_cuda else gated_sum  # as ``flex.combine``: eager on CPU
+    return summed(head_gates, cmp, slc, win), win, win_lse
+
+
 def gated_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """lse - ln g per row ([B, Hq, T] fp32, unit stride over T as the kernels read it): the
     softmax of the branch scaled by its gate. Rows that see nothing keep -inf (-inf - ln 0 would
@@ -44,24 +64,26 @@ def gated_lse(lse: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 class GatedBranches(torch.autograd.Function):
-    """out = g_cmp cmp + g_slc slc + g_win win from branch outputs computed without autograd;
-    the backward calls each branch's backward op on dY with ``gated_lse``.
+    """(out, win): the window branch (``window_and_gated_sum``) and out = g_cmp cmp + g_slc slc +
+    g_win win, from the compression and selection outputs computed without autograd; the backward
+    calls each branch's backward op on dY with ``gated_lse``. win is not differentiable here.
 
     Inputs: head_gates [B, Hq, T, 3]; the differentiable q, k, v [B, H, T, D] and pooled k_cmp,
-    v_cmp; then per branch its output and lse (compression, selection, window), the selection and
-    window rows, and ``spec`` (block_size, stride, select_block, tile, window, window_block, scale).
+    v_cmp; then the compression and selection outputs and lses, the selection and window rows, and
+    ``spec`` (block_size, stride, select_block, tile, window, window_block, scale).
     """
 
     @staticmethod
-    def forward(ctx, head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows, spec):
-        from .flex import compiled_gated_sum
-
+    def forward(ctx, head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, rows, window_rows, spec):
+        *_, window, window_block, scale = spec
+        out, win, win_lse = window_and_gated_sum(head_gates, q, k, v, cmp, slc, window_rows, window_block, window, scale)
         ctx.save_for_backward(head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows)
         ctx.spec = spec
-        return compiled_gated_sum(head_gates, cmp, slc, win)
+        ctx.mark_non_differentiable(win)
+        return out, win
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_win):
         from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward
 
         head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows = ctx.saved_tensors
@@ -78,7 +100,7 @@ class GatedBranches(torch.autograd.Function):
         dk.add_(dk_w)
         dv.add_(dv_w)
         d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)
-        return (d_gates, dq, dk, dv, dk_cmp, dv_cmp, *[None] * 9)
+        return (d_gates, dq, dk, dv, dk_cmp, dv_cmp, *[None] * 7)
 
 
 def add_dq(dq, backward_op, q, *args):

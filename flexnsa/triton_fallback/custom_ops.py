@@ -8,6 +8,9 @@ Ops (namespace ``flexnsa``):
   compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp, delta = rowsum(grad_out * out))
   selection_attention(q, k, v, rows, select_block, tile, scale, window=0) -> (out, lse)     differentiable
   selection_attention_backward(..., dq_in=None) -> (dq (+ dq_in), dk, dv, delta)
+  gated_window_attention(q, k, v, rows, block, window, scale, head_gates, cmp, slc) -> (y, win, win_lse)
+      the window's forward, its epilogue writing the gated sum y of the three branches (no autograd:
+      ``fused_gates.GatedBranches`` runs it and owns the backward)
   selection_top_n(q, k_cmp, block, n, tile, forced_initial, forced_local, scale, block_c) -> (ids, lse)
   selection_top_n_given_lse(q, k_cmp, lse, block, n, tile, ...) -> ids   (the compression branch's lse)
   compression_group_scores(q, k_cmp, block, stride, scale, t0, t1, tokens_per_sum) -> (scores, lse rows [t0, t1))
@@ -106,6 +109,22 @@ def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale, window=0, dq_i
 
 
 register_backward(selection_attention, selection_attention_backward, num_tensors=4)  # rows: no grad
+
+
+@torch.library.custom_op("flexnsa::gated_window_attention", mutates_args=())
+def gated_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, block_size: int, window: int, scale: float,
+    head_gates: Tensor, cmp: Tensor, slc: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    win, lse, y = slc_attn.selection_attention_fwd(kl(q), kl(k), kl(v), rows.contiguous(), block_size, block_size, scale,
+                                                   window, gated=(head_gates, cmp, slc))
+    return y, win, lse
+
+
+@gated_window_attention.register_fake
+def _(q, k, v, rows, block_size, window, scale, head_gates, cmp, slc):
+    win, lse = fake_attention(q)
+    return torch.empty_like(win, dtype=torch.promote_types(head_gates.dtype, q.dtype)), win, lse
 
 
 @torch.library.custom_op("flexnsa::selection_top_n", mutates_args=())

@@ -136,16 +136,32 @@ def _visible(keys, key_ok, t, row_ok, WINDOW: tl.constexpr, KEYS_FIRST: tl.const
 
 
 @triton.jit
+def _store_gated_sum(win, o_off, row_ok, CMP, SLC, GATES, Y, gate_off, sg_k):
+    """Y = g_cmp cmp + g_slc slc + g_win win on the program's rows (``win`` the window output as
+    stored, so Y equals the gated sum of the three stored branches), in fp32 with one rounding,
+    as the compiled gated sum computes it; cmp and slc share Y's strides (offsets ``o_off``)."""
+    g_cmp = tl.load(GATES + gate_off, mask=row_ok, other=0.0).to(tl.float32)
+    g_slc = tl.load(GATES + gate_off + sg_k, mask=row_ok, other=0.0).to(tl.float32)
+    g_win = tl.load(GATES + gate_off + 2 * sg_k, mask=row_ok, other=0.0).to(tl.float32)
+    cmp = tl.load(CMP + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    slc = tl.load(SLC + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    y = g_cmp[:, None] * cmp + g_slc[:, None] * slc + g_win[:, None] * win.to(tl.float32)
+    tl.store(Y + o_off, y.to(Y.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _slc_fwd_kernel(
-    Q, K, V, SEL, O, LSE,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h,
+    Q, K, V, SEL, O, LSE, CMP, SLC, GATES, Y,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, ss_b, ss_h, ss_r, so_b, so_h, so_t, sl_b, sl_h, sg_b, sg_h, sg_t, sg_k,
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, TMA: tl.constexpr,
+    WINDOW: tl.constexpr, TMA: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program: ROWS (token, head) rows of one selection row's tile over its N_SEL blocks.
-    Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log."""
+    Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log. GATED
+    (the window, run last): the epilogue also writes the NSA output, the gated sum of the three
+    branches (``_store_gated_sum``), so no separate pass re-reads all three."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = pid_t // SUBS
     t, g, row_ok, t_first, t_last = _span_rows(r * TILE, pid_t % SUBS, T, TILE, G, G_PAD, ROWS)
@@ -164,7 +180,9 @@ def _slc_fwd_kernel(
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             qk = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), qk, float("-inf"))
         m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v)
-    store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
+    out, o_off = store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
+    if GATED:
+        _store_gated_sum(out, o_off, row_ok, CMP, SLC, GATES, Y, b * sg_b + qh * sg_h + t * sg_t, sg_k)
 
 
 @triton.jit
@@ -362,9 +380,13 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     return consts | ({"PER": per, "HEAD_MAJOR": head_major} if kernel == "dkv" else {})
 
 
-def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
+def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
     """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32); inputs in kernel layout
-    (``tiles.kernel_layout``)."""
+    (``tiles.kernel_layout``).
+
+    ``gated`` = (head_gates [B, Hq, T, 3], cmp, slc [B, Hq, T, D]): this launch is the last
+    branch (the window), and its epilogue also computes y = g_cmp cmp + g_slc slc + g_win out,
+    returned third: (out, lse, y), y in q's layout and the gates' and q's promoted dtype."""
     v = strides_like(v, k)  # one set of K/V strides
     consts = _launch_params(q, k, v, rows, block_size, tile, "fwd", window)
     rows = rows.to(torch.int32)
@@ -372,15 +394,26 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     Hkv = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if gated is not None:
+        head_gates, cmp, slc = gated
+        if head_gates.shape != (B, Hq, T, 3) or cmp.shape != q.shape or slc.shape != q.shape:
+            raise ValueError(f"gated: head_gates must be {(B, Hq, T, 3)} and cmp, slc {tuple(q.shape)}; got "
+                             f"{tuple(head_gates.shape)}, {tuple(cmp.shape)}, {tuple(slc.shape)}")
+        cmp, slc = strides_like(cmp, q), strides_like(slc, q)  # read at out's offsets
+        y = torch.empty_like(q, dtype=torch.promote_types(head_gates.dtype, q.dtype))  # as the gated sum's
+        gate_args = (cmp, slc, head_gates, y, *head_gates.stride())
+    else:
+        gate_args = (out, out, lse, out, 0, 0, 0, 0)  # unused (GATED off)
     if T == 0:
-        return out, lse
+        return (out, lse) if gated is None else (out, lse, y)
     _slc_fwd_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
-        q, *box_operands((k, v), consts["L"], consts), rows, out, lse,
+        q, *box_operands((k, v), consts["L"], consts), rows, out, lse, *gate_args[:4],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         rows.stride(0), rows.stride(1), rows.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), T, scale * LOG2E, N_SEL=rows.shape[3], **consts,
+        lse.stride(0), lse.stride(1), *gate_args[4:], T, scale * LOG2E, N_SEL=rows.shape[3], GATED=gated is not None,
+        **consts,
     )
-    return out, lse
+    return (out, lse) if gated is None else (out, lse, y)
 
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0,

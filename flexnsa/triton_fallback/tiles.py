@@ -321,8 +321,11 @@ def softmax_finish(m, s_sum, acc):
 def store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h,
                   G: tl.constexpr, D: tl.constexpr):
     """The forwards' epilogue: ``softmax_finish``'s output in O's dtype at each row's (token t,
-    head h*G + g) and its natural lse at (qh, t); rows not ``row_ok`` are not written."""
+    head h*G + g) and its natural lse at (qh, t); rows not ``row_ok`` are not written. Returns the
+    stored (rounded) output and its offsets, for an epilogue that reads it on."""
     out, lse = softmax_finish(m, s_sum, acc)
     o_off, _ = row_offsets(b, h, t, g, so_b, so_h, so_t, G, D)
-    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    out = out.to(O.dtype.element_ty)
+    tl.store(O + o_off, out, mask=row_ok[:, None])
     tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
+    return out, o_off
