@@ -53,8 +53,17 @@ def check(case, cfg, dtype, device, tol, grad_tol, via_op=False):
 def test_fused_gates_interpreter(selection, dq_in, T, monkeypatch):
     # per-token at 120 tokens (not 200: 60 s in the interpreter, CI time), still not a block multiple
     monkeypatch.setattr(fused_gates, "DQ_IN", dq_in)  # the branches' dq summed by the dQ kernels or in place
+    backward, grads_of_win = fused_gates.GatedBranches.backward, []
+
+    def recording(ctx, grad, grad_win):
+        grads_of_win.append(grad_win)
+        return backward(ctx, grad, grad_win)
+
+    monkeypatch.setattr(fused_gates.GatedBranches, "backward", staticmethod(recording))
     cfg = SMALL.replace(selection=selection, window=40, **ALL_TRITON)
     check((f"G7-T{T}", 14, 2, T, 16), cfg, torch.float32, "cpu", tol=1e-5, grad_tol=2e-5)
+    # the window output is returned, not differentiable: no zero gradient of its size materialised
+    assert grads_of_win == [None]
 
 
 def test_fused_gates_only_where_the_rule_and_kernels_allow(monkeypatch):

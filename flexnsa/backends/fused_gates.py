@@ -80,11 +80,15 @@ class GatedBranches(torch.autograd.Function):
         ctx.save_for_backward(head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows)
         ctx.spec = spec
         ctx.mark_non_differentiable(win)
+        ctx.set_materialize_grads(False)  # else autograd hands backward a zero win-sized gradient (896 MiB at 128K)
         return out, win
 
     @staticmethod
     def backward(ctx, grad, _grad_win):
         from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward
+
+        if grad is None:  # out did not reach the loss
+            return (None,) * 13
 
         head_gates, q, k, v, k_cmp, v_cmp, cmp, cmp_lse, slc, slc_lse, win, win_lse, rows, window_rows = ctx.saved_tensors
         block_size, stride, select_block, tile, window, window_block, scale = ctx.spec
