@@ -59,12 +59,16 @@ from .tiles import (
 # head at a time, the G heads looped inside (no head slot padded, one output row per tile, no
 # partials for PyTorch to add); takes precedence over "packed". "tma" (None = the TMA rule; used
 # only head-major, where the GPU has TMA): each head's q tile as one [SUM, D] TMA box.
+# "tma_k" (None = the TMA_K rule; NOTES Lever 42, prepared after session 18's last device call and
+# NOT measured, so off): the padded and packed tilings' K~ chunks as one [block_c, D] TMA box each,
+# as the compression forward loads them (session 17: -9% there), where the GPU has TMA.
 PACKED = False
 PACKED_PER_TOKEN = False
 HEAD_MAJOR = False
 TMA = True
+TMA_K = False
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None,
-                     "head_major": None, "tma": None}}
+                     "head_major": None, "tma": None, "tma_k": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -72,7 +76,7 @@ load_tuning_file("scores", TUNING)
 def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h, ss_b,
                   ss_h, ss_t, MASKED: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
                   OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
-                  CMP_STRIDE: tl.constexpr):
+                  CMP_STRIDE: tl.constexpr, TMA_K: tl.constexpr):
     """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T, ``tiles.probs_t``):
     the sums over a token's heads and the summed tokens run along each thread's own columns
     (shuffles), not across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K);
@@ -80,9 +84,10 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, s
     without a mask); the visibility mask only where some row cannot see the whole chunk (MASKED).
     The program's ROWS rows are OUT_ROWS groups of consecutive rows, one output row each;
     SEGMENTED (packed per-token rows, G not a power of two, which no reshape groups), OUT_ROWS
-    token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]."""
+    token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]. TMA_K: the K~ chunk as one
+    TMA box (K a descriptor), as the compression forward loads it."""
     c = c0 + tl.arange(0, BLOCK_C)
-    k = load_blocks(K, k_base, c, sk_c, C, D)
+    k = load_box(K, k_base, b, h, c0, c, c < C, sk_c, BLOCK_C, D, TMA_K)
     p = probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
     out_ok = row_in[None, :] & (c < C)[:, None]
@@ -108,7 +113,7 @@ def _group_scores_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
     GIVEN_LSE: tl.constexpr, PACKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    SEGMENTED: tl.constexpr, TMA_K: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PACKED:  # rows pid*ROWS .. of the chunk's (token, head) rows, token-major, G per token;
@@ -146,7 +151,7 @@ def _group_scores_kernel(
     if GIVEN_LSE:  # the whole sequence's lse, from the compression branch's forward
         lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
     else:  # pass 1, stored as rows [T0, T1) of a chunk buffer
-        lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+        lse = row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
         tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
 
     qk_scale = scale * 1.4426950408889634  # log2 units: exp2
@@ -154,10 +159,10 @@ def _group_scores_kernel(
     c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
-                      ss_b, ss_h, ss_t, False, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+                      ss_b, ss_h, ss_t, False, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
     for c0 in range(c_mid, c_end, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
-                      ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+                      ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
 
 
 @triton.jit
@@ -202,7 +207,7 @@ def _head_major_kernel(
         for g in range(G):
             qh = h * G + g
             q = load_box(Q, b * sq_b + qh * sq_h, b, qh, t_first, t, row_ok, sq_t, SUM, D, TMA)
-            lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE)
+            lse = row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, False)
             tl.store(LSE + b * sl_b + qh * sl_h + (t - LSE_T0), lse, mask=row_ok)
         tl.debug_barrier()  # the score pass reads them back, in other threads
     qk_scale = scale * 1.4426950408889634  # LOG2E
@@ -330,12 +335,15 @@ def compression_group_scores(
             tiling = dict(G_PAD=g_pad, BLOCK_T=block_t, SUM=in_kernel, ROWS=block_t * g_pad,
                           OUT_ROWS=block_t // in_kernel, PACKED=False, SEGMENTED=False)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
+        block_c = consts["BLOCK_C"]
+        tma_k = bool(tuning_for(TUNING, "scores", q).get("tma_k", TMA_K)) and tma_ready(k_cmp) and block_c >= 16
+        (k_in,) = box_operands((k_cmp,), block_c, {"TMA": tma_k, "D": D})
         _group_scores_kernel[grid](
-            q, k_cmp, lse, scores,
+            q, k_in, lse, scores,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
             t0, t1, C, scale, rows * rest,
-            G=G, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, **tiling, **consts,
+            G=G, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, TMA_K=tma_k, **tiling, **consts,
         )
     return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), (None if given else lse)
 

@@ -54,7 +54,7 @@ def _top_n_kernel(
             q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
             q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
             c_end = visible_block_end(tl.minimum(t_first + BLOCK_T, T) - 1, C, BLOCK, BLOCK)
-            lse = row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, BLOCK, BLOCK)
+            lse = row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, BLOCK, BLOCK, False)
             tl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=row_ok)
         tl.debug_barrier()  # the whole program's lse stores are visible to all its threads
 

@@ -204,16 +204,17 @@ def visible(t, c, C, row_ok, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, 
 
 
 @triton.jit
-def row_lse(q, K, k_base, sk_c, t, row_ok, c_end, C, scale,
-            BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+def row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale,
+            BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr):
     """Natural-log log-sum-exp of each row's visible compression logits (-inf where none),
-    accumulated in log2 units by ``online_max_sum``, as ``softmax_step`` does (NOTES Lever 28)."""
+    accumulated in log2 units by ``online_max_sum``, as ``softmax_step`` does (NOTES Lever 28).
+    K~ chunks of kv head h by TMA (K a descriptor with a [BLOCK_C, D] box) or pointers."""
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     s_sum = tl.zeros([q.shape[0]], tl.float32)
     qk_scale = scale * 1.4426950408889634  # LOG2E
     for c0 in range(0, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        k = load_blocks(K, k_base, c, sk_c, C, D)
+        k = load_box(K, k_base, b, h, c0, c, c < C, sk_c, BLOCK_C, D, TMA)
         qk = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), tl.dot(q, tl.trans(k)), float("-inf"))
         m, s_sum, _, _ = online_max_sum(qk, qk_scale, m, s_sum)
     return tl.where(s_sum > 0, (m + tl.log2(s_sum)) * 0.6931471805599453, float("-inf"))
