@@ -56,3 +56,25 @@ def test_epsilon_zero_prunes_nothing():
     selected = torch.arange(4).expand(1, 2, 10, 4)
     gates = torch.zeros(1, 10, 14, 3)
     assert prune_selection_by_gates(selected, gates, SMALL) is selected
+
+
+def test_pruned_forward_through_the_fused_path(monkeypatch):
+    # Inference with all three branches on the Triton kernels takes the fused-gates path (the gated
+    # sum in the window's epilogue, NOTES Lever 40): pruned rows come out as on the plain path.
+    from flexnsa.backends import flex
+
+    fused_calls = []
+    fused_branches = flex.fused_gates_branches
+    monkeypatch.setattr(flex, "fused_gates_branches", lambda *a: fused_calls.append(1) or fused_branches(*a))
+    T = 200
+    cfg = SMALL.replace(selection="block_shared", compression_kernel="triton", selection_kernel="triton", window_kernel="triton",
+                        check_inputs=False, gate_prune_epsilon=EPS)
+    q, k, v, g = random_inputs(1, 14, 2, T, 16, seed=3)
+    g = gates_with_faded_selection(g, T)
+    with torch.no_grad():
+        plain = nsa_attention(q, k, v, g, cfg, return_branches=True)  # branches wanted: the plain path
+        assert not fused_calls
+        fused = nsa_attention(q, k, v, g, cfg)
+    assert fused_calls == [1]
+    assert (plain.selected < 0).all(-1).any(), "some rows must be pruned"
+    torch.testing.assert_close(fused, plain.out, rtol=1e-6, atol=1e-6)
