@@ -6,6 +6,8 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
+#   levers   session 18's prepared Levers 41 and 42 (rules off) against the rules, 128K fwd and fwd+bwd
+#            in alternated runs, and their GPU tests (~450 s)
 #   pending  what session 18 left for the next GPU session: the model part, not run at its code
 #            (test_flex.py, the window file, fused gates and custom ops were: NOTES "Session 18";
 #            the other kernel files in session 17, whose kernels this session did not change)
@@ -16,12 +18,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -53,6 +55,21 @@ pending() {
   gpu_tests model $MODEL_TESTS
 }
 
+levers() {  # session 18's prepared Levers 41 (dkv_in) and 42 (tma_k) against the rules: alternated 128K fwd+bwd pairs, no stages
+  echo '{"gates": {"combine": {"dkv_in": true}}}' > "$out/lever41.json"
+  echo '{"scores": {"scores": {"tma_k": true}}}' > "$out/lever42.json"
+  local i name tuning
+  for i in 1 2; do
+    for name in rule lever41 lever42; do
+      tuning=$([ "$name" = rule ] || echo "$out/$name.json")
+      FLEXNSA_TUNING=$tuning timeout 100 python3 -m profiling --lengths 128K --selection block_shared --modes fwd,fwd+bwd \
+        --no-stages --baselines none --trace-lengths none --no-plots --out "$out/${name}_$i" > "$out/${name}_$i.log" 2>&1
+      echo "${name}_$i: exit $?"; grep -E '^\| 128K' "$out/${name}_$i/report.md" 2>/dev/null | cut -d'|' -f1-3,18
+    done
+  done
+  gpu_tests levers tests/test_fused_gates.py tests/test_triton_scores.py -k "dkv or tma"
+}
+
 diagnose() {
   timeout 120 python3 -m profiling.host_profile --lengths 8K,32K --calls 20 --out "$out/host" > "$out/host.log" 2>&1
   echo "host_profile: exit $?"; tail -2 "$out/host.log"
@@ -75,7 +92,8 @@ case "$part" in
   model) gpu_tests model $MODEL_TESTS ;;
   sweep) sweep ;;
   pending) pending ;;
+  levers) levers ;;
   diagnose) diagnose ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, levers, diagnose or all)" >&2; exit 2 ;;
 esac
