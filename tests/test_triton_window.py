@@ -44,35 +44,6 @@ def test_window_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
-def test_window_backward_adds_given_dkv_interpreter(case):
-    # NOTES Lever 41: another branch's dk, dv (fp32, random) added inside the window's dK/dV store
-    # == the window's own gradients + them; every kv block is stored (no zero fill behind them).
-    _, Hq, Hkv, T, D, block, window = case
-    q, k, v, _ = random_inputs(2, Hq, Hkv, T, D, seed=7)
-    rows = window_rows(2, Hkv, T, window, block, q.device)
-    out, lse = slc.selection_attention_fwd(q, k, v, rows, block, block, D**-0.5, window)
-    grad = torch.randn_like(out)
-    dk_in, dv_in = torch.randn_like(k, dtype=torch.float32), torch.randn_like(v, dtype=torch.float32)
-    args = (q, k, v, rows, out, lse, grad, block, block, D**-0.5, window)
-    dq, dk, dv, delta = slc.selection_attention_bwd(*args)
-    dq2, dk2, dv2, delta2 = slc.selection_attention_bwd(*args, dk_in=dk_in, dv_in=dv_in)
-    assert torch.equal(dq, dq2) and torch.equal(delta, delta2)
-    torch.testing.assert_close(dk2, dk + dk_in, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dv2, dv + dv_in, rtol=1e-6, atol=1e-6)
-
-
-def test_given_dkv_only_into_the_window():
-    q, k, v, _ = random_inputs(1, 7, 1, 40, 16)
-    rows = window_rows(1, 1, 40, 16, 16, q.device)
-    out, lse = slc.selection_attention_fwd(q, k, v, rows, 16, 16, 0.25, 16)
-    dk_in = torch.zeros_like(k)
-    with pytest.raises(ValueError, match="only into the window"):  # the selection's blocks can be split over items
-        slc.selection_attention_bwd(q, k, v, rows, out, lse, out, 16, 16, 0.25, 0, dk_in=dk_in, dv_in=dk_in)
-    with pytest.raises(ValueError, match="go together"):
-        slc.selection_attention_bwd(q, k, v, rows, out, lse, out, 16, 16, 0.25, 16, dk_in=dk_in)
-
-
 def test_window_dkv_one_item_per_block(monkeypatch):
     # The window's dK/dV: one work item per block whatever CHUNK says (2 would split each block's
     # 3-4 window rows), so every item stores alone and the gradients need no fp32 atomics buffer.

@@ -22,12 +22,9 @@ from ..triton_fallback.tiles import load_tuning_file, tuning_for
 FUSED_GATES = True  # the rule (NOTES Lever 37: 78.7 -> 75.7 ms at 128K fwd+bwd, 15.35 -> 15.01 at 32K, H200)
 DQ_IN = True  # the branches' dq summed inside the selection dQ kernels (NOTES Lever 39), else by in-place adds
 GATED_WINDOW = True  # the gated sum in the window kernel's epilogue (NOTES Lever 40), else the compiled sum after it
-# The selection's fp32 dK/dV added inside the window's dK/dV store (NOTES Lever 41; prepared after
-# session 18's last device call, NOT measured: off), else rounded to k's dtype and added in place.
-DKV_IN = False
 # The knobs at the tuned shape (16-bit, head_dim 128), for an A/B through FLEXNSA_TUNING:
-# {"gates": {"combine": {"fused_gates": false, "dq_in": false, "gated_window": false, "dkv_in": true}}}.
-TUNING = {"combine": {"fused_gates": None, "dq_in": None, "gated_window": None, "dkv_in": None}}
+# {"gates": {"combine": {"fused_gates": false, "dq_in": false, "gated_window": false}}}.
+TUNING = {"combine": {"fused_gates": None, "dq_in": None, "gated_window": None}}
 load_tuning_file("gates", TUNING)
 
 
@@ -37,10 +34,6 @@ def fused_gates_rule(q: torch.Tensor) -> bool:
 
 def dq_in_rule(q: torch.Tensor) -> bool:
     return bool(tuning_for(TUNING, "combine", q).get("dq_in", DQ_IN))
-
-
-def dkv_in_rule(q: torch.Tensor) -> bool:
-    return bool(tuning_for(TUNING, "combine", q).get("dkv_in", DKV_IN))
 
 
 def gated_window_rule(q: torch.Tensor) -> bool:
@@ -104,28 +97,19 @@ class GatedBranches(torch.autograd.Function):
         # the end measured +1.25 GiB of peak at 128K, NOTES Lever 37)
         dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(
             q, k_cmp, v_cmp, cmp, gated_lse(cmp_lse, head_gates[..., 0]), grad, block_size, stride, scale)
-        # The selection's dK/dV go into the window's dK/dV kernel as its fp32 buffers (dkv_in, NOTES
-        # Lever 41), or are rounded to k's dtype and the window's added in place
-        fold_kv = dkv_in_rule(q)
         dq, dk, dv, dg_slc = add_dq(dq, selection_attention_backward, q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]),
-                                    grad, select_block, tile, scale, 0, fp32_kv=fold_kv)
-        kv_in = dict(dk_in=dk, dv_in=dv) if fold_kv else {}
+                                    grad, select_block, tile, scale, 0)
         dq, dk_w, dv_w, dg_win = add_dq(dq, selection_attention_backward, q, k, v, window_rows, win,
-                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window,
-                                        **kv_in)
-        if fold_kv:
-            dk, dv = dk_w, dv_w
-        else:
-            dk.add_(dk_w)
-            dv.add_(dv_w)
+                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window)
+        dk.add_(dk_w)
+        dv.add_(dv_w)
         d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)
         return (d_gates, dq, dk, dv, dk_cmp, dv_cmp, *[None] * 7)
 
 
-def add_dq(dq, backward_op, q, *args, **kwargs):
-    """backward_op(q, *args, **kwargs) with ``dq`` added to its dq: inside its dQ kernel (``dq_in``)
-    or in place."""
+def add_dq(dq, backward_op, q, *args):
+    """backward_op(q, *args) with ``dq`` added to its dq: inside its dQ kernel (``dq_in``) or in place."""
     if dq_in_rule(q):
-        return backward_op(q, *args, dq_in=dq, **kwargs)
-    dq_b, *rest = backward_op(q, *args, **kwargs)
+        return backward_op(q, *args, dq)
+    dq_b, *rest = backward_op(q, *args)
     return dq.add_(dq_b), *rest

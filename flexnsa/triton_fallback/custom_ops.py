@@ -7,8 +7,7 @@ Ops (namespace ``flexnsa``):
   compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
   compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp, delta = rowsum(grad_out * out))
   selection_attention(q, k, v, rows, select_block, tile, scale, window=0) -> (out, lse)     differentiable
-  selection_attention_backward(..., dq_in=None, dk_in=None, dv_in=None, fp32_kv=False)
-      -> (dq (+ dq_in), dk (+ dk_in), dv (+ dv_in), delta)   dk_in/dv_in: the window only
+  selection_attention_backward(..., dq_in=None) -> (dq (+ dq_in), dk, dv, delta)
   gated_window_attention(q, k, v, rows, block, window, scale, head_gates, cmp, slc) -> (y, win, win_lse)
       the window's forward, its epilogue writing the gated sum y of the three branches (no autograd:
       ``fused_gates.GatedBranches`` runs it and owns the backward)
@@ -99,19 +98,14 @@ def _(q, k, v, rows, block_size, tile, scale, window=0):
 def selection_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
     block_size: int, tile: int, scale: float, window: int = 0, dq_in: Tensor | None = None,
-    dk_in: Tensor | None = None, dv_in: Tensor | None = None, fp32_kv: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (block_size, tile, scale, window, dq_in, dk_in, dv_in, fp32_kv)
+    args = (block_size, tile, scale, window, dq_in)
     return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, *args)
 
 
 @selection_attention_backward.register_fake
-def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale, window=0, dq_in=None, dk_in=None, dv_in=None,
-      fp32_kv=False):
-    dq, dk, dv, delta = fake_grads(q, k, v)
-    if fp32_kv and window == 0:  # the selection's fp32 dK/dV buffers, not rounded
-        dk, dv = dk.float(), dv.float()
-    return dq, dk, dv, delta
+def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale, window=0, dq_in=None):
+    return fake_grads(q, k, v)
 
 
 register_backward(selection_attention, selection_attention_backward, num_tensors=4)  # rows: no grad

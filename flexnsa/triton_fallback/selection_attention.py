@@ -224,17 +224,15 @@ def _slc_dq_kernel(
 
 @triton.jit
 def _slc_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DK_IN, DV_IN, ITEMS, ROW_OF_ENTRY,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, ACCUMULATE_KV: tl.constexpr,
+    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
     dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads.
-    ACCUMULATE_KV (the window: one item per block, each stored alone): DK_IN / DV_IN (another
-    branch's gradients, DK's strides) are added before the one store in DK's dtype.
 
     HEAD_MAJOR (a tile of TILE tokens = one program's rows): one flat loop over (entry, head), each
     step one head's TILE consecutive tokens, so q and dO come as one box each (TMA: Q and DO are
@@ -287,15 +285,11 @@ def _slc_dkv_kernel(
                     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         out = b * sd_b + h * sd_h + keys[:, None] * sd_t + tl.arange(0, D)[None, :]
-        dk = dk * scale
         if alone != 0:
-            if ACCUMULATE_KV:
-                dk += tl.load(DK_IN + out, mask=key_ok[:, None], other=0.0).to(tl.float32)
-                dv += tl.load(DV_IN + out, mask=key_ok[:, None], other=0.0).to(tl.float32)
-            tl.store(DK + out, dk, mask=key_ok[:, None])
+            tl.store(DK + out, dk * scale, mask=key_ok[:, None])
             tl.store(DV + out, dv, mask=key_ok[:, None])
         else:
-            tl.atomic_add(DK + out, dk, mask=key_ok[:, None])
+            tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
             tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
 
 
@@ -423,15 +417,12 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
 
 
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0,
-                            dq_in=None, dk_in=None, dv_in=None, fp32_kv: bool = False):
+                            dq_in=None):
     """(dq, dk, dv, delta) for selection_attention_fwd, each gradient in its input's layout;
     delta = rowsum(grad_out * out) [B, Hq, T] fp32 (as ``compression_attention_bwd``'s). Inputs in
     kernel layout. ``dq_in``: another branch's gradient of the same q, added inside the dQ kernel
     (dq = dq_in + this branch's): one q-sized read instead of a separate add's two reads and a
-    write (NOTES Lever 39). ``dk_in``, ``dv_in`` (the window only, both or neither; k's shape, any
-    float dtype): the same for dk and dv inside the dK/dV kernel's one store per block, so another
-    branch's gradients (``fp32_kv``: the selection's fp32 buffers as they are, not rounded to k's
-    dtype first) need no conversion pass and no separate add (NOTES Lever 41)."""
+    write (NOTES Lever 39)."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
@@ -442,27 +433,17 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         if dq_in.shape != q.shape or dq_in.dtype != q.dtype:
             raise ValueError(f"dq_in must be {tuple(q.shape)} {q.dtype}, got {tuple(dq_in.shape)} {dq_in.dtype}")
         dq_in = strides_like(dq_in, q)
-    accumulate_kv = dk_in is not None or dv_in is not None
-    if accumulate_kv and (window == 0 or dk_in is None or dv_in is None or dk_in.shape != k.shape or dv_in.shape != k.shape):
-        raise ValueError(f"dk_in and dv_in go together, shaped like k {tuple(k.shape)}, and only into the window's backward "
-                         f"(window > 0, one store per kv block); got window={window}, "
-                         f"{None if dk_in is None else tuple(dk_in.shape)}, {None if dv_in is None else tuple(dv_in.shape)}")
     chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
         chunk = max(chunk, rows.shape[2])
     # fp32 for the atomics of blocks split over several items; k's layout (so dv's too). With one
     # item per block (the window: a block is in n = 5 tiles' rows at Q7B) every item stores alone,
     # so the gradients are written in k's dtype: no 2 x 268 MB fp32 buffers at 128K (NOTES Lever 33).
-    # Adding dk_in/dv_in, every block is stored once (block j is in tile j's window row): no zero fill.
-    new = torch.empty_like if accumulate_kv else torch.zeros_like
-    dk = new(k, dtype=k.dtype if window > 0 else torch.float32)
-    dv = new(dk)
-    if accumulate_kv:
-        dk_in, dv_in = strides_like(dk_in, dk), strides_like(dv_in, dk)  # read at dk's offsets
+    dk = torch.zeros_like(k, dtype=k.dtype if window > 0 else torch.float32)
+    dv = torch.zeros_like(dk)
     delta = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O): the dQ kernel writes it
-    kv_dtype = dk.dtype if fp32_kv else k.dtype
     if T == 0:
-        return dq, dk.to(kv_dtype), dv.to(kv_dtype), delta
+        return dq, dk.to(k.dtype), dv.to(v.dtype), delta
     q_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _slc_dq_kernel[(triton.cdiv(T, tile) * consts["SUBS"], Hkv, B)](
         q, *box_operands((k, v), consts["L"], consts), out, grad_out, rows, lse, delta, dq,
@@ -477,11 +458,11 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
-        q_in, k, v, do_in, lse, delta, dk, dv, dk_in if accumulate_kv else dk, dv_in if accumulate_kv else dv, items,
-        row_of_entry, *q_strides, lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, ACCUMULATE_KV=accumulate_kv, **consts,
+        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
+        lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
+        T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
-    return dq, dk.to(kv_dtype), dv.to(kv_dtype), delta
+    return dq, dk.to(k.dtype), dv.to(v.dtype), delta
 
 
 def selection_attention(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0):
