@@ -335,9 +335,8 @@ def compression_group_scores(
             tiling = dict(G_PAD=g_pad, BLOCK_T=block_t, SUM=in_kernel, ROWS=block_t * g_pad,
                           OUT_ROWS=block_t // in_kernel, PACKED=False, SEGMENTED=False)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
-        block_c = consts["BLOCK_C"]
-        tma_k = bool(tuning_for(TUNING, "scores", q).get("tma_k", TMA_K)) and tma_ready(k_cmp) and block_c >= 16
-        (k_in,) = box_operands((k_cmp,), block_c, {"TMA": tma_k, "D": D})
+        tma_k = bool(tuning_for(TUNING, "scores", q).get("tma_k", TMA_K)) and tma_ready(k_cmp)
+        (k_in,) = box_operands((k_cmp,), consts["BLOCK_C"], {"TMA": tma_k, "D": D})
         _group_scores_kernel[grid](
             q, k_in, lse, scores,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),

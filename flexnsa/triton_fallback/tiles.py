@@ -148,7 +148,7 @@ def row_offsets(b, h, t, g, s_b, s_h, s_t, G: tl.constexpr, D: tl.constexpr):
 def load_blocks(PTR, base, c, s_c, C, D: tl.constexpr):
     """Rows c of a [B, Hkv, C, D] tensor of pooled blocks (from ``base``, the (b, h) offset);
     rows past C read as 0."""
-    return tl.load(PTR + base + c[:, None] * s_c + tl.arange(0, D)[None, :], mask=(c < C)[:, None], other=0.0)
+    return load_rows(PTR, base, c, c < C, s_c, D)
 
 
 @triton.jit
