@@ -127,18 +127,20 @@ def test_group_scores_packed_per_token_interpreter(case, given_lse, monkeypatch)
     check_kernel(case, torch.float32, "cpu", tol=1e-5, given_lse=given_lse)
 
 
-# Lever 42 (prepared, off): the K~ chunks as TMA boxes (the interpreter emulates them; rows past C
-# read as 0) in both passes, padded and packed rows: per token and tile sums, C < one chunk (T < l,
-# T = 150 at stride 8), C > 64 (unmasked chunks), a chunk off a tile, own and given lse.
+# Lever 42 (the rule since session 19): the K~ chunks as TMA boxes (the interpreter emulates them;
+# rows past C read as 0) in both passes, and the pointer loads GPUs before Hopper keep; padded and
+# packed rows: per token and tile sums, C < one chunk (T < l, T = 150 at stride 8), C > 64
+# (unmasked chunks), a chunk off a tile, own and given lse.
 TMA_K_CASES = [(CASES[0], 1, False, None), (CASES[2], 1, True, None), (CASES[1], 8, False, None), (CASES[4], 16, True, None),
                (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 8, True, None),
                (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 64, False, "PACKED"), (CASES[0], 1, True, "PACKED_PER_TOKEN")]
 
 
+@pytest.mark.parametrize("tma_k", [True, False], ids=["k-by-tma", "k-by-pointers"])
 @pytest.mark.parametrize("case,tokens_per_sum,given_lse,packed", TMA_K_CASES,
                          ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse{'-' + p.lower() if p else ''}" for c, n, g, p in TMA_K_CASES])
-def test_group_scores_k_by_tma_interpreter(case, tokens_per_sum, given_lse, packed, monkeypatch):
-    monkeypatch.setattr(score_kernels, "TMA_K", True)
+def test_group_scores_k_loads_interpreter(case, tokens_per_sum, given_lse, packed, tma_k, monkeypatch):
+    monkeypatch.setattr(score_kernels, "TMA_K", tma_k)
     if packed:
         monkeypatch.setattr(score_kernels, packed, True)
     descriptors = []
@@ -146,7 +148,7 @@ def test_group_scores_k_by_tma_interpreter(case, tokens_per_sum, given_lse, pack
     monkeypatch.setattr(score_kernels, "box_operands", lambda x, rows, consts: descriptors.append(consts["TMA"]) or box_operands(x, rows, consts))
     check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
     _, _, _, T, _, block, _, _ = case
-    assert descriptors == [T >= block]  # K~ went in as a descriptor (none over an empty K~: T < l gives C = 0)
+    assert descriptors == [tma_k and T >= block]  # K~ went in as a descriptor (none over an empty K~: T < l gives C = 0)
 
 
 def test_packed_per_token_needs_no_partial_sums(monkeypatch):
@@ -266,14 +268,15 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
 @pytest.mark.gpu
 @pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("rule,tokens_per_sum", [("PACKED", 64), ("PACKED_PER_TOKEN", 1), ("HEAD_MAJOR", 64), ("TMA_K", 64), ("TMA_K", 1)],
-                         ids=["tile-sums", "per-token", "head-major", "k-by-tma-tile-sums", "k-by-tma-per-token"])
-def test_group_scores_packed_gpu(rule, tokens_per_sum, dtype, given_lse, monkeypatch):
+@pytest.mark.parametrize("rule,value,tokens_per_sum", [("PACKED", True, 64), ("PACKED_PER_TOKEN", True, 1), ("HEAD_MAJOR", True, 64),
+                                                      ("TMA_K", False, 64), ("TMA_K", False, 1)],
+                         ids=["tile-sums", "per-token", "head-major", "k-by-pointers-tile-sums", "k-by-pointers-per-token"])
+def test_group_scores_packed_gpu(rule, value, tokens_per_sum, dtype, given_lse, monkeypatch):
     """Packed rows at Q7B (G = 7): tile sums (partials per 64 rows) and per-token sums (the
     segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits); and
     head-major tile sums (Lever 38: 64 tokens of one head at a time, q by TMA boxes on sm_90); the
-    padded tiling with K~ chunks by TMA (Lever 42)."""
-    monkeypatch.setattr(score_kernels, rule, True)
+    padded tiling with K~ chunks by pointers (the rule loads them by TMA since Lever 42)."""
+    monkeypatch.setattr(score_kernels, rule, value)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
