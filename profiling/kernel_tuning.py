@@ -75,8 +75,9 @@ SCORE_VARIANTS = {
               + [{"head_major": True, **change} for change in
                  [{}, {"block_c": 32}, {"block_c": 128}, {"block_c": 128, "num_warps": 8}, {"num_warps": 8}, {"num_stages": 3},
                   {"tma": False}, {"tma": False, "num_stages": 3}, {"tma": False, "block_c": 32}]]
-              # Lever 42: the padded tiling's K~ chunks by TMA, --match tma_k
-              + [{"tma_k": True, **change} for change in [{}, {"num_stages": 3}, {"block_c": 128, "num_warps": 8}]],
+              # Lever 42 (the rule since session 19: K~ chunks by TMA): the pointer loads against it, and
+              # deeper or wider chunks by TMA, --match tma_k
+              + [{"tma_k": False}] + [{"tma_k": True, **change} for change in [{"num_stages": 3}, {"block_c": 128, "num_warps": 8}]],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,
