@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # What a GPU session should re-check after changes, in parts that each fit one 600 s device call
 # (single GPU; sessions 12-14 on an H200: kernels ~400 s, op + model ~600 s together, sweep ~250 s;
-# session 16: test_flex.py alone ~350 s, the 8K/32K/128K sweep with fla 323 s):
+# session 16: test_flex.py alone ~350 s, the 8K/32K/128K sweep with fla 323 s, >345 s in session 19):
 #   kernels  the Triton kernels' GPU tests (compression, scores, selection, window) and CUDA graphs
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   levers   session 18's prepared Lever 42 (rule off) against the rule, 128K fwd and fwd+bwd in
-#            alternated runs, and its GPU tests (~400 s)
-#   pending  what session 18 left for the next GPU session: the model part, not run at its code
-#            (test_flex.py, the window file, fused gates and custom ops were: NOTES "Session 18";
-#            the other kernel files in session 17, whose kernels this session did not change)
+#   pending  what session 19 left for the next GPU session: the op part (test_flex.py, custom ops,
+#            fused gates), not run with Lever 42 the rule (the scorer's K~ by TMA; its own file and
+#            the model part passed on the GPU in session 19: NOTES "Session 19")
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -18,12 +16,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|levers|diagnose|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -52,21 +50,7 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  gpu_tests model $MODEL_TESTS
-}
-
-levers() {  # session 18's prepared Lever 42 (tma_k) against the rule: alternated 128K runs, no stages
-  echo '{"scores": {"scores": {"tma_k": true}}}' > "$out/lever42.json"
-  local i name tuning
-  for i in 1 2 3; do
-    for name in rule lever42; do
-      tuning=$([ "$name" = rule ] || echo "$out/$name.json")
-      FLEXNSA_TUNING=$tuning timeout 100 python3 -m profiling --lengths 128K --selection block_shared --modes fwd,fwd+bwd \
-        --no-stages --baselines none --trace-lengths none --no-plots --out "$out/${name}_$i" > "$out/${name}_$i.log" 2>&1
-      echo "${name}_$i: exit $?"; grep -E '^\| 128K' "$out/${name}_$i/report.md" 2>/dev/null | cut -d'|' -f1-3,18
-    done
-  done
-  gpu_tests levers tests/test_triton_scores.py -k tma
+  gpu_tests op $OP_TESTS
 }
 
 diagnose() {
@@ -91,8 +75,7 @@ case "$part" in
   model) gpu_tests model $MODEL_TESTS ;;
   sweep) sweep ;;
   pending) pending ;;
-  levers) levers ;;
   diagnose) diagnose ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, levers, diagnose or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
 esac
