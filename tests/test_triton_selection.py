@@ -2,6 +2,8 @@
 selection rows (ascending ids, -1 padded, some rows empty). Interpreter on CPU (fp32), native on
 GPU (bf16, fp32)."""
 
+import collections
+
 import pytest
 import torch
 
@@ -145,21 +147,65 @@ def test_dkv_blocks_split_into_several_chunks(monkeypatch):
     check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=3)
 
 
-def test_reverse_lists_cover_every_selection_once():
-    rows = random_rows(2, 3, 150, 16, 16, 4, seed=5)
+@pytest.mark.parametrize("group_rows", [0, 2, 3], ids=["one-group", "groups-of-2", "groups-of-3"])
+def test_reverse_lists_cover_every_selection_once(group_rows):
+    # Every (row, block) selection is in exactly one item; items come in (b, h, group) order, valid
+    # ones first; "alone" (a plain store) exactly where the block's entries fit one chunk of one group.
+    R, n = -(-150 // 16), 4
+    rows = random_rows(2, 3, 150, 16, 16, n, seed=5)
     num_blocks, chunk = -(-150 // 16), 3
-    items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
+    items, row_of_entry, n_items = reverse_lists(rows, num_blocks, chunk, group_rows)
     owner, lo, hi, alone = (x.long() for x in items)
-    seen = []
-    for i in torch.nonzero(owner >= 0).flatten().tolist():
+    valid = owner >= 0
+    assert valid.sum() == n_items.item() and valid[: n_items.item()].all()
+    seen, order = [], []
+    for i in torch.nonzero(valid).flatten().tolist():
         bh, j = divmod(owner[i].item(), num_blocks)
         assert 0 < hi[i] - lo[i] <= chunk
+        groups_of_item = {r // group_rows if group_rows else 0 for r in row_of_entry[lo[i]:hi[i]].tolist()}
+        assert len(groups_of_item) == 1, "an item's rows lie in one group"
+        order.append((bh, *groups_of_item))
         seen += [(bh, j, r) for r in row_of_entry[lo[i]:hi[i]].tolist()]
+    assert order == sorted(order)
     expected = [(bh, j, r) for bh, row_ids in enumerate(rows.flatten(0, 1)) for r, ids in enumerate(row_ids) for j in ids.tolist() if j >= 0]
     assert sorted(seen) == sorted(expected)
-    counts = torch.bincount(torch.tensor([bh * num_blocks + j for bh, j, _ in expected]), minlength=6 * num_blocks)
-    valid = owner >= 0
-    assert torch.equal(alone[valid].bool(), counts[owner[valid]] <= chunk)
+    per_bin = collections.Counter((bh, j, r // group_rows if group_rows else 0) for bh, j, r in expected)
+    chunks = collections.Counter()
+    for (bh, j, _), c in per_bin.items():
+        chunks[bh * num_blocks + j] += -(-c // chunk)
+    assert alone[valid].tolist() == [int(chunks[o] == 1) for o in owner[valid].tolist()]
+    if group_rows:  # several groups: some block is split across them, so some items add by atomics
+        assert (alone[valid] == 0).any()
+
+
+def test_reverse_lists_reject_a_bad_group():
+    with pytest.raises(ValueError, match="group_rows"):
+        reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, -1)
+
+
+@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=32), dict(GROUP_TOKENS=48, FETCH=True, RELAXED=True),
+                                   dict(FETCH=True), dict(RELAXED=True)],
+                         ids=["groups", "groups-fetch-relaxed", "fetch", "relaxed"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0][0], CASES[4][0]])
+def test_dkv_work_order_interpreter(case, knobs, monkeypatch):
+    # Lever 43's knobs: items per (group of query tokens, block), programs fetching items from a
+    # counter, relaxed atomics; chunks of 2 rows so blocks split within a group too.
+    monkeypatch.setattr(slc, "CHUNK", 2)
+    monkeypatch.setattr(slc, "CHUNK_PER_TOKEN", 5)
+    for name, value in knobs.items():
+        monkeypatch.setattr(slc, name, value)
+    check(case, torch.float32, "cpu", tol=1e-5, seed=13)
+
+
+def test_dkv_group_knob_must_be_a_count():
+    q, k = torch.empty(1, 7, 256, 128, dtype=torch.bfloat16), torch.empty(1, 1, 256, 128, dtype=torch.bfloat16)
+    rows = torch.zeros(1, 1, 4, 2, dtype=torch.int64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(slc.TUNING["dkv"], "group", -64)
+        with pytest.raises(ValueError, match="'group' must be"):
+            slc._launch_params(q, k, k, rows, 64, 64, "dkv")
+        mp.setitem(slc.TUNING["dkv"], "group", 4096)
+        assert slc._launch_params(q, k, k, rows, 64, 64, "dkv")["GROUP_ROWS"] == 64
 
 
 def test_opcheck_selection_attention():
@@ -290,3 +336,15 @@ def test_dkv_packed_rows_gpu(dtype, monkeypatch):
     # Block-shared dK/dV over packed rows (the "head_major" rule off, Lever 36's A/B) natively.
     monkeypatch.setattr(slc, "HEAD_MAJOR", False)
     check(("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", [("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), ("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32)],
+                         ids=["Q7B-T3000-shared", "Q7B-T1000-per_token"])
+@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=512), dict(GROUP_TOKENS=512, FETCH=True, RELAXED=True)], ids=["groups", "groups-fetch-relaxed"])
+def test_dkv_work_order_gpu(case, dtype, knobs, monkeypatch):
+    # Lever 43's work order natively (512-token groups: 6 groups at T = 3000, 2 at T = 1000).
+    for name, value in knobs.items():
+        monkeypatch.setattr(slc, name, value)
+    check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -48,10 +48,12 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     # The window's dK/dV: one work item per block whatever CHUNK says (2 would split each block's
     # 3-4 window rows), so every item stores alone and the gradients need no fp32 atomics buffer.
     monkeypatch.setattr(slc, "CHUNK", 2)
+    monkeypatch.setattr(slc, "GROUP_TOKENS", 32)  # the selection's grouped work order must not reach the window
     lists = []
 
-    def spy(rows, num_blocks, chunk):
-        lists.append(slc_reverse_lists(rows, num_blocks, chunk))
+    def spy(rows, num_blocks, chunk, group_rows=0):
+        assert group_rows == 0, "the window's dK/dV stores in k's dtype: one group, no atomics"
+        lists.append(slc_reverse_lists(rows, num_blocks, chunk, group_rows))
         return lists[-1]
 
     slc_reverse_lists = slc.reverse_lists

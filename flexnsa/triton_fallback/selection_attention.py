@@ -47,6 +47,14 @@ PACKED = True  # the rule for TUNING's "packed" knob
 PACK_ENTRIES = True  # the rule for dK/dV's "entries" knob (NOTES Lever 27: per-token backward 174.0 -> 107.2 ms)
 TMA = True  # the rule for the "tma" knob (NOTES Lever 31: block-shared 128K fwd 10.54 -> 9.89 ms, dQ -1.1 ms)
 HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
+# dK/dV work order (NOTES Lever 43): items sorted by (kv head, group of GROUP_TOKENS query tokens,
+# kv block) instead of (kv head, kv block), so the items resident at once read the q/dO of one group
+# (4096 tokens x 7 heads = 14.7 MB at Q7B, which L2 holds) instead of tiles spread over the whole
+# sequence; a block's dK/dV is then added once per group that chose it (fp32 atomics). 0 = one group.
+GROUP_TOKENS = 0
+FETCH = False  # the rule for dK/dV's "fetch" knob: programs take items from a counter (no idle grid)
+RELAXED = False  # the rule for dK/dV's "relaxed" knob: relaxed (no-return) atomics instead of acq_rel
+FETCH_PROGRAMS_PER_SM = 2  # the dK/dV's shared memory (99 KB at Q7B) fits 2 programs per SM
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -66,7 +74,7 @@ TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
-            "head_major": None, "tma": None},
+            "head_major": None, "tma": None, "group": None, "fetch": None, "relaxed": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -224,12 +232,41 @@ def _slc_dq_kernel(
 
 @triton.jit
 def _slc_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, WORK,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    FETCH: tl.constexpr, RELAXED: tl.constexpr,
+):
+    """One program per work item (``reverse_lists``), or with FETCH a few programs per SM that
+    take items in order from a counter (WORK = [counter, number of items]) until none are left:
+    a grid bounded for the worst case would otherwise be mostly idle programs (NOTES Lever 43)."""
+    if FETCH:
+        n_items = tl.load(WORK + 1)
+        item = tl.atomic_add(WORK, 1, sem="relaxed")
+        while item < n_items:
+            _slc_dkv_item(Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, item,
+                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
+                          T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
+                          TILE, L, BLOCK_N, G, G_PAD, ROWS, SUBS, D, WINDOW, PER, HEAD_MAJOR, TMA, RELAXED)
+            item = tl.atomic_add(WORK, 1, sem="relaxed")
+    else:
+        _slc_dkv_item(Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, tl.program_id(0),
+                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
+                      T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
+                      TILE, L, BLOCK_N, G, G_PAD, ROWS, SUBS, D, WINDOW, PER, HEAD_MAJOR, TMA, RELAXED)
+
+
+@triton.jit
+def _slc_dkv_item(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, pid,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
+    T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
+    TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
+    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr, RELAXED: tl.constexpr,
 ):
     """One work item = (kv head, kv block j, a chunk of the selection rows that chose j):
     dV_j += P^T dO, dK_j += scale * dS^T Q over those rows' tokens and the G heads.
@@ -238,8 +275,9 @@ def _slc_dkv_kernel(
     step one head's TILE consecutive tokens, so q and dO come as one box each (TMA: Q and DO are
     descriptors) and the next step's loads can be issued ahead; logits as [keys, rows] (K Q^T),
     so P^T and dS^T feed the dV and dK products from registers with no transpose through shared
-    memory (NOTES Lever 36). Otherwise (per-token rows) packed (token, head) rows as below."""
-    pid = tl.program_id(0)
+    memory (NOTES Lever 36). Otherwise (per-token rows) packed (token, head) rows as below.
+    RELAXED: the atomics need no ordering (the sums are read after the kernel), so no fence and
+    no returned value."""
     owner = tl.load(ITEMS + pid)  # (b * HKV + h) * NUM_BLOCKS + j, or -1 past the last item
     if owner >= 0:
         lo = tl.load(ITEMS + MAX_ITEMS + pid)
@@ -289,41 +327,57 @@ def _slc_dkv_kernel(
             tl.store(DK + out, dk * scale, mask=key_ok[:, None])
             tl.store(DV + out, dv, mask=key_ok[:, None])
         else:
-            tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
-            tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
+            if RELAXED:
+                tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None], sem="relaxed")
+                tl.atomic_add(DV + out, dv, mask=key_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
+                tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
 
 
-def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int):
+def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0):
     """dK/dV work items from the selection rows [B, Hkv, R, n], with no host sync.
 
     Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
     1 if the item is its block's only chunk; row_of_entry [B*Hkv*R*n] int32: the selection row
-    of each entry, entries sorted by owner). M = BH*num_blocks + ceil(BH*R*n / chunk) bounds the
-    item count, so the grid is static.
+    of each entry; n_items [1] int64: how many items are not -1, which come first). Entries are
+    sorted by (b, h, group, block) with groups of ``group_rows`` consecutive selection rows (0 =
+    one group), so consecutive items read the q/dO of one group's tokens (NOTES Lever 43); a
+    block chosen in several groups gets an item (at least) per group. M bounds the item count,
+    so the grid is static: the nonzero (group, block) bins, at most min(groups * num_blocks,
+    R * n) per (b, h), plus ceil(B*Hkv*R*n / chunk) for the bins split into chunks.
     """
     B, Hkv, R, n = rows.shape
     BH, per_bh = B * Hkv, R * n
+    if not isinstance(group_rows, int) or group_rows < 0:
+        raise ValueError(f"reverse_lists: group_rows must be an int >= 0 (0 = one group), got {group_rows!r}")
+    groups = -(-R // group_rows) if group_rows else 1
     device = rows.device
     spare = num_blocks + 1  # column num_blocks collects the -1 slots
     ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, per_bh)
-    key = (ids + torch.arange(BH, device=device)[:, None] * spare).flatten()
+    group = torch.arange(per_bh, device=device) // (n * group_rows) if group_rows else torch.zeros(per_bh, device=device, dtype=torch.long)
+    key = ((torch.arange(BH, device=device)[:, None] * groups + group[None, :]) * spare + ids).flatten()
     order = torch.argsort(key, stable=True)
     row_of_entry = ((order % per_bh) // n).to(torch.int32)
     # Not torch.bincount: on CUDA it reads the max id back to the host, a sync per layer's backward.
-    counts_all = torch.zeros(BH * spare, dtype=torch.int64, device=device).index_add_(0, key, torch.ones_like(key))
-    starts = (torch.cumsum(counts_all, 0) - counts_all).view(BH, spare)[:, :num_blocks].flatten()
-    counts = counts_all.view(BH, spare)[:, :num_blocks].flatten()
+    counts_all = torch.zeros(BH * groups * spare, dtype=torch.int64, device=device).index_add_(0, key, torch.ones_like(key))
+    starts = (torch.cumsum(counts_all, 0) - counts_all).view(BH * groups, spare)[:, :num_blocks].flatten()
+    counts = counts_all.view(BH * groups, spare)[:, :num_blocks].flatten()
     chunks = (counts + chunk - 1) // chunk
     chunk_end = torch.cumsum(chunks, 0)
-    max_items = BH * num_blocks + -(-BH * per_bh // chunk)
+    alone_block = chunks.view(BH, groups, num_blocks).sum(1) == 1  # one chunk over all groups: a plain store
+    bins = BH * groups * num_blocks
+    max_items = BH * min(groups * num_blocks, per_bh) + -(-BH * per_bh // chunk)
     pid = torch.arange(max_items, device=device)
-    owner = torch.searchsorted(chunk_end, pid, right=True)
-    valid = owner < BH * num_blocks
-    owner = owner.clamp(max=BH * num_blocks - 1)
-    lo = starts[owner] + (pid - (chunk_end[owner] - chunks[owner])) * chunk
-    hi = torch.minimum(lo + chunk, starts[owner] + counts[owner])
-    items = torch.stack([torch.where(valid, owner, -1), lo, hi, (chunks[owner] == 1).long()])
-    return items.to(torch.int32).contiguous(), row_of_entry
+    bin_ = torch.searchsorted(chunk_end, pid, right=True)
+    valid = bin_ < bins
+    bin_ = bin_.clamp(max=bins - 1)
+    lo = starts[bin_] + (pid - (chunk_end[bin_] - chunks[bin_])) * chunk
+    hi = torch.minimum(lo + chunk, starts[bin_] + counts[bin_])
+    bh, j = bin_ // (groups * num_blocks), bin_ % num_blocks
+    owner = bh * num_blocks + j
+    items = torch.stack([torch.where(valid, owner, -1), lo, hi, alone_block.flatten()[owner].long()])
+    return items.to(torch.int32).contiguous(), row_of_entry, chunk_end[-1:]
 
 
 def window_rows(batch: int, kv_heads: int, seq_len: int, window: int, block_size: int, device) -> torch.Tensor:
@@ -377,7 +431,18 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     consts = dict(TILE=tile, L=block_size, BLOCK_N=block_n,
                   G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
                   num_warps=tune.get("num_warps") or 4, num_stages=stages, TMA=tma)
-    return consts | ({"PER": per, "HEAD_MAJOR": head_major} if kernel == "dkv" else {})
+    if kernel != "dkv":
+        return consts
+    group = tune.get("group", GROUP_TOKENS) or 0
+    if not isinstance(group, int) or group < 0:
+        raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
+    return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group else 0,
+                     "FETCH": bool(tune.get("fetch", FETCH)), "RELAXED": bool(tune.get("relaxed", RELAXED))}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors to fill with work-fetching programs (the CPU interpreter: a few)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
@@ -455,10 +520,16 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
     q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
-    items, row_of_entry = reverse_lists(rows, num_blocks, chunk)
+    group_rows, fetch = consts.pop("GROUP_ROWS"), consts["FETCH"]
+    items, row_of_entry, n_items = reverse_lists(rows, num_blocks, chunk, 0 if window > 0 else group_rows)
     max_items = items.shape[1]
-    _slc_dkv_kernel[(max_items,)](
-        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
+    if fetch:  # [counter, number of items]; programs enough to fill every SM (they leave when the counter passes the items)
+        work = torch.cat([torch.zeros(1, dtype=torch.int64, device=q.device), n_items]).to(torch.int32)
+        grid = min(max_items, FETCH_PROGRAMS_PER_SM * _sm_count(q.device))
+    else:
+        work, grid = items, max_items  # (unused)
+    _slc_dkv_kernel[(grid,)](
+        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, work, *q_strides,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
         T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
