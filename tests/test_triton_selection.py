@@ -183,13 +183,14 @@ def test_reverse_lists_reject_a_bad_group():
         reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, -1)
 
 
-@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=32), dict(GROUP_TOKENS=48, FETCH=True, RELAXED=True),
-                                   dict(FETCH=True), dict(RELAXED=True)],
-                         ids=["groups", "groups-fetch-relaxed", "fetch", "relaxed"])
+@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=32), dict(GROUP_TOKENS=48, FETCH=True),
+                                   dict(GROUP_TOKENS=0, FETCH=True), dict(GROUP_TOKENS=0, RELAXED=False)],
+                         ids=["groups", "groups-fetch", "one-group-fetch", "one-group-acq_rel"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0][0], CASES[4][0]])
 def test_dkv_work_order_interpreter(case, knobs, monkeypatch):
-    # Lever 43's knobs: items per (group of query tokens, block), programs fetching items from a
-    # counter, relaxed atomics; chunks of 2 rows so blocks split within a group too.
+    # Lever 43's knobs: items per (group of query tokens, block; the rule's 4096-token groups are
+    # one group at these lengths), programs fetching items from a counter, relaxed atomics (the
+    # rule) or acq_rel; chunks of 2 rows so blocks split within a group too.
     monkeypatch.setattr(slc, "CHUNK", 2)
     monkeypatch.setattr(slc, "CHUNK_PER_TOKEN", 5)
     for name, value in knobs.items():
@@ -342,9 +343,11 @@ def test_dkv_packed_rows_gpu(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", [("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), ("Q7B-T1000-per_token", 28, 4, 1000, 128, 64, 1, 32)],
                          ids=["Q7B-T3000-shared", "Q7B-T1000-per_token"])
-@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=512), dict(GROUP_TOKENS=512, FETCH=True, RELAXED=True)], ids=["groups", "groups-fetch-relaxed"])
+@pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=512), dict(GROUP_TOKENS=512, FETCH=True), dict(GROUP_TOKENS=0, RELAXED=False)],
+                         ids=["groups", "groups-fetch", "one-group-acq_rel"])
 def test_dkv_work_order_gpu(case, dtype, knobs, monkeypatch):
-    # Lever 43's work order natively (512-token groups: 6 groups at T = 3000, 2 at T = 1000).
+    # Lever 43's work order natively (512-token groups: 6 groups at T = 3000, 2 at T = 1000; the
+    # rule's 4096 is one group at these lengths) and the order before it.
     for name, value in knobs.items():
         monkeypatch.setattr(slc, name, value)
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

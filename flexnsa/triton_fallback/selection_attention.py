@@ -21,9 +21,11 @@ token-major with G_PAD head slots per token (``_span_rows``), so each selected K
 once for the G heads of a group. Packed (G_PAD = G, the default): a 64-token tile's 448 rows at
 G = 7 are exactly 7 programs of 64, tokens split across programs; padded (G_PAD a power of two):
 whole tokens per program, one head slot in 8 idle at G = 7 (NOTES Lever 26). The
-dK/dV pass walks the reverse lists (which selection rows chose kv block j), split into chunks of
-at most ``CHUNK`` rows so the initial block, chosen by every row, does not serialise on one
-program; chunks of a block that has several add into fp32 buffers with atomics. For tiles of 16+
+dK/dV pass walks the reverse lists (which selection rows chose kv block j), per group of
+``GROUP_TOKENS`` query tokens (so the programs running at once share one group's q/dO in L2, NOTES
+Lever 43) and split into chunks of at most ``CHUNK`` rows so the initial block, chosen by every
+row, does not serialise on one program; a block with several items adds them into fp32 buffers
+with relaxed atomics. For tiles of 16+
 tokens it steps over one head's tokens at a time (q and dO as TMA boxes, logits as [keys, rows]:
 NOTES Lever 36); per-token rows keep packed (token, head) rows.
 """
@@ -51,9 +53,12 @@ HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # kv block) instead of (kv head, kv block), so the items resident at once read the q/dO of one group
 # (4096 tokens x 7 heads = 14.7 MB at Q7B, which L2 holds) instead of tiles spread over the whole
 # sequence; a block's dK/dV is then added once per group that chose it (fp32 atomics). 0 = one group.
-GROUP_TOKENS = 0
-FETCH = False  # the rule for dK/dV's "fetch" knob: programs take items from a counter (no idle grid)
-RELAXED = False  # the rule for dK/dV's "relaxed" knob: relaxed (no-return) atomics instead of acq_rel
+# Measured on an H200 at 128K (results/h200/session20-levers): backward pass 30.84 ms -> 29.82 with
+# relaxed atomics, 29.00 with 4096-token groups too; per-token 107.0 -> 99.6 -> 98.6; the op's
+# fwd+bwd 72.96 / 72.67 -> 70.89 / 70.59 in two alternated pairs.
+GROUP_TOKENS = 4096
+FETCH = False  # the "fetch" knob: programs take items from a counter (no idle grid); lost, +1 ms (Lever 43)
+RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead of acq_rel (ATOMG + fences)
 FETCH_PROGRAMS_PER_SM = 2  # the dK/dV's shared memory (99 KB at Q7B) fits 2 programs per SM
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
