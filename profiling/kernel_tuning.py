@@ -50,8 +50,9 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
 # TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.
 TMA_VARIANTS = [{"tma": True}, {"tma": True, "num_stages": 3}, {"tma": True, "rows": 128, "num_warps": 8},
                 {"tma": True, "rows": 128, "num_warps": 8, "num_stages": 3}]
-LEVER43_VARIANTS = [{"relaxed": True}, {"fetch": True}, {"group": 4096}, {"group": 4096, "relaxed": True},
-                    {"group": 4096, "fetch": True, "relaxed": True}]
+# Lever 43 (relaxed atomics and 4096-token groups the rule since session 20; --match 'group|fetch|relaxed'):
+# the order before it, the work fetched from a counter, other group sizes
+LEVER43_VARIANTS = [{"group": 0}, {"group": 0, "relaxed": False}, {"relaxed": False}, {"fetch": True}]
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
             [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]
@@ -62,9 +63,7 @@ SLC_VARIANTS = {
     # Lever 36 (block-shared: one head's 64-token tile per step, q/dO by TMA; "rows" does not apply)
     "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(4, 3), (4, 4), (8, 2), (8, 3), (2, 2)]]
            + [{"chunk": 8}, {"chunk": 32}, {"head_major": False}, {"tma": False}]
-           # Lever 43 (--match 'group|fetch|relaxed'): items grouped by query tokens, work fetched from a counter,
-           # relaxed atomics, each alone and together
-           + LEVER43_VARIANTS + [{"group": g, "fetch": True, "relaxed": True} for g in (2048, 8192, 16384)],
+           + LEVER43_VARIANTS + [{"group": g} for g in (2048, 8192, 16384)],
 }
 
 SCORE_VARIANTS = {
@@ -94,7 +93,7 @@ SLC_PER_TOKEN_VARIANTS = {
            + [{"chunk": 64}, {"chunk": 256}, {"rows": 128}]
            # Lever 27's A/B: one token's 7 rows in 16 per dK/dV iteration instead of 9 tokens' in 64
            + [{"entries": False}, {"entries": False, "chunk": 64}]
-           + LEVER43_VARIANTS + [{"group": 16384, "fetch": True, "relaxed": True}],
+           + LEVER43_VARIANTS + [{"group": g} for g in (1024, 16384)],
 }
 
 

@@ -6,9 +6,9 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what session 19 left for the next GPU session: the op and model parts, not run with
-#            Lever 42 the rule (the scorer's K~ by TMA; the scorer's own file passed on the GPU with
-#            it, the model part only before it: NOTES "Session 19")
+#   pending  what the last GPU session left unrun: the op and model parts with Lever 43 the rule
+#            (session 20: the selection dK/dV's grouped order and relaxed atomics; its own tests
+#            passed on the GPU with it, NOTES "Session 20")
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
