@@ -6,9 +6,9 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what the last GPU session left unrun: the op and model parts with Lever 43 the rule
-#            (session 20: the selection dK/dV's grouped order and relaxed atomics; its own tests
-#            passed on the GPU with it, NOTES "Session 20")
+#   pending  what the last GPU session left unrun: the kernels part with Lever 43 the rule (session
+#            20: the selection dK/dV's grouped order and relaxed atomics; its own tests, the op
+#            and model parts passed on the GPU with it, NOTES "Session 20")
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -50,8 +50,7 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  gpu_tests op $OP_TESTS
-  gpu_tests model $MODEL_TESTS
+  gpu_tests kernels $KERNEL_TESTS
 }
 
 diagnose() {
