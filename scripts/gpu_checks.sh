@@ -12,16 +12,18 @@
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
+#   dkv_ncu  Nsight Compute sections of the selection dK/dV at 128K with Lever 43 (the rule) and with
+#            the order before it (one group, acq_rel atomics, by FLEXNSA_TUNING): DRAM bytes, L2 hits
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -53,10 +55,12 @@ pending() {
   gpu_tests kernels $KERNEL_TESTS
 }
 
+find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
+
 diagnose() {
   timeout 120 python3 -m profiling.host_profile --lengths 8K,32K --calls 20 --out "$out/host" > "$out/host.log" 2>&1
   echo "host_profile: exit $?"; tail -2 "$out/host.log"
-  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  local ncu; ncu=$(find_ncu)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
   timeout 180 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_|_cmp_|_group_scores' \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
@@ -69,6 +73,21 @@ diagnose() {
     "$out/ncu_128K_details.txt" | head -80
 }
 
+dkv_ncu() {  # the window's dK/dV is the same kernel (its grid: one item per kv block), profiled too
+  local ncu; ncu=$(find_ncu)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  echo '{"selection": {"dkv": {"group": 0, "relaxed": false}}}' > "$out/dkv_before_lever43.json"
+  for v in rule before; do
+    local tuning=""; [ "$v" = before ] && tuning="$out/dkv_before_lever43.json"
+    FLEXNSA_TUNING=$tuning timeout 200 "$ncu" --clock-control none --profile-from-start off -k 'regex:_slc_dkv' \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+      -f -o "$out/ncu_dkv_$v" python3 -m profiling.op_loop --lengths 128K --calls 1 > "$out/ncu_dkv_$v.log" 2>&1
+    echo "ncu dkv $v: exit $?"
+    "$ncu" --import "$out/ncu_dkv_$v.ncu-rep" --page details > "$out/ncu_dkv_${v}_details.txt" 2>&1
+    grep -E '^  [_a-z]|Grid Size|Duration|DRAM Throughput|L2 Hit Rate|Memory Throughput|Achieved Occupancy' "$out/ncu_dkv_${v}_details.txt" | head -30
+  done
+}
+
 case "$part" in
   kernels) gpu_tests kernels $KERNEL_TESTS ;;
   op) gpu_tests op $OP_TESTS ;;
@@ -76,6 +95,7 @@ case "$part" in
   sweep) sweep ;;
   pending) pending ;;
   diagnose) diagnose ;;
+  dkv_ncu) dkv_ncu ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
 esac
