@@ -50,9 +50,9 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
 # TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.
 TMA_VARIANTS = [{"tma": True}, {"tma": True, "num_stages": 3}, {"tma": True, "rows": 128, "num_warps": 8},
                 {"tma": True, "rows": 128, "num_warps": 8, "num_stages": 3}]
-# Lever 43 (relaxed atomics and 4096-token groups the rule since session 20; --match 'group|fetch|relaxed'):
-# the order before it, the work fetched from a counter, other group sizes
-LEVER43_VARIANTS = [{"group": 0}, {"group": 0, "relaxed": False}, {"relaxed": False}, {"fetch": True}]
+# Lever 43 (relaxed atomics and 4096-token groups the rule since session 20; --match 'group|relaxed'):
+# the order before it, each half of it, other group sizes
+LEVER43_VARIANTS = [{"group": 0}, {"group": 0, "relaxed": False}, {"relaxed": False}]
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
             [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]

@@ -55,11 +55,10 @@ HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # sequence; a block's dK/dV is then added once per group that chose it (fp32 atomics). 0 = one group.
 # Measured on an H200 at 128K (results/h200/session20-levers): backward pass 30.84 ms -> 29.82 with
 # relaxed atomics, 29.00 with 4096-token groups too; per-token 107.0 -> 99.6 -> 98.6; the op's
-# fwd+bwd 72.96 / 72.67 -> 70.89 / 70.59 in two alternated pairs.
+# fwd+bwd 72.96 / 72.67 -> 70.89 / 70.59 in two alternated pairs. (Programs fetching items from a
+# counter instead of a worst-case grid with idle programs lost, +1 ms: built in e3f289d, removed.)
 GROUP_TOKENS = 4096
-FETCH = False  # the "fetch" knob: programs take items from a counter (no idle grid); lost, +1 ms (Lever 43)
 RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead of acq_rel (ATOMG + fences)
-FETCH_PROGRAMS_PER_SM = 2  # the dK/dV's shared memory (99 KB at Q7B) fits 2 programs per SM
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -79,7 +78,7 @@ TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
-            "head_major": None, "tma": None, "group": None, "fetch": None, "relaxed": None},
+            "head_major": None, "tma": None, "group": None, "relaxed": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -237,36 +236,7 @@ def _slc_dq_kernel(
 
 @triton.jit
 def _slc_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, WORK,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
-    T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
-    TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, PER: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    FETCH: tl.constexpr, RELAXED: tl.constexpr,
-):
-    """One program per work item (``reverse_lists``), or with FETCH a few programs per SM that
-    take items in order from a counter (WORK = [counter, number of items]) until none are left:
-    a grid bounded for the worst case would otherwise be mostly idle programs (NOTES Lever 43)."""
-    if FETCH:
-        n_items = tl.load(WORK + 1)
-        item = tl.atomic_add(WORK, 1, sem="relaxed")
-        while item < n_items:
-            _slc_dkv_item(Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, item,
-                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
-                          T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
-                          TILE, L, BLOCK_N, G, G_PAD, ROWS, SUBS, D, WINDOW, PER, HEAD_MAJOR, TMA, RELAXED)
-            item = tl.atomic_add(WORK, 1, sem="relaxed")
-    else:
-        _slc_dkv_item(Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, tl.program_id(0),
-                      sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
-                      T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
-                      TILE, L, BLOCK_N, G, G_PAD, ROWS, SUBS, D, WINDOW, PER, HEAD_MAJOR, TMA, RELAXED)
-
-
-@triton.jit
-def _slc_dkv_item(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY, pid,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ITEMS, ROW_OF_ENTRY,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sl_b, sl_h, sd_b, sd_h, sd_t,
     T, HKV, NUM_BLOCKS, MAX_ITEMS, scale, qk_scale,
     TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -283,6 +253,7 @@ def _slc_dkv_item(
     memory (NOTES Lever 36). Otherwise (per-token rows) packed (token, head) rows as below.
     RELAXED: the atomics need no ordering (the sums are read after the kernel), so no fence and
     no returned value."""
+    pid = tl.program_id(0)
     owner = tl.load(ITEMS + pid)  # (b * HKV + h) * NUM_BLOCKS + j, or -1 past the last item
     if owner >= 0:
         lo = tl.load(ITEMS + MAX_ITEMS + pid)
@@ -345,7 +316,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
 
     Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
     1 if the item is its block's only chunk; row_of_entry [B*Hkv*R*n] int32: the selection row
-    of each entry; n_items [1] int64: how many items are not -1, which come first). Entries are
+    of each entry; the valid items come first). Entries are
     sorted by (b, h, group, block) with groups of ``group_rows`` consecutive selection rows (0 =
     one group), so consecutive items read the q/dO of one group's tokens (NOTES Lever 43); a
     block chosen in several groups gets an item (at least) per group. M bounds the item count,
@@ -386,7 +357,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     hi = torch.minimum(lo + chunk, starts[bin_] + counts[bin_])
     owner = bin_ // (groups * num_blocks) * num_blocks + bin_ % num_blocks if groups > 1 else bin_  # (b, h, block) of the bin
     items = torch.stack([torch.where(valid, owner, -1), lo, hi, alone_block.flatten()[owner].long()])
-    return items.to(torch.int32).contiguous(), row_of_entry, chunk_end[-1:]
+    return items.to(torch.int32).contiguous(), row_of_entry
 
 
 def window_rows(batch: int, kv_heads: int, seq_len: int, window: int, block_size: int, device) -> torch.Tensor:
@@ -446,12 +417,7 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     if not isinstance(group, int) or group < 0:
         raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
     return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group else 0,
-                     "FETCH": bool(tune.get("fetch", FETCH)), "RELAXED": bool(tune.get("relaxed", RELAXED))}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors to fill with work-fetching programs (the CPU interpreter: a few)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+                     "RELAXED": bool(tune.get("relaxed", RELAXED))}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
@@ -529,16 +495,11 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
     q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
-    group_rows, fetch = consts.pop("GROUP_ROWS"), consts["FETCH"]
-    items, row_of_entry, n_items = reverse_lists(rows, num_blocks, chunk, 0 if window > 0 else group_rows)
+    group_rows = consts.pop("GROUP_ROWS")  # the window's plain bf16 stores need one group (one item per block)
+    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, 0 if window > 0 else group_rows)
     max_items = items.shape[1]
-    if fetch:  # [counter, number of items]; programs enough to fill every SM (they leave when the counter passes the items)
-        work = torch.cat([torch.zeros(1, dtype=torch.int64, device=q.device), n_items]).to(torch.int32)
-        grid = min(max_items, FETCH_PROGRAMS_PER_SM * _sm_count(q.device))
-    else:
-        work, grid = items, max_items  # (unused)
-    _slc_dkv_kernel[(grid,)](
-        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, work, *q_strides,
+    _slc_dkv_kernel[(max_items,)](
+        q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
         lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
         T, Hkv, num_blocks, max_items, scale, scale * LOG2E, **consts,
     )
