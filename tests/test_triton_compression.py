@@ -91,8 +91,9 @@ def test_compression_attention_gpu(case, dtype):
 
 # Variants of the rules (the default: dK~/dV~ over head-major tiles, q/dO by TMA boxes, Lever 36;
 # K~/V~ chunks by TMA boxes in fwd and dQ, session 17): packed (token, head) rows in dK~/dV~ (the
-# "head_major" rule off), and every load by pointers ("tma" off: pre-Hopper GPUs run this path).
-DKV_VARIANTS = {"packed_rows": ("HEAD_MAJOR", False), "pointer_loads": ("TMA", False)}
+# "head_major" rule off), every load by pointers ("tma" off: pre-Hopper GPUs run this path), and
+# the splits' partial dK~/dV~ added by relaxed atomics (Lever 44's knob).
+DKV_VARIANTS = {"packed_rows": ("HEAD_MAJOR", False), "pointer_loads": ("TMA", False), "relaxed_atomics": ("RELAXED", True)}
 
 
 @pytest.mark.parametrize("variant", DKV_VARIANTS)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .tiles import (
     LOG2E,
+    add_partial,
     backward_lse,
     box_operands,
     check_query,
@@ -192,9 +193,10 @@ def _cmp_dkv_kernel(
     T, C, HKV, TILES_PER_SPLIT, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
+    RELAXED: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
-    compressed tile add into fp32 buffers with atomics. Token tiles that see the whole compressed
+    compressed tile add into fp32 buffers with atomics (RELAXED: ``tiles.add_partial``). Token tiles that see the whole compressed
     tile skip the mask. HEAD_MAJOR: a tile is BLOCK_T tokens of each of the G heads in turn
     (``_dkv_head_step``, one flat loop over (tile, head)); else packed (token, head) rows."""
     pid_c, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -231,8 +233,8 @@ def _cmp_dkv_kernel(
                                False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     if tile_hi > tile_lo:
         out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
-        tl.atomic_add(DK + out, dk * scale, mask=(c < C)[:, None])
-        tl.atomic_add(DV + out, dv, mask=(c < C)[:, None])
+        add_partial(DK + out, dk * scale, (c < C)[:, None], RELAXED)
+        add_partial(DV + out, dv, (c < C)[:, None], RELAXED)
 
 
 DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token axis)
@@ -255,10 +257,14 @@ TUNING = {
     "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None},
     "dq": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
     "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
-            "head_major": None, "tma": None},
+            "head_major": None, "tma": None, "relaxed": None},
 }
 HEAD_MAJOR = True  # the rule for dK~/dV~'s "head_major" knob: tiles of one head's tokens (NOTES Lever 36)
 TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / dQ, q / dO tiles in dK~/dV~ (head-major only)
+# The rule for dK~/dV~'s "relaxed" knob: relaxed atomics for the splits' partial sums (the selection's
+# dK/dV gained 1.0 ms from them at 128K, NOTES Lever 43; here 4096 programs flush 64 KB each, a
+# fifth of its flushes). Off until measured (NOTES session 20, Lever 44).
+RELAXED = False
 load_tuning_file("compression", TUNING)
 
 
@@ -283,7 +289,7 @@ def _launch_params(q, k_cmp, kernel: str):
                   num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
     tma = bool(tune.get("tma", TMA))
     if kernel == "dkv":
-        consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and tma and tma_ready(q))
+        consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and tma and tma_ready(q), RELAXED=bool(tune.get("relaxed", RELAXED)))
     else:
         consts["TMA"] = tma and tma_ready(k_cmp)
     return B, Hq, Hkv, T, D, block_t, consts

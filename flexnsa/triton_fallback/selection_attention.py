@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    LOG2E, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
+    LOG2E, add_partial, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
     load_rows, load_tuning_file, row_offsets, softmax_step, store_delta, store_softmax, strides_like, tma_ready, tuning_for,
 )
 
@@ -251,8 +251,7 @@ def _slc_dkv_kernel(
     descriptors) and the next step's loads can be issued ahead; logits as [keys, rows] (K Q^T),
     so P^T and dS^T feed the dV and dK products from registers with no transpose through shared
     memory (NOTES Lever 36). Otherwise (per-token rows) packed (token, head) rows as below.
-    RELAXED: the atomics need no ordering (the sums are read after the kernel), so no fence and
-    no returned value."""
+    RELAXED: relaxed atomics (``tiles.add_partial``)."""
     pid = tl.program_id(0)
     owner = tl.load(ITEMS + pid)  # (b * HKV + h) * NUM_BLOCKS + j, or -1 past the last item
     if owner >= 0:
@@ -303,12 +302,8 @@ def _slc_dkv_kernel(
             tl.store(DK + out, dk * scale, mask=key_ok[:, None])
             tl.store(DV + out, dv, mask=key_ok[:, None])
         else:
-            if RELAXED:
-                tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None], sem="relaxed")
-                tl.atomic_add(DV + out, dv, mask=key_ok[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(DK + out, dk * scale, mask=key_ok[:, None])
-                tl.atomic_add(DV + out, dv, mask=key_ok[:, None])
+            add_partial(DK + out, dk * scale, key_ok[:, None], RELAXED)
+            add_partial(DV + out, dv, key_ok[:, None], RELAXED)
 
 
 def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0):

@@ -268,6 +268,17 @@ def dkv_from_probs_t(p_t, q, do, v, delta, dk, dv):
 
 
 @triton.jit
+def add_partial(ptr, x, mask, RELAXED: tl.constexpr):
+    """Atomically add a program's partial dK/dV into fp32 buffers that are read only after the
+    kernel: RELAXED needs no ordering, so no fences and no returned value (sm_90: REDG, not
+    ATOMG; NOTES Lever 43); else Triton's default acq_rel."""
+    if RELAXED:
+        tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, x, mask=mask)
+
+
+@triton.jit
 def store_delta(O, DELTA, row_off, do, b, qh, t, row_ok, sl_b, sl_h):
     """delta = rowsum(dO * O) of the tile's rows (the softmax backward's correction), computed
     from the dO tile already in registers and stored for the dK/dV pass. O shares dO's strides.
