@@ -151,8 +151,7 @@ def test_dkv_blocks_split_into_several_chunks(monkeypatch):
 def test_reverse_lists_cover_every_selection_once(group_rows):
     # Every (row, block) selection is in exactly one item; items come in (b, h, group) order, valid
     # ones first; "alone" (a plain store) exactly where the block's entries fit one chunk of one group.
-    R, n = -(-150 // 16), 4
-    rows = random_rows(2, 3, 150, 16, 16, n, seed=5)
+    rows = random_rows(2, 3, 150, 16, 16, 4, seed=5)
     num_blocks, chunk = -(-150 // 16), 3
     items, row_of_entry = reverse_lists(rows, num_blocks, chunk, group_rows)
     owner, lo, hi, alone = (x.long() for x in items)

@@ -196,9 +196,10 @@ def _cmp_dkv_kernel(
     RELAXED: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
-    compressed tile add into fp32 buffers with atomics (RELAXED: ``tiles.add_partial``). Token tiles that see the whole compressed
-    tile skip the mask. HEAD_MAJOR: a tile is BLOCK_T tokens of each of the G heads in turn
-    (``_dkv_head_step``, one flat loop over (tile, head)); else packed (token, head) rows."""
+    compressed tile add into fp32 buffers with atomics (RELAXED: ``tiles.add_partial``). Token
+    tiles that see the whole compressed tile skip the mask. HEAD_MAJOR: a tile is BLOCK_T tokens
+    of each of the G heads in turn (``_dkv_head_step``, one flat loop over (tile, head)); else
+    packed (token, head) rows."""
     pid_c, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_bh // HKV
     h = pid_bh % HKV
