@@ -14,18 +14,20 @@
 #            INPUTS=smooth for video-like inputs)
 #   dkv_ncu  Nsight Compute sections of the selection dK/dV at 128K with Lever 43 (the rule) and with
 #            the order before it (one group, acq_rel atomics, by FLEXNSA_TUNING): DRAM bytes, L2 hits
-#   lever44  Lever 44's A/B (relaxed atomics in the compression dK~/dV~; rule off): its kernel_tuning
-#            variants at 128K, then the 128K block-shared fwd+bwd op against the rule, two alternated pairs
+#   levers   the A/Bs prepared in session 20 (both rules off): Lever 44 (relaxed atomics in the
+#            compression dK~/dV~) as kernel_tuning variants at 128K; then the 128K block-shared
+#            fwd+bwd op, stages included, for the rule, Lever 44 and Lever 45 (the window's dK/dV
+#            rows interleaved), two alternated rounds
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|lever44|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|lever44|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|lever44|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -90,14 +92,16 @@ dkv_ncu() {  # the window's dK/dV is the same kernel (its grid: one item per kv 
   done
 }
 
-lever44() {
+levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune_lever44.log" | cut -c1-150
   echo '{"compression": {"dkv": {"relaxed": true}}}' > "$out/lever44.json"
+  echo '{"selection": {"dkv": {"interleave": true}}}' > "$out/lever45.json"
   for i in 1 2; do
     short_op "rule_$i" auto 128K fwd+bwd
     short_op "lever44_$i" auto 128K fwd+bwd "$out/lever44.json"
+    short_op "lever45_$i" auto 128K fwd+bwd "$out/lever45.json"
   done
 }
 
@@ -109,7 +113,7 @@ case "$part" in
   pending) pending ;;
   diagnose) diagnose ;;
   dkv_ncu) dkv_ncu ;;
-  lever44) lever44 ;;
+  levers) levers ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
 esac

@@ -147,13 +147,16 @@ def test_dkv_blocks_split_into_several_chunks(monkeypatch):
     check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=3)
 
 
-@pytest.mark.parametrize("group_rows", [0, 2, 3], ids=["one-group", "groups-of-2", "groups-of-3"])
-def test_reverse_lists_cover_every_selection_once(group_rows):
+@pytest.mark.parametrize("group_rows,interleave", [(0, 0), (2, 0), (3, 0), (0, 3), (3, 2)],
+                         ids=["one-group", "groups-of-2", "groups-of-3", "interleave-3", "groups-of-3-interleave-2"])
+def test_reverse_lists_cover_every_selection_once(group_rows, interleave):
     # Every (row, block) selection is in exactly one item; items come in (b, h, group) order, valid
-    # ones first; "alone" (a plain store) exactly where the block's entries fit one chunk of one group.
+    # ones first; "alone" (a plain store) exactly where the block's entries fit one chunk of one group;
+    # a block's rows ascending, or (interleave m) by row mod m, ascending within a residue.
     rows = random_rows(2, 3, 150, 16, 16, 4, seed=5)
     num_blocks, chunk = -(-150 // 16), 3
-    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, group_rows)
+    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, group_rows, interleave)
+    entries_of_block = collections.defaultdict(list)
     owner, lo, hi, alone = (x.long() for x in items)
     valid = owner >= 0
     assert valid[: valid.sum()].all(), "valid items come first"
@@ -165,7 +168,10 @@ def test_reverse_lists_cover_every_selection_once(group_rows):
         assert len(groups_of_item) == 1, "an item's rows lie in one group"
         order.append((bh, *groups_of_item))
         seen += [(bh, j, r) for r in row_of_entry[lo[i]:hi[i]].tolist()]
+        entries_of_block[(bh, *groups_of_item, j)] += row_of_entry[lo[i]:hi[i]].tolist()
     assert order == sorted(order)
+    for block_rows in entries_of_block.values():
+        assert block_rows == sorted(block_rows, key=lambda r: (r % interleave, r) if interleave else r)
     expected = [(bh, j, r) for bh, row_ids in enumerate(rows.flatten(0, 1)) for r, ids in enumerate(row_ids) for j in ids.tolist() if j >= 0]
     assert sorted(seen) == sorted(expected)
     per_bin = collections.Counter((bh, j, r // group_rows if group_rows else 0) for bh, j, r in expected)
@@ -180,6 +186,8 @@ def test_reverse_lists_cover_every_selection_once(group_rows):
 def test_reverse_lists_reject_a_bad_group():
     with pytest.raises(ValueError, match="group_rows"):
         reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, -1)
+    with pytest.raises(ValueError, match="interleave"):
+        reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, 0, 2.5)
 
 
 @pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=32), dict(GROUP_TOKENS=48, RELAXED=False), dict(GROUP_TOKENS=0, RELAXED=False)],

@@ -51,9 +51,9 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     monkeypatch.setattr(slc, "GROUP_TOKENS", 32)  # the selection's grouped work order must not reach the window
     lists = []
 
-    def spy(rows, num_blocks, chunk, group_rows=0):
+    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0):
         assert group_rows == 0, "the window's dK/dV stores in k's dtype: one group, no atomics"
-        lists.append(slc_reverse_lists(rows, num_blocks, chunk, group_rows))
+        lists.append(slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave))
         return lists[-1]
 
     slc_reverse_lists = slc.reverse_lists
@@ -61,6 +61,22 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     check(CASES[0], torch.float32, "cpu", tol=1e-5, seed=4)
     owner, alone = lists[-1][0][0], lists[-1][0][3]
     assert (owner >= 0).sum() == 2 * 2 * -(-200 // 16) and (alone[owner >= 0] == 1).all()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0][0], CASES[4][0]])
+def test_window_dkv_interleaved_rows_interpreter(case, monkeypatch):
+    # Lever 45's knob: each block's window rows read in order of row mod n (not ascending).
+    monkeypatch.setattr(slc, "INTERLEAVE", True)
+    lists = []
+
+    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0):
+        lists.append((rows.shape[3], interleave))
+        return slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave)
+
+    slc_reverse_lists = slc.reverse_lists
+    monkeypatch.setattr(slc, "reverse_lists", spy)
+    check(case, torch.float32, "cpu", tol=1e-5, seed=6)
+    assert lists and all(n == m > 1 for n, m in lists), lists
 
 
 def test_window_rows_span_exactly_the_window():
@@ -150,3 +166,11 @@ def test_gated_window_gpu(dtype, token_major):
 def test_window_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_window_dkv_interleaved_rows_gpu(dtype, monkeypatch):
+    # Lever 45's knob natively (off by default until measured).
+    monkeypatch.setattr(slc, "INTERLEAVE", True)
+    check(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -59,6 +59,12 @@ HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # counter instead of a worst-case grid with idle programs lost, +1 ms: built in e3f289d, removed.)
 GROUP_TOKENS = 4096
 RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead of acq_rel (ATOMG + fences)
+# The "interleave" knob (NOTES Lever 45; off until measured): the window's dK/dV items (one per kv
+# block j, the 5 tiles j .. j+4 at Q7B) read their tiles in order of tile mod 5 instead of
+# ascending, so the ~5 neighbouring items running in step read one tile at once: each tile's q/dO
+# (229 KB) is re-read by the 5 items within one step instead of one step apart, when the 264 tiles
+# read per step (60 MB) overflow L2 (Nsight Compute, session 15: L2 hit rate 6%, DRAM 69% busy).
+INTERLEAVE = False
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -78,7 +84,7 @@ TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
-            "head_major": None, "tma": None, "group": None, "relaxed": None},
+            "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -306,7 +312,7 @@ def _slc_dkv_kernel(
             add_partial(DV + out, dv, key_ok[:, None], RELAXED)
 
 
-def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0):
+def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0, interleave: int = 0):
     """dK/dV work items from the selection rows [B, Hkv, R, n], with no host sync.
 
     Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
@@ -318,12 +324,16 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     so the grid is static: the nonzero (group, block) bins, at most min(groups * num_blocks,
     R * n) per (b, h), plus ceil(B*Hkv*R*n / chunk) for the bins split into chunks. The bin
     counts are B*Hkv*groups*(num_blocks + 1) int64, quadratic in T with groups: 2 MB at 128K
-    tokens in 4096-token groups of 64-token blocks, 134 MB at 1M.
+    tokens in 4096-token groups of 64-token blocks, 134 MB at 1M. ``interleave`` m > 0: a
+    block's entries in order of their row mod m instead of ascending (the window's m = n rows per
+    block, NOTES Lever 45), so items of neighbouring blocks, running in step, read the same tile
+    at the same step.
     """
     B, Hkv, R, n = rows.shape
     BH, per_bh = B * Hkv, R * n
-    if not isinstance(group_rows, int) or group_rows < 0:
-        raise ValueError(f"reverse_lists: group_rows must be an int >= 0 (0 = one group), got {group_rows!r}")
+    for name, value in (("group_rows", group_rows), ("interleave", interleave)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"reverse_lists: {name} must be an int >= 0 (0 = off), got {value!r}")
     groups = -(-R // group_rows) if group_rows else 1
     device = rows.device
     spare = num_blocks + 1  # column num_blocks collects the -1 slots
@@ -332,8 +342,10 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     key = ids + torch.arange(BH, device=device)[:, None] * (groups * spare)
     if groups > 1:
         key = key + (torch.arange(per_bh, device=device) // (n * group_rows))[None, :] * spare
+    # within a bin: entries ascending, or by row mod interleave (stable: rows of one residue ascending)
+    sort_key = key * interleave + (torch.arange(per_bh, device=device) // n % interleave)[None, :] if interleave else key
     key = key.flatten()
-    order = torch.argsort(key, stable=True)
+    order = torch.argsort(sort_key.flatten(), stable=True)
     row_of_entry = ((order % per_bh) // n).to(torch.int32)
     # Not torch.bincount: on CUDA it reads the max id back to the host, a sync per layer's backward.
     counts_all = torch.zeros(BH * groups * spare, dtype=torch.int64, device=device).index_add_(0, key, torch.ones_like(key))
@@ -412,7 +424,7 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     if not isinstance(group, int) or group < 0:
         raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
     return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group else 0,
-                     "RELAXED": bool(tune.get("relaxed", RELAXED))}
+                     "RELAXED": bool(tune.get("relaxed", RELAXED)), "INTERLEAVE": bool(tune.get("interleave", INTERLEAVE))}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
@@ -490,8 +502,11 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
     q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
-    group_rows = consts.pop("GROUP_ROWS")  # the window's plain bf16 stores need one group (one item per block)
-    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, 0 if window > 0 else group_rows)
+    group_rows, interleave = consts.pop("GROUP_ROWS"), consts.pop("INTERLEAVE")
+    if window > 0:  # plain bf16 stores need one group (one item per block); its rows may interleave
+        items, row_of_entry = reverse_lists(rows, num_blocks, chunk, 0, rows.shape[3] if interleave else 0)
+    else:
+        items, row_of_entry = reverse_lists(rows, num_blocks, chunk, group_rows)
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
         q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
