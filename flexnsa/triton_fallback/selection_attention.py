@@ -340,10 +340,11 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, per_bh)
     # (with one group, as the window's, the same launches as before Lever 43: the op is host-bound at 8K)
     key = ids + torch.arange(BH, device=device)[:, None] * (groups * spare)
+    row = torch.arange(per_bh, device=device)[None, :] // n if groups > 1 or interleave else None  # each entry's row
     if groups > 1:
-        key = key + (torch.arange(per_bh, device=device) // (n * group_rows))[None, :] * spare
+        key = key + row // group_rows * spare
     # within a bin: entries ascending, or by row mod interleave (stable: rows of one residue ascending)
-    sort_key = key * interleave + (torch.arange(per_bh, device=device) // n % interleave)[None, :] if interleave else key
+    sort_key = key * interleave + row % interleave if interleave else key
     key = key.flatten()
     order = torch.argsort(sort_key.flatten(), stable=True)
     row_of_entry = ((order % per_bh) // n).to(torch.int32)
@@ -423,8 +424,10 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     group = tune.get("group", GROUP_TOKENS) or 0
     if not isinstance(group, int) or group < 0:
         raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
-    return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group else 0,
-                     "RELAXED": bool(tune.get("relaxed", RELAXED)), "INTERLEAVE": bool(tune.get("interleave", INTERLEAVE))}
+    # the window's plain bf16 stores need one group (one item per block); its rows may interleave
+    interleave = rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0
+    return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group and window == 0 else 0,
+                     "RELAXED": bool(tune.get("relaxed", RELAXED)), "INTERLEAVE": interleave}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
@@ -502,11 +505,7 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
     q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
-    group_rows, interleave = consts.pop("GROUP_ROWS"), consts.pop("INTERLEAVE")
-    if window > 0:  # plain bf16 stores need one group (one item per block); its rows may interleave
-        items, row_of_entry = reverse_lists(rows, num_blocks, chunk, 0, rows.shape[3] if interleave else 0)
-    else:
-        items, row_of_entry = reverse_lists(rows, num_blocks, chunk, group_rows)
+    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, consts.pop("GROUP_ROWS"), consts.pop("INTERLEAVE"))
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
         q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
