@@ -45,7 +45,7 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2)]]
            + [{"programs": 1024}, {"programs": 8192}, {"head_major": False}, {"tma": False}]  # programs: the split floor of the token axis
-           + [{"relaxed": True}, {"relaxed": True, "programs": 8192}],  # Lever 44: the splits' partial sums by relaxed atomics
+           + [{"relaxed": False}],  # Lever 44 (the rule since session 21): the splits' partial sums by acq_rel atomics
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 # TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.

@@ -6,18 +6,17 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what the last GPU session left unrun: the kernels part with Lever 43 the rule (session
-#            20: the selection dK/dV's grouped order and relaxed atomics; its own tests, the op
-#            and model parts passed on the GPU with it, NOTES "Session 20")
+#   pending  what the last GPU session left unrun: the kernels part with Levers 43-45 the rules
+#            (session 21; the op and model parts passed with Lever 43 in session 20)
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
 #   dkv_ncu  Nsight Compute sections of the selection dK/dV at 128K with Lever 43 (the rule) and with
 #            the order before it (one group, acq_rel atomics, by FLEXNSA_TUNING): DRAM bytes, L2 hits
-#   levers   the A/Bs prepared in session 20 (both rules off): Lever 44 (relaxed atomics in the
-#            compression dK~/dV~) as kernel_tuning variants at 128K; then the 128K block-shared
-#            fwd+bwd op, stages included, for the rule, Lever 44 and Lever 45 (the window's dK/dV
-#            rows interleaved), two alternated rounds
+#   levers   the A/Bs of Levers 44 and 45 (rules since session 21) against their knobs off: the
+#            compression dK~/dV~ with acq_rel atomics as kernel_tuning variants at 128K; then the
+#            128K block-shared fwd+bwd op, stages included, for the rule, without Lever 44 and
+#            without Lever 45 (the window's dK/dV rows ascending), two alternated rounds
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -96,12 +95,12 @@ levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune_lever44.log" | cut -c1-150
-  echo '{"compression": {"dkv": {"relaxed": true}}}' > "$out/lever44.json"
-  echo '{"selection": {"dkv": {"interleave": true}}}' > "$out/lever45.json"
+  echo '{"compression": {"dkv": {"relaxed": false}}}' > "$out/no_lever44.json"
+  echo '{"selection": {"dkv": {"interleave": false}}}' > "$out/no_lever45.json"
   for i in 1 2; do
     short_op "rule_$i" auto 128K fwd+bwd
-    short_op "lever44_$i" auto 128K fwd+bwd "$out/lever44.json"
-    short_op "lever45_$i" auto 128K fwd+bwd "$out/lever45.json"
+    short_op "no_lever44_$i" auto 128K fwd+bwd "$out/no_lever44.json"
+    short_op "no_lever45_$i" auto 128K fwd+bwd "$out/no_lever45.json"
   done
 }
 

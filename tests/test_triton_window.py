@@ -63,10 +63,11 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     assert (owner >= 0).sum() == 2 * 2 * -(-200 // 16) and (alone[owner >= 0] == 1).all()
 
 
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleaved-rule", "ascending"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0][0], CASES[4][0]])
-def test_window_dkv_interleaved_rows_interpreter(case, monkeypatch):
-    # Lever 45's knob: each block's window rows read in order of row mod n (not ascending).
-    monkeypatch.setattr(slc, "INTERLEAVE", True)
+def test_window_dkv_row_order_interpreter(case, interleave, monkeypatch):
+    # Lever 45's knob (the rule): each block's window rows read in order of row mod n; off: ascending.
+    monkeypatch.setattr(slc, "INTERLEAVE", interleave)
     lists = []
 
     def spy(rows, num_blocks, chunk, group_rows=0, interleave=0):
@@ -76,7 +77,7 @@ def test_window_dkv_interleaved_rows_interpreter(case, monkeypatch):
     slc_reverse_lists = slc.reverse_lists
     monkeypatch.setattr(slc, "reverse_lists", spy)
     check(case, torch.float32, "cpu", tol=1e-5, seed=6)
-    assert lists and all(n == m > 1 for n, m in lists), lists
+    assert lists and all((n == m > 1) if interleave else m == 0 for n, m in lists), lists
 
 
 def test_window_rows_span_exactly_the_window():
@@ -170,7 +171,7 @@ def test_window_attention_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_window_dkv_interleaved_rows_gpu(dtype, monkeypatch):
-    # Lever 45's knob natively (off by default until measured).
-    monkeypatch.setattr(slc, "INTERLEAVE", True)
+def test_window_dkv_ascending_rows_gpu(dtype, monkeypatch):
+    # Lever 45's knob off natively (the rule, interleaved rows, runs in test_window_attention_gpu).
+    monkeypatch.setattr(slc, "INTERLEAVE", False)
     check(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)

@@ -59,12 +59,14 @@ HEAD_MAJOR = True  # the rule for dK/dV's "head_major" knob (NOTES Lever 36)
 # counter instead of a worst-case grid with idle programs lost, +1 ms: built in e3f289d, removed.)
 GROUP_TOKENS = 4096
 RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead of acq_rel (ATOMG + fences)
-# The "interleave" knob (NOTES Lever 45; off until measured): the window's dK/dV items (one per kv
+# The "interleave" knob (NOTES Lever 45, the rule since session 21): the window's dK/dV items (one per kv
 # block j, the 5 tiles j .. j+4 at Q7B) read their tiles in order of tile mod 5 instead of
 # ascending, so the ~5 neighbouring items running in step read one tile at once: each tile's q/dO
 # (229 KB) is re-read by the 5 items within one step instead of one step apart, when the 264 tiles
 # read per step (60 MB) overflow L2 (Nsight Compute, session 15: L2 hit rate 6%, DRAM 69% busy).
-INTERLEAVE = False
+# Measured on an H200 at 128K (results/h200/session21-levers): window stage 7.95 / 7.95 -> 7.61 /
+# 7.60 ms, the op's fwd+bwd 70.04 / 70.22 -> 68.37 / 69.52 in two alternated rounds.
+INTERLEAVE = True
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
