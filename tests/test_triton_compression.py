@@ -103,10 +103,10 @@ def test_dkv_variants_interpreter(case, variant, monkeypatch):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-def test_dkv_head_major_and_tma_rules():
+def test_dkv_head_major_tma_and_relaxed_rules():
     q, kc = torch.empty(1, 28, 4096, 128, dtype=torch.bfloat16), torch.empty(1, 4, 64, 128, dtype=torch.bfloat16)
     consts = cmp_attn._launch_params(q, kc, "dkv")[-1]
-    assert (consts["HEAD_MAJOR"], consts["TMA"], consts["BLOCK_T"], consts["G_PAD"]) == (True, True, 64, 7)
+    assert (consts["HEAD_MAJOR"], consts["TMA"], consts["RELAXED"], consts["BLOCK_T"], consts["G_PAD"]) == (True, True, True, 64, 7)
     assert "HEAD_MAJOR" not in cmp_attn._launch_params(q, kc, "dq")[-1]
     assert cmp_attn._launch_params(q, kc, "fwd")[-1]["TMA"] and cmp_attn._launch_params(q, kc, "dq")[-1]["TMA"]
     assert not cmp_attn._launch_params(q, kc[:, :, :0], "fwd")[-1]["TMA"], "no descriptor over an empty K~ (T < l)"
