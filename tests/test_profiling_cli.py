@@ -118,3 +118,19 @@ def test_smooth_inputs_make_neighbouring_tiles_select_alike():
         shared = [len(set(a.tolist()) & set(b.tolist())) / cfg.num_selected for a, b in zip(rows[20:-1], rows[21:])]
         overlap[kind] = sum(shared) / len(shared)
     assert overlap["smooth"] > overlap["random"] + 0.25, overlap
+
+
+def test_target_lines_measure_shares_against_the_op_total():
+    # Issue 7 / DESIGN.md name shares "of the op": the total, not the stage sum (which differs).
+    from profiling.report import _target_lines
+
+    stages = {"compression": 18.0, "scores_topk": 3.0, "mask_build": 0.7, "selection": 40.0, "window": 8.0, "combine": 4.0}
+    nsa = [dict(variant="block_shared", mode="fwd+bwd", seq_len=T, total_ms=ms, stage_sum_ms=ms + 3.7, stages_ms=stages,
+                peak_mb=9000.0) for T, ms in ((32768, 14.0), (131072, 70.0))]
+    baselines = [dict(name="sdpa", mode="fwd+bwd", seq_len=131072, total_ms=1330.0, peak_mb=10706.0),
+                 dict(name="fla", mode="fwd+bwd", seq_len=131072, total_ms=672.0)]
+    lines = "\n".join(_target_lines({"nsa": nsa, "baselines": baselines, "meta": {"device_name": "GPU"}}, "block_shared", "fwd+bwd"))
+    for expected in ("total 70.00 ms", "19.0x faster than dense SDPA", "9.60x faster than fla", "<= 56.0 ms here",
+                     "t(128K) / t(32K) = 5.00", "compression share 25.7% of the op's total", "scores + top-n 30.0%",
+                     "mask building share 1.0% of the op's total", "peak memory 9000 MiB vs SDPA 10706 MiB"):
+        assert expected in lines, (expected, lines)
