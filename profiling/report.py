@@ -131,6 +131,10 @@ def _target_lines(results, variant, mode):
                    f"12x needs <= {fla['total_ms'] / 12:.1f} ms here)")
     if 32768 in by_len:
         out.append(f"- t(128K) / t(32K) = {r['total_ms'] / by_len[32768]['total_ms']:.2f} (target <= 4.6)")
+    shared = [b for b in results["nsa"] if b["variant"] == "block_shared" and b["mode"] == mode and b["seq_len"] == 131072
+              and "error" not in b]
+    if variant == "per_token" and shared:
+        out.append(f"- {r['total_ms'] / shared[0]['total_ms']:.2f}x the block-shared mode's time (target <= 2x)")
     if r["stages_ms"]:
         stages, total = r["stages_ms"], r["total_ms"]
         out.append(f"- compression share {stages['compression'] / total:.1%} of the op's total (target <= 30%); with "

@@ -134,3 +134,7 @@ def test_target_lines_measure_shares_against_the_op_total():
                      "t(128K) / t(32K) = 5.00", "compression share 25.7% of the op's total", "scores + top-n 30.0%",
                      "mask building share 1.0% of the op's total", "peak memory 9000 MiB vs SDPA 10706 MiB"):
         assert expected in lines, (expected, lines)
+    assert "block-shared mode" not in lines
+    nsa.append(dict(nsa[-1], variant="per_token", total_ms=217.0))
+    per_token = "\n".join(_target_lines({"nsa": nsa, "baselines": baselines, "meta": {"device_name": "GPU"}}, "per_token", "fwd+bwd"))
+    assert "3.10x the block-shared mode's time (target <= 2x)" in per_token, per_token
