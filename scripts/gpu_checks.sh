@@ -6,8 +6,8 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what the last GPU session left unrun: the kernels part with Levers 43-45 the rules
-#            (session 21; the op and model parts passed with Lever 43 in session 20)
+#   pending  what the last GPU session left unrun: the op part with Levers 44-45 the rules (session
+#            21 ran the kernels and model parts with them, the op part with Lever 43 in session 20)
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -55,7 +55,7 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  gpu_tests kernels $KERNEL_TESTS
+  gpu_tests op $OP_TESTS
 }
 
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
