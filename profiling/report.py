@@ -116,9 +116,11 @@ def _compression_vs_fla(results, rows, mode):
 def _target_lines(results, variant, mode):
     """Issue 7's / DESIGN.md's 128K targets, each against this run's numbers; shares are of the op's
     measured total (what the targets name), not of the stage sum."""
-    rows = [r for r in results["nsa"] if r["variant"] == variant and r["mode"] == mode and "error" not in r]
-    by_len = {r["seq_len"]: r for r in rows}
-    r = by_len.get(131072)
+    def by_len(name):  # {seq_len: row} of one variant in this mode
+        return {r["seq_len"]: r for r in results["nsa"] if r["variant"] == name and r["mode"] == mode and "error" not in r}
+
+    rows = by_len(variant)
+    r = rows.get(131072)
     if r is None:
         return []
     sdpa, fla = (_baseline(results, name, mode, r["seq_len"]) for name in ("sdpa", "fla"))
@@ -129,12 +131,11 @@ def _target_lines(results, variant, mode):
     if fla:
         out.append(f"- {fla['total_ms'] / r['total_ms']:.2f}x faster than fla `parallel_nsa` (target >= 12x; "
                    f"12x needs <= {fla['total_ms'] / 12:.1f} ms here)")
-    if 32768 in by_len:
-        out.append(f"- t(128K) / t(32K) = {r['total_ms'] / by_len[32768]['total_ms']:.2f} (target <= 4.6)")
-    shared = [b for b in results["nsa"] if b["variant"] == "block_shared" and b["mode"] == mode and b["seq_len"] == 131072
-              and "error" not in b]
-    if variant == "per_token" and shared:
-        out.append(f"- {r['total_ms'] / shared[0]['total_ms']:.2f}x the block-shared mode's time (target <= 2x)")
+    if 32768 in rows:
+        out.append(f"- t(128K) / t(32K) = {r['total_ms'] / rows[32768]['total_ms']:.2f} (target <= 4.6)")
+    shared = by_len("block_shared").get(131072) if variant == "per_token" else None
+    if shared:
+        out.append(f"- {r['total_ms'] / shared['total_ms']:.2f}x the block-shared mode's time (target <= 2x)")
     if r["stages_ms"]:
         stages, total = r["stages_ms"], r["total_ms"]
         out.append(f"- compression share {stages['compression'] / total:.1%} of the op's total (target <= 30%); with "
