@@ -113,7 +113,7 @@ def _cmp_fwd_sm90_kernel(
     c_first = gl.minimum(gl.where(t_first + 1 >= CMP_BLOCK, (t_first + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
     c_mid = c_first // BLOCK_C * BLOCK_C
     row0 = (b * HKV + h) * C
-    for i in gl.static_range(STAGES - 1):
+    for i in gl.static_range(STAGES):  # the ring full; step j refills chunk j-1's slot with chunk j-1 + STAGES
         _load_chunk(K, V, k_smem, v_smem, bar_k, bar_v, row0, i, n, BLOCK_C, STAGES)
 
     t_s = t_first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout)) // G
@@ -167,9 +167,9 @@ TUNING = {"rows": 128, "block_c": 64, "num_warps": 8, "stages": 3}
 def supported(q, k_cmp) -> bool:
     """Where this forward runs: an sm_90 GPU (wgmma; sm_100's tensor cores take other
     instructions), 16-bit inputs (fp32 logits would need TF32 operands: the Triton kernel keeps
-    them), head_dim a multiple of 16 up to 256 (one wgmma N), and a non-empty compressed axis."""
+    them), head_dim 64, 128 or 256 (whole 64-wide wgmma N tiles of the one MMA layout), and a non-empty compressed axis."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in (torch.bfloat16, torch.float16)
-            and k_cmp.dtype == q.dtype and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and k_cmp.shape[2] > 0
+            and k_cmp.dtype == q.dtype and q.shape[-1] in (64, 128, 256) and k_cmp.shape[2] > 0
             and q.stride(-1) == 1)
 
 
