@@ -37,7 +37,8 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
     # (sm_90 SASS); 64 rows x 4 warps x 2 stages then fit 2 CTAs per SM (83 KB, 174 registers)
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]]
-           + [{"tma": False}, PADDED],
+           + [{"tma": False}, PADDED]
+           + [{"gluon_ws": True}],  # Lever 47: the warp-specialised Gluon forward (sm_90, 16-bit)
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
           + [{"tma": False}, PADDED],

@@ -118,3 +118,27 @@ def test_dkv_head_major_tma_and_relaxed_rules():
 def test_dkv_variants_gpu(dtype, variant, monkeypatch):
     monkeypatch.setattr(cmp_attn, *DKV_VARIANTS[variant])
     check(("Q7B-T3000", 28, 4, 3000, 128, 64, 64), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+# The warp-specialised Gluon forward (NOTES Lever 47; sm_90, 16-bit, head_dim 64/128/256): the
+# same checks (output, lse, and the gradients of the op whose forward it is), with a count that
+# shows it ran rather than the Triton forward. Cases: G = 7 and 1, T not a multiple of 64, tiles
+# that see nothing, l = 32 / s = 16 overlap, Q7B heads.
+GLUON_CASES = [("G7-T700-D128", 7, 1, 700, 128, 64, 64), ("G7-T2000-D64-l32s16", 14, 2, 2000, 64, 32, 16),
+               ("G1-T300-D128", 2, 2, 300, 128, 16, 16), ("Q7B-T3000", 28, 4, 3000, 128, 64, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GLUON_CASES, ids=[c[0] for c in GLUON_CASES])
+def test_gluon_ws_forward_gpu(case, dtype, monkeypatch):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is sm_90-only")
+    from flexnsa.triton_fallback import compression_forward_sm90 as sm90
+
+    calls = []
+    real = sm90.compression_attention_fwd_sm90
+    monkeypatch.setattr(sm90, "compression_attention_fwd_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cmp_attn, "GLUON_WS", True)
+    check(case, dtype, "cuda", tol=2e-2)
+    assert calls, "the Gluon forward did not run"

@@ -255,7 +255,7 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # forward from 4.92 to 4.57 ms and the backward from 14.06 to 13.78 (dQ); with TMA the dQ's 64-wide
 # chunks beat 32-wide in two calls (13.47 / 13.55 against 13.78 / 13.82 ms), so dQ's block_c is 64.
 TUNING = {
-    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None},
+    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None, "gluon_ws": None},
     "dq": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
     "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
             "head_major": None, "tma": None, "relaxed": None},
@@ -266,6 +266,9 @@ TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / d
 # sums; 4096 programs flush 64 KB each. Measured on an H200 at 128K (NOTES Lever 44, session 21):
 # the backward kernels 13.49 -> 13.30 ms (8192 programs: 13.31); the op's fwd+bwd within its spread.
 RELAXED = True
+# The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs, the warp-specialised
+# Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel``.
+GLUON_WS = False
 load_tuning_file("compression", TUNING)
 
 
@@ -307,6 +310,11 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
     (``tiles.kernel_layout``)."""
     v_cmp = strides_like(v_cmp, k_cmp)  # one set of K/V strides
     _check(q, k_cmp, v_cmp)
+    if tuning_for(TUNING, "fwd", q).get("gluon_ws", GLUON_WS) and q.is_cuda:
+        from . import compression_forward_sm90 as sm90
+
+        if sm90.supported(q, k_cmp):
+            return sm90.compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size, stride, scale)
     B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)

@@ -1,0 +1,199 @@
+"""The compression branch's forward for Hopper (sm_90) in Gluon, warp-specialised (NOTES Levers 46-47).
+
+Why: every Triton forward here is latency-bound because each QK~^T is waited on before its softmax
+and the softmax before the next MMA (sm_90 SASS, NOTES sessions 16-17), while the two warpgroups of
+an 8-warp CTA are held in step by the CTA-wide barriers Triton places around each TMA issue, so
+both run their softmax at the same time and their MMAs at the same time. Within one warpgroup
+ptxas keeps the softmax and the MMAs serial whatever order Gluon's async wgmma issues them in
+(Lever 46). Here the warpgroups are separate partitions (``gl.warp_specialize``): a TMA producer
+warp fills a 3-deep K~/V~ ring, and two consumer warpgroups of 64 rows each run QK~^T -> online
+softmax -> P V~ on their own rows. They are coupled only by the ring's mbarriers, so one's
+softmax can run under the other's MMAs, as FlashAttention-3's ping-pong arranges by hand.
+
+Same tiling and semantics as ``compression_attention._cmp_fwd_kernel``: 128 rows = BLOCK_T
+tokens x the G heads of kv head h, packed (row r = token t_first + r // G, head h*G + r % G);
+block c is visible to token t iff c*s + l <= t + 1; rows that see nothing give 0 and lse -inf;
+logits in log2 units (exp2), the max taken before scaling, lse natural. The K~/V~ boxes come from
+a contiguous [B * Hkv * C, D] view: rows past this head's C belong to the next head (or read as 0
+past the end) and are masked, like every chunk the tile's first token cannot see whole.
+
+GPU-only (the interpreter does not run Gluon): the CPU tests run the Triton kernel, and the GPU
+tests (``tests/test_triton_compression.py``) check this one against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
+             CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+    """Rows HALF * 64 .. + 63 of the tile: QK~^T -> online softmax -> P V~ per chunk, each MMA waited
+    on (ptxas serialises them with the softmax anyway, Lever 46); the chunk's ring slot released by
+    one arrive after its P V~ retired; then the rows' output and lse stored."""
+    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
+     qk_scale, row0) = a
+    HROWS: gl.constexpr = 64
+    dtype: gl.constexpr = K.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    q = q_smem.slice(HALF * HROWS, HROWS, dim=0)
+    r = HALF * HROWS + gl.arange(0, HROWS, layout=row_l)
+    t = t_first + r // G
+    zero = gl.zeros([HROWS, BLOCK_C], gl.float32, mma)
+    m = gl.full([HROWS], float("-inf"), gl.float32, row_l)
+    l = gl.zeros([HROWS], gl.float32, row_l)
+    acc = gl.zeros([HROWS, D], gl.float32, mma)
+    for j in range(n):
+        slot = j % STAGES
+        ph = (j // STAGES) & 1
+        mbarrier.wait(full_k.index(slot), ph)
+        s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        c0 = j * BLOCK_C
+        if c0 >= c_mid:
+            c = c0 + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, mma))
+            seen = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :]
+            s = gl.where(seen, s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, 1) * qk_scale)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m - m_safe)
+        p = gl.exp2(s * qk_scale - m_safe[:, None])
+        l = l * alpha + gl.sum(p, 1)
+        m = m_new
+        acc = acc * alpha[:, None]
+        mbarrier.wait(full_v.index(slot), ph)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+        acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+        mbarrier.arrive(empty.index(slot), count=1)
+    seen = l > 0
+    lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))
+    inv = gl.where(seen, 1.0 / gl.where(seen, l, 1.0), 0.0)
+    out = (acc * inv[:, None]).to(dtype)
+    ok = (r < BLOCK_T * G) & (t < T)
+    qh = h * G + r % G
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    gl.store(O + b * so_b + qh[:, None] * so_h + t[:, None] * so_t + d[None, :], out, mask=ok[:, None])
+    gl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=ok)
+
+
+@gluon.jit
+def _consumer_low(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+    _consume(a, 0, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+
+
+@gluon.jit
+def _consumer_high(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+    _consume(a, 1, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+
+
+@gluon.jit
+def _producer(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
+     qk_scale, row0) = a
+    """One warp: chunk i's K~ and V~ boxes into ring slot i % STAGES once both consumers released
+    its previous chunk, each box arriving on its own barrier (the QK~^T need not wait for V~)."""
+    for i in range(n):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # fresh barriers read as phase 1 complete
+        mbarrier.expect(full_k.index(slot), K.block_type.nbytes)
+        tma.async_copy_global_to_shared(K, [row0 + i * BLOCK_C, 0], full_k.index(slot), k_smem.index(slot))
+        mbarrier.expect(full_v.index(slot), V.block_type.nbytes)
+        tma.async_copy_global_to_shared(V, [row0 + i * BLOCK_C, 0], full_v.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _cmp_fwd_ws_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_h, sq_t, so_b, so_h, so_t, sl_b, sl_h,
+    T, C, HKV, qk_scale,
+    G: gl.constexpr, BLOCK_T: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
+    CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    pid_t, h, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    dtype: gl.constexpr = K.dtype
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    t_first = pid_t * BLOCK_T
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
+    t_io = t_first + r // G
+    ok_io = (r < BLOCK_T * G) & (t_io < T)
+    q = gl.load(Q + b * sq_b + (h * G + r % G)[:, None] * sq_h + t_io[:, None] * sq_t + d[None, :], mask=ok_io[:, None], other=0.0)
+    q_smem = gl.allocate_shared_memory(dtype, [ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype), q)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_C, D], K.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_C, D], V.layout)
+    full_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    full_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full_k.index(i), count=1)
+        mbarrier.init(full_v.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+    fence_async_shared()
+    t_last = gl.minimum(t_first + BLOCK_T, T) - 1
+    c_end = gl.minimum(gl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    n = gl.maximum(gl.cdiv(c_end, BLOCK_C), 1)
+    c_first = gl.minimum(gl.where(t_first + 1 >= CMP_BLOCK, (t_first + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
+    c_mid = c_first // BLOCK_C * BLOCK_C
+    row0 = (b * HKV + h) * C
+    a = (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n,
+         c_mid, qk_scale, row0)
+    gl.warp_specialize([(_consumer_low, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)), (_consumer_high, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)), (_producer, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))], [4, 1], [152, 24])
+
+
+# 128 rows = two 64-row consumer warpgroups; 64-block chunks; a 3-deep ring (131 KB, 1 CTA/SM);
+# registers capped at 168 so 12 warps (4 + 4 + 1, rounded up to warpgroups) fit an SM's 64K
+TUNING = {"rows": 128, "block_c": 64, "num_warps": 4, "stages": 3, "maxnreg": 168}
+
+
+def supported(q, k_cmp) -> bool:
+    """Where this forward runs: an sm_90 GPU (wgmma, setmaxnreg), 16-bit inputs (the Triton
+    kernel keeps fp32), head_dim 64/128/256 (whole 64-wide wgmma tiles), a non-empty compressed axis."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in (torch.bfloat16, torch.float16)
+            and k_cmp.dtype == q.dtype and q.shape[-1] in (64, 128, 256) and k_cmp.shape[2] > 0 and q.stride(-1) == 1)
+
+
+def _descriptor(x2d, block_c: int):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    layout = gl.NVMMASharedLayout.get_default_for([block_c, x2d.shape[1]], gl.bfloat16 if x2d.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor.from_tensor(x2d, [block_c, x2d.shape[1]], layout)
+
+
+def compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size: int, stride: int, scale: float, tuning: dict | None = None):
+    """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32), as
+    ``compression_attention.compression_attention_fwd``; ``supported(q, k_cmp)`` must hold."""
+    if not supported(q, k_cmp):
+        raise ValueError(f"compression_attention_fwd_sm90 needs an sm_90 GPU, 16-bit q/k~, head_dim 64/128/256 and a "
+                         f"non-empty compressed axis: q {tuple(q.shape)} {q.dtype} on {q.device}, k~ {tuple(k_cmp.shape)}")
+    tune = dict(TUNING, **(tuning or {}))
+    B, Hq, T, D = q.shape
+    Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    rows, block_c = tune["rows"], tune["block_c"]
+    if rows != 128 or G > rows:
+        raise ValueError(f"the warp-specialised forward takes 128-row tiles (two 64-row consumers) and G <= 128, got {rows}, G = {G}")
+    block_t = rows // G
+    # one [B * Hkv * C, D] row space for the TMA boxes (K~ is T/64 rows per head: a copy is ~us)
+    k2 = k_cmp.contiguous().view(B * Hkv * C, D)
+    v2 = v_cmp.contiguous().view(B * Hkv * C, D)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    _cmp_fwd_ws_kernel[(triton.cdiv(T, block_t), Hkv, B)](
+        q, _descriptor(k2, block_c), _descriptor(v2, block_c), out, lse,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        T, C, Hkv, scale * 1.4426950408889634,
+        G=G, BLOCK_T=block_t, ROWS=rows, BLOCK_C=block_c, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride,
+        STAGES=tune["stages"], num_warps=tune["num_warps"], maxnreg=tune["maxnreg"],
+    )
+    return out, lse
