@@ -267,7 +267,8 @@ TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / d
 # the backward kernels 13.49 -> 13.30 ms (8192 programs: 13.31); the op's fwd+bwd within its spread.
 RELAXED = True
 # The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs, the warp-specialised
-# Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel``.
+# Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel`` (which
+# every other input keeps: fp32, other head dims, CPU).
 # Measured on an H200 at 128K (session 22): 4.83 against 4.60 ms, the op's forward 20.23 against 19.96.
 GLUON_WS = False
 load_tuning_file("compression", TUNING)

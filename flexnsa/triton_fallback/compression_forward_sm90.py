@@ -90,21 +90,24 @@ def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOC
 
 
 @gluon.jit
-def _consumer_low(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+def _consumer_low(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
+                  CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
     _consume(a, 0, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
 
 
 @gluon.jit
-def _consumer_high(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+def _consumer_high(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
+                   CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
     _consume(a, 1, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
 
 
 @gluon.jit
-def _producer(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
-     qk_scale, row0) = a
+def _producer(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
+              CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
     """One warp: chunk i's K~ and V~ boxes into ring slot i % STAGES once both consumers released
     its previous chunk, each box arriving on its own barrier (the QK~^T need not wait for V~)."""
+    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
+     qk_scale, row0) = a
     for i in range(n):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # fresh barriers read as phase 1 complete
@@ -150,7 +153,12 @@ def _cmp_fwd_ws_kernel(
     row0 = (b * HKV + h) * C
     a = (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n,
          c_mid, qk_scale, row0)
-    gl.warp_specialize([(_consumer_low, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)), (_consumer_high, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)), (_producer, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))], [4, 1], [152, 24])
+    # the default partition (this program's 4 warps) takes rows 0-63; workers: 4 warps for rows 64-127
+    # (152 registers), 1 producer warp (24). Constexprs go as their own arguments (a tuple would
+    # turn them into values).
+    gl.warp_specialize([(_consumer_low, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
+                        (_consumer_high, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
+                        (_producer, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))], [4, 1], [152, 24])
 
 
 # 128 rows = two 64-row consumer warpgroups; 64-block chunks; a 3-deep ring (131 KB, 1 CTA/SM);
