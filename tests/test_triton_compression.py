@@ -142,3 +142,35 @@ def test_gluon_ws_forward_gpu(case, dtype, monkeypatch):
     monkeypatch.setattr(cmp_attn, "GLUON_WS", True)
     check(case, dtype, "cuda", tol=2e-2)
     assert calls, "the Gluon forward did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GLUON_CASES[0], GLUON_CASES[3]], ids=[GLUON_CASES[0][0], GLUON_CASES[3][0]])
+def test_gluon_pingpong_forward_gpu(case, tmp_path):
+    # Lever 48 (the consumers take turns at their MMAs through two mbarriers): the same checks in
+    # a child process under a timeout, so a turn-taking deadlock fails the test instead of hanging
+    # the GPU run (an mbarrier wait that is never satisfied does not raise).
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is sm_90-only")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tuning = tmp_path / "pingpong.json"
+    tuning.write_text(json.dumps({"compression": {"fwd": {"gluon_ws": "pingpong"}}}))
+    code = (
+        "import torch, test_triton_compression as t\n"
+        "from flexnsa.triton_fallback import compression_forward_sm90 as sm90\n"
+        "calls = []\n"
+        "real = sm90.compression_attention_fwd_sm90\n"
+        "sm90.compression_attention_fwd_sm90 = lambda *a, **k: calls.append(k['tuning']['pingpong']) or real(*a, **k)\n"
+        f"t.check({case!r}, torch.bfloat16, 'cuda', tol=2e-2)\n"
+        "assert calls and all(calls), calls\n"
+    )
+    env = dict(os.environ, FLEXNSA_TUNING=str(tuning), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ping-pong forward did not finish in 300 s (a turn-taking deadlock?)")
+    assert done.returncode == 0, done.stderr[-3000:]

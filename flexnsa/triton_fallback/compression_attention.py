@@ -268,7 +268,8 @@ TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / d
 RELAXED = True
 # The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs, the warp-specialised
 # Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel`` (which
-# every other input keeps: fp32, other head dims, CPU).
+# every other input keeps: fp32, other head dims, CPU); "pingpong": its consumers taking turns at
+# their MMAs (Lever 48, prepared in session 22, not yet measured).
 # Measured on an H200 at 128K (session 22): 4.83 against 4.60 ms, the op's forward 20.23 against 19.96.
 GLUON_WS = False
 load_tuning_file("compression", TUNING)
@@ -316,7 +317,9 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
         from . import compression_forward_sm90 as sm90
 
         if sm90.supported(q, k_cmp):
-            return sm90.compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size, stride, scale)
+            knob = tuning_for(TUNING, "fwd", q).get("gluon_ws", GLUON_WS)
+            return sm90.compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size, stride, scale,
+                                                       tuning={"pingpong": knob == "pingpong"})
     B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)

@@ -36,13 +36,44 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
+def _online_softmax(s, m, l, c0, c_mid, t, C, qk_scale, mma: gl.constexpr, BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr,
+                    CMP_STRIDE: gl.constexpr):
+    """One online-softmax step over chunk [c0, c0 + BLOCK_C) of raw logits s (masked from c_mid on,
+    where some row cannot see the whole chunk): (p, rescale of the old state, max, sum) in log2
+    units, the max taken before scaling (as ``tiles.online_max_sum``)."""
+    if c0 >= c_mid:
+        c = c0 + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, mma))
+        seen = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :]
+        s = gl.where(seen, s, float("-inf"))
+    m_new = gl.maximum(m, gl.max(s, 1) * qk_scale)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m - m_safe)
+    p = gl.exp2(s * qk_scale - m_safe[:, None])
+    return p, alpha, m_new, l * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _wait_turn(turn, k, HALF: gl.constexpr):
+    """Ping-pong: block k of consumer HALF may issue its MMAs once the other consumer's block k - 1
+    (HALF 0) or k (HALF 1) has retired; turn[HALF] completes a phase per such block (fresh barriers
+    read as phase 1 complete, so consumer 0's block 0 goes at once)."""
+    if HALF == 0:
+        mbarrier.wait(turn.index(0), (k & 1) ^ 1)
+    else:
+        mbarrier.wait(turn.index(1), k & 1)
+
+
+@gluon.jit
 def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-             CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    """Rows HALF * 64 .. + 63 of the tile: QK~^T -> online softmax -> P V~ per chunk, each MMA waited
-    on (ptxas serialises them with the softmax anyway, Lever 46); the chunk's ring slot released by
-    one arrive after its P V~ retired; then the rows' output and lse stored."""
-    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
-     qk_scale, row0) = a
+             CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    """Rows HALF * 64 .. + 63 of the tile, per chunk: QK~^T -> online softmax -> P V~, each MMA waited
+    on (ptxas serialises them with the softmax anyway, Lever 46), the chunk's ring slot released by
+    one arrive once its P V~ retired; then the rows' output and lse stored.
+    PINGPONG (NOTES Lever 48): block j issues chunk j's QK~^T and chunk j-1's P V~ back to back,
+    and the consumers take turns at these blocks (``_wait_turn``), so each one's softmax runs while
+    the other's MMAs do (FlashAttention-3's ping-pong); acc_j = (acc_{j-1} + P_{j-1} V~_{j-1}) * alpha_j."""
+    (q_smem, k_smem, v_smem, full_k, full_v, empty, turn, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C,
+     n, c_mid, qk_scale, row0) = a
     HROWS: gl.constexpr = 64
     dtype: gl.constexpr = K.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
@@ -55,29 +86,49 @@ def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOC
     m = gl.full([HROWS], float("-inf"), gl.float32, row_l)
     l = gl.zeros([HROWS], gl.float32, row_l)
     acc = gl.zeros([HROWS, D], gl.float32, mma)
-    for j in range(n):
-        slot = j % STAGES
-        ph = (j // STAGES) & 1
-        mbarrier.wait(full_k.index(slot), ph)
-        s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if PINGPONG:
+        _wait_turn(turn, 0, HALF)
+        mbarrier.wait(full_k.index(0), 0)
+        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, ))
-        c0 = j * BLOCK_C
-        if c0 >= c_mid:
-            c = c0 + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, mma))
-            seen = (c[None, :] * CMP_STRIDE + CMP_BLOCK <= t[:, None] + 1) & (c < C)[None, :]
-            s = gl.where(seen, s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, 1) * qk_scale)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m - m_safe)
-        p = gl.exp2(s * qk_scale - m_safe[:, None])
-        l = l * alpha + gl.sum(p, 1)
-        m = m_new
-        acc = acc * alpha[:, None]
-        mbarrier.wait(full_v.index(slot), ph)
+        mbarrier.arrive(turn.index(1 - HALF), count=1)
+        p, alpha, m, l = _online_softmax(s, m, l, 0, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+        for j in range(1, n):
+            _wait_turn(turn, j, HALF)
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(full_k.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(full_v.index(prev), ((j - 1) // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+            s, acc, p16 = warpgroup_mma_wait(0, deps=(s, acc, p16))
+            mbarrier.arrive(empty.index(prev), count=1)
+            mbarrier.arrive(turn.index(1 - HALF), count=1)
+            p, alpha, m, l = _online_softmax(s, m, l, j * BLOCK_C, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+            acc = acc * alpha[:, None]
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+        _wait_turn(turn, n, HALF)
+        last = (n - 1) % STAGES
+        mbarrier.wait(full_v.index(last), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
         acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
-        mbarrier.arrive(empty.index(slot), count=1)
+        mbarrier.arrive(empty.index(last), count=1)
+        mbarrier.arrive(turn.index(1 - HALF), count=1)
+    else:
+        for j in range(n):
+            slot = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(full_k.index(slot), ph)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p, alpha, m, l = _online_softmax(s, m, l, j * BLOCK_C, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+            acc = acc * alpha[:, None]
+            mbarrier.wait(full_v.index(slot), ph)
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+            mbarrier.arrive(empty.index(slot), count=1)
     seen = l > 0
     lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))
     inv = gl.where(seen, 1.0 / gl.where(seen, l, 1.0), 0.0)
@@ -91,23 +142,23 @@ def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOC
 
 @gluon.jit
 def _consumer_low(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
-                  CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    _consume(a, 0, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+                  CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consume(a, 0, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PINGPONG)
 
 
 @gluon.jit
 def _consumer_high(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
-                   CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    _consume(a, 1, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+                   CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    _consume(a, 1, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PINGPONG)
 
 
 @gluon.jit
 def _producer(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr, CMP_BLOCK: gl.constexpr,
-              CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+              CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """One warp: chunk i's K~ and V~ boxes into ring slot i % STAGES once both consumers released
     its previous chunk, each box arriving on its own barrier (the QK~^T need not wait for V~)."""
-    (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n, c_mid,
-     qk_scale, row0) = a
+    (q_smem, k_smem, v_smem, full_k, full_v, empty, turn, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C,
+     n, c_mid, qk_scale, row0) = a
     for i in range(n):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # fresh barriers read as phase 1 complete
@@ -123,7 +174,8 @@ def _cmp_fwd_ws_kernel(
     sq_b, sq_h, sq_t, so_b, so_h, so_t, sl_b, sl_h,
     T, C, HKV, qk_scale,
     G: gl.constexpr, BLOCK_T: gl.constexpr, ROWS: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-    CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     pid_t, h, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     dtype: gl.constexpr = K.dtype
@@ -140,6 +192,9 @@ def _cmp_fwd_ws_kernel(
     full_k = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     full_v = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: consumer i may issue
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(full_k.index(i), count=1)
         mbarrier.init(full_v.index(i), count=1)
@@ -151,19 +206,20 @@ def _cmp_fwd_ws_kernel(
     c_first = gl.minimum(gl.where(t_first + 1 >= CMP_BLOCK, (t_first + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
     c_mid = c_first // BLOCK_C * BLOCK_C
     row0 = (b * HKV + h) * C
-    a = (q_smem, k_smem, v_smem, full_k, full_v, empty, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n,
+    a = (q_smem, k_smem, v_smem, full_k, full_v, empty, turn, K, V, O, LSE, so_b, so_h, so_t, sl_b, sl_h, b, h, t_first, T, C, n,
          c_mid, qk_scale, row0)
     # the default partition (this program's 4 warps) takes rows 0-63; workers: 4 warps for rows 64-127
     # (152 registers), 1 producer warp (24). Constexprs go as their own arguments (a tuple would
     # turn them into values).
-    gl.warp_specialize([(_consumer_low, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
-                        (_consumer_high, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
-                        (_producer, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))], [4, 1], [152, 24])
+    gl.warp_specialize([(_consumer_low, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PINGPONG)),
+                        (_consumer_high, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PINGPONG)),
+                        (_producer, (a, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PINGPONG))], [4, 1], [152, 24])
 
 
 # 128 rows = two 64-row consumer warpgroups; 64-block chunks; a 3-deep ring (131 KB, 1 CTA/SM);
 # registers capped at 168 so 12 warps (4 + 4 + 1, rounded up to warpgroups) fit an SM's 64K
-TUNING = {"rows": 128, "block_c": 64, "num_warps": 4, "stages": 3, "maxnreg": 168}
+# "pingpong": the consumers take turns at their MMAs (Lever 48; prepared, not yet measured)
+TUNING = {"rows": 128, "block_c": 64, "num_warps": 4, "stages": 3, "maxnreg": 168, "pingpong": False}
 
 
 def supported(q, k_cmp) -> bool:
@@ -205,6 +261,6 @@ def compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size: int, stride: int
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         T, C, Hkv, scale * 1.4426950408889634,
         G=G, BLOCK_T=block_t, ROWS=rows, BLOCK_C=block_c, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride,
-        STAGES=tune["stages"], num_warps=tune["num_warps"], maxnreg=tune["maxnreg"],
+        STAGES=tune["stages"], PINGPONG=bool(tune["pingpong"]), num_warps=tune["num_warps"], maxnreg=tune["maxnreg"],
     )
     return out, lse
