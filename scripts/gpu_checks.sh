@@ -6,8 +6,11 @@
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
-#   pending  what the last GPU session left unrun: the op part with Levers 44-45 the rules (session
-#            21 ran the kernels and model parts with them, the op part with Lever 43 in session 20)
+#   pending  what the last GPU session left unrun: test_flex.py, the op part's file not yet run with
+#            Levers 44-45 the rules (session 22 ran its custom-op and fused-gates files with them)
+#   gluon    Levers 47-48 (the Gluon sm_90 compression forward, knob gluon_ws): its GPU tests alone
+#            (the ping-pong in a child process under a timeout), then kernel_tuning's forward
+#            variants matching "gluon" against the Triton rule at 128K
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -21,12 +24,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -55,7 +58,17 @@ short_op() {  # name, window kernel, lengths, modes[, tuning file[, inputs]]: th
 }
 
 pending() {
-  gpu_tests op $OP_TESTS
+  gpu_tests op_flex tests/test_flex.py
+}
+
+gluon() {
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE \
+    tests/test_triton_compression.py -k gluon > "$out/gpu_tests_gluon.log" 2>&1
+  echo "gluon tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_gluon.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_gluon.log" | head -10
+  timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match gluon \
+    --out "$out/kernel_tuning" > "$out/kernel_tuning.log" 2>&1
+  echo "kernel_tuning: exit $?"; tail -4 "$out/kernel_tuning.log"
 }
 
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
@@ -113,6 +126,7 @@ case "$part" in
   diagnose) diagnose ;;
   dkv_ncu) dkv_ncu ;;
   levers) levers ;;
+  gluon) gluon ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, diagnose or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac
