@@ -1,4 +1,4 @@
-"""Test setup: Triton interpreter and inductor cache on CPU, GPU tests skipped without CUDA."""
+"""Test setup: Triton interpreter and inductor/triton caches on CPU, GPU tests skipped without CUDA."""
 
 import os
 import pathlib
@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".inductor_cache")
 )
+# triton.compile's cache too (the sm_90 compile checks of tests/test_sm90_sass.py run on the CPU)
+os.environ.setdefault("TRITON_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".triton_cache"))
 
 import pytest  # noqa: E402
 
