@@ -120,7 +120,7 @@ def test_dkv_variants_gpu(dtype, variant, monkeypatch):
     check(("Q7B-T3000", 28, 4, 3000, 128, 64, 64), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-# The warp-specialised Gluon forward (NOTES Lever 47; sm_90, 16-bit, head_dim 64/128/256): the
+# The warp-specialised Gluon forward (NOTES Lever 47; sm_90, 16-bit, head_dim 64 or 128): the
 # same checks (output, lse, and the gradients of the op whose forward it is), with a count that
 # shows it ran rather than the Triton forward. Cases: G = 7 and 1, T not a multiple of 64, tiles
 # that see nothing, l = 32 / s = 16 overlap, Q7B heads.

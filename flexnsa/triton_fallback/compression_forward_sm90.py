@@ -1,4 +1,4 @@
-"""The compression branch's forward for Hopper (sm_90) in Gluon, warp-specialised (NOTES Levers 46-47).
+"""The compression branch's forward for Hopper (sm_90) in Gluon, warp-specialised (NOTES Levers 46-48).
 
 Why: every Triton forward here is latency-bound because each QK~^T is waited on before its softmax
 and the softmax before the next MMA (sm_90 SASS, NOTES sessions 16-17), while the two warpgroups of
@@ -7,11 +7,13 @@ both run their softmax at the same time and their MMAs at the same time. Within 
 ptxas keeps the softmax and the MMAs serial whatever order Gluon's async wgmma issues them in
 (Lever 46). Here the warpgroups are separate partitions (``gl.warp_specialize``): a TMA producer
 warp fills a 3-deep K~/V~ ring, and two consumer warpgroups of 64 rows each run QK~^T -> online
-softmax -> P V~ on their own rows. They are coupled only by the ring's mbarriers, so one's
-softmax can run under the other's MMAs, as FlashAttention-3's ping-pong arranges by hand.
-Measured on an H200 at 128K (NOTES Lever 47): 4.83 ms against the Triton forward's 4.60, so
-the rule (``compression_attention.GLUON_WS``) is off and this stays an explicit knob
-(``{"compression": {"fwd": {"gluon_ws": true}}}``): the groundwork for a coordinated ping-pong.
+softmax -> P V~ on their own rows, coupled only by the ring's mbarriers. Measured on an H200
+at 128K (NOTES Lever 47): 4.83 ms against the Triton forward's 4.60, the two consumers staying
+in step. So the rule (``compression_attention.GLUON_WS``) is off and this is an explicit knob
+(``{"compression": {"fwd": {"gluon_ws": true}}}``). With ``"pingpong"`` (Lever 48, prepared in
+session 22, not yet measured) the consumers take turns at their MMA blocks through two mbarriers,
+so each one's softmax runs under the other's MMAs, as FlashAttention-3's ping-pong arranges with
+named barriers; ``python -m profiling.sm90_sass --pingpong`` shows that order in the sm_90 code.
 
 Same tiling and semantics as ``compression_attention._cmp_fwd_kernel``: 128 rows = BLOCK_T
 tokens x the G heads of kv head h, packed (row r = token t_first + r // G, head h*G + r % G);
@@ -224,9 +226,10 @@ TUNING = {"rows": 128, "block_c": 64, "num_warps": 4, "stages": 3, "maxnreg": 16
 
 def supported(q, k_cmp) -> bool:
     """Where this forward runs: an sm_90 GPU (wgmma, setmaxnreg), 16-bit inputs (the Triton
-    kernel keeps fp32), head_dim 64/128/256 (whole 64-wide wgmma tiles), a non-empty compressed axis."""
+    kernel keeps fp32), head_dim 64 or 128 (whole 64-wide wgmma tiles; at 256 the fp32 accumulator alone
+    would need 128 of a consumer's 152 registers), a non-empty compressed axis."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in (torch.bfloat16, torch.float16)
-            and k_cmp.dtype == q.dtype and q.shape[-1] in (64, 128, 256) and k_cmp.shape[2] > 0 and q.stride(-1) == 1)
+            and k_cmp.dtype == q.dtype and q.shape[-1] in (64, 128) and k_cmp.shape[2] > 0 and q.stride(-1) == 1)
 
 
 def _descriptor(x2d, block_c: int):
@@ -239,7 +242,7 @@ def compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size: int, stride: int
     """(out [B, Hq, T, D] in q's dtype and layout, lse [B, Hq, T] fp32), as
     ``compression_attention.compression_attention_fwd``; ``supported(q, k_cmp)`` must hold."""
     if not supported(q, k_cmp):
-        raise ValueError(f"compression_attention_fwd_sm90 needs an sm_90 GPU, 16-bit q/k~, head_dim 64/128/256 and a "
+        raise ValueError(f"compression_attention_fwd_sm90 needs an sm_90 GPU, 16-bit q/k~, head_dim 64 or 128 and a "
                          f"non-empty compressed axis: q {tuple(q.shape)} {q.dtype} on {q.device}, k~ {tuple(k_cmp.shape)}")
     tune = dict(TUNING, **(tuning or {}))
     B, Hq, T, D = q.shape
