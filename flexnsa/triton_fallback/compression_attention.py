@@ -313,13 +313,13 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
     (``tiles.kernel_layout``)."""
     v_cmp = strides_like(v_cmp, k_cmp)  # one set of K/V strides
     _check(q, k_cmp, v_cmp)
-    if tuning_for(TUNING, "fwd", q).get("gluon_ws", GLUON_WS) and q.is_cuda:
+    gluon = tuning_for(TUNING, "fwd", q).get("gluon_ws", GLUON_WS)
+    if gluon and q.is_cuda:
         from . import compression_forward_sm90 as sm90
 
         if sm90.supported(q, k_cmp):
-            knob = tuning_for(TUNING, "fwd", q).get("gluon_ws", GLUON_WS)
             return sm90.compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size, stride, scale,
-                                                       tuning={"pingpong": knob == "pingpong"})
+                                                       tuning={"pingpong": gluon == "pingpong"})
     B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)

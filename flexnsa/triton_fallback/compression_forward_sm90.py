@@ -35,6 +35,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 LN2 = gl.constexpr(0.6931471805599453)
+# Gluon kernels cannot call @triton.jit helpers, so the visibility bounds (``tiles.visible_block_end``,
+# ``tiles.full_chunks_end``) and the online softmax (``tiles.online_max_sum``) are written again
+# below: a change to those rules changes them here too.
 
 
 @gluon.jit
