@@ -12,6 +12,10 @@
 #   gluon    Levers 47-48 (the Gluon sm_90 compression forward, knob gluon_ws): its GPU tests alone
 #            (the ping-pong in a child process under a timeout), then kernel_tuning's forward
 #            variants matching "gluon" against the Triton rule at 128K
+#   fwd_cost the compression forward's per-program fixed cost and stalls (session 23): kernel_tuning's
+#            forward variants matching "gluon" (Triton rule, Levers 47-48) at 16K-128K, to fit
+#            time = a * programs + b * chunk steps; then Nsight Compute (speed of light, warp
+#            states, scheduler) of one 128K launch of each of the three
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -25,12 +29,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -70,6 +74,28 @@ gluon() {
   timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match gluon \
     --out "$out/kernel_tuning" > "$out/kernel_tuning.log" 2>&1
   echo "kernel_tuning: exit $?"; tail -4 "$out/kernel_tuning.log"
+}
+
+fwd_cost() {
+  timeout 240 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops compression:block_shared --kernels fwd \
+    --match gluon --out "$out/lengths" > "$out/lengths.log" 2>&1
+  echo "kernel_tuning lengths: exit $?"; grep -E '^T=' "$out/lengths.log" | grep ' fwd ' | cut -c1-140
+  local ncu; ncu=$(find_ncu)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  for v in triton:_cmp_fwd_kernel:NONE ws:_cmp_fwd_ws_kernel:true pingpong:_cmp_fwd_ws_kernel:pingpong; do
+    IFS=: read -r name kernel match <<< "$v"
+    timeout 120 "$ncu" --clock-control none -k "regex:^${kernel}\$" --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      --section ComputeWorkloadAnalysis -f -o "$out/ncu_$name" \
+      python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match "$match" \
+      --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
+    echo "ncu $name: exit $?"
+    "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
+    "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
+    rm -f "$out/ncu_$name.ncu-rep"
+    grep -E 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|No Eligible|Registers Per|Compute \(SM\) Throughput|L2 Cache Throughput' \
+      "$out/ncu_${name}_details.txt" | head -12
+  done
 }
 
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
@@ -128,6 +154,7 @@ case "$part" in
   dkv_ncu) dkv_ncu ;;
   levers) levers ;;
   gluon) gluon ;;
+  fwd_cost) fwd_cost ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac
