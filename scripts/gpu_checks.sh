@@ -82,7 +82,7 @@ fwd_cost() {
   echo "kernel_tuning lengths: exit $?"; grep -E '^T=' "$out/lengths.log" | grep ' fwd ' | cut -c1-140
   local ncu; ncu=$(find_ncu)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
-  for v in triton:_cmp_fwd_kernel:NONE ws:_cmp_fwd_ws_kernel:true pingpong:_cmp_fwd_ws_kernel:pingpong; do
+  for v in triton:_cmp_fwd_kernel:NONE ws:_cmp_fwd_ws_kernel:gluon_ws...true pingpong:_cmp_fwd_ws_kernel:pingpong; do
     IFS=: read -r name kernel match <<< "$v"
     timeout 120 "$ncu" --clock-control none -k "regex:^${kernel}\$" --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
