@@ -38,7 +38,7 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
     "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]]
            + [{"tma": False}, PADDED]
-           + [{"gluon_ws": True}, {"gluon_ws": "pingpong"}],  # Levers 47-48: the warp-specialised Gluon forward (sm_90)
+           + [{"gluon_ws": True}, {"gluon_ws": "pingpong"}, {"gluon_ws": "persistent"}],  # Levers 47-48, 50: Gluon (sm_90)
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
           + [{"tma": False}, PADDED],

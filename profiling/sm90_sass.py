@@ -7,7 +7,7 @@ overlap: registers, spills, ptxas's wgmma serialisation warning (C7514), and the
 MMA issues (HGMMA), their waits (WARPGROUP.DEPBAR), mbarrier arrives and softmax exponentials
 (MUFU.EX2) in program order. ``tests/test_sm90_sass.py`` holds the ping-pong's order to it.
 
-    python -m profiling.sm90_sass [--pingpong] [--rows 128 --block-c 64 --head-dim 128 --group 7 --stages 3]
+    python -m profiling.sm90_sass [--pingpong | --persistent] [--rows 128 --block-c 64 --head-dim 128 --group 7 --stages 3]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ EVENTS = {"HGMMA": "mma", "WARPGROUP.DEPBAR": "wait", "SYNCS.ARRIVE": "arrive", 
           "SYNCS.PHASECHK": "mbarrier_wait"}
 
 
-def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingpong=False, maxnreg=168) -> dict:
+def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingpong=False, maxnreg=168,
+                    persistent=False) -> dict:
     """{"registers", "spill_bytes", "shared_bytes", "serialised" (ptxas C7514), "ptxas_log", "sass"}
     of the warp-specialised forward at these constants (bf16, l = s = 64)."""
     import triton
@@ -37,12 +38,19 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
     layout = gl.NVMMASharedLayout.get_default_for([block_c, head_dim], gl.bfloat16)
     desc = f"tensordesc<bf16[{block_c}, {head_dim}],{layout!r}>"
     signature = {"Q": "*bf16", "K": desc, "V": desc, "O": "*bf16", "LSE": "*fp32"}
-    signature |= {name: "i32" for name in ("sq_b", "sq_h", "sq_t", "so_b", "so_h", "so_t", "sl_b", "sl_h", "T", "C", "HKV")}
+    ints = ("sq_b", "sq_h", "sq_t", "so_b", "so_h", "so_t", "sl_b", "sl_h", "T", "C", "HKV") + (("B",) if persistent else ())
+    signature |= {name: "i32" for name in ints}
     signature["qk_scale"] = "fp32"
     constants = dict(G=group, BLOCK_T=rows // group, ROWS=rows, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64, CMP_STRIDE=64,
-                     STAGES=stages, PINGPONG=pingpong, num_warps=4)
+                     STAGES=stages, num_warps=4)
+    if not persistent:
+        constants["PINGPONG"] = pingpong
     signature |= {name: "constexpr" for name in constants}
-    kernel = triton.compile(GluonASTSource(sm90._cmp_fwd_ws_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+    fn = sm90._cmp_fwd_persistent_kernel if persistent else sm90._cmp_fwd_ws_kernel
+    # what the launcher's specialisation proves at the Q7B shape: 16-byte aligned pointers and strides
+    aligned = ("Q", "O", "LSE", "sq_b", "sq_h", "sq_t", "so_b", "so_h", "so_t", "sl_b", "sl_h")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(GluonASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "maxnreg": maxnreg})
     bin_dir = os.path.dirname(get_ptxas(90).path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +88,7 @@ def contains_in_order(seq: list[str], pattern: list[str]) -> bool:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m profiling.sm90_sass")
     p.add_argument("--pingpong", action="store_true")
+    p.add_argument("--persistent", action="store_true", help="the persistent forward (Lever 50)")
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--block-c", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=128)
@@ -89,7 +98,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: under the interpreter Gluon kernels are not compiled")
-    out = compile_forward(args.rows, args.block_c, args.head_dim, args.group, args.stages, args.pingpong)
+    out = compile_forward(args.rows, args.block_c, args.head_dim, args.group, args.stages, args.pingpong,
+                          persistent=args.persistent)
     if args.json:
         print(json.dumps({k: out[k] for k in ("registers", "spill_bytes", "shared_bytes", "serialised")}
                          | {"events": events(out["sass"]), "ptxas_log": out["ptxas_log"]}))

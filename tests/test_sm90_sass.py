@@ -1,7 +1,8 @@
 """The Gluon compression forward's sm_90 code, compiled on the CPU (triton's bundled ptxas and
 nvdisasm; no GPU): no spill, no wgmma serialisation, and in the ping-pong (NOTES Lever 48) each
 consumer hands its turn over after its MMAs retire and before its softmax, the order its overlap
-rests on. The plain warp-specialised loop (Lever 47) runs its softmax right after the QK~^T wait.
+rests on. The plain warp-specialised loop (Lever 47) and the persistent one (Lever 50) run their
+softmax right after the QK~^T wait.
 Compiled in a child process without TRITON_INTERPRET (set for the CPU tests, under which Gluon
 kernels are not compiled)."""
 
@@ -26,9 +27,10 @@ def compiled(*flags):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "plain"])
-def test_forward_compiles_for_sm90_without_spills_or_serialised_wgmma(pingpong):
-    out = compiled(*(["--pingpong"] if pingpong else []))
+@pytest.mark.parametrize("variant", ["pingpong", "plain", "persistent"])
+def test_forward_compiles_for_sm90_without_spills_or_serialised_wgmma(variant):
+    pingpong = variant == "pingpong"
+    out = compiled(*({"pingpong": ["--pingpong"], "persistent": ["--persistent"]}.get(variant, [])))
     assert out["spill_bytes"] == 0, out["ptxas_log"]
     assert not out["serialised"], out["ptxas_log"]
     assert out["shared_bytes"] <= 227 * 1024

@@ -144,12 +144,17 @@ def test_gluon_ws_forward_gpu(case, dtype, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
+# Lever 48's ping-pong (the consumers take turns at their MMAs through two mbarriers) and Lever
+# 50's persistent forward (one program per SM over the tiles; Q7B-T3000 and the D = 64 case give
+# each program several tiles, both batches): the same checks in a child process under a timeout,
+# so an mbarrier deadlock fails the test instead of hanging the GPU run (a wait that is never
+# satisfied does not raise).
+CHILD_CASES = [("pingpong", GLUON_CASES[0]), ("pingpong", GLUON_CASES[3])] + [("persistent", c) for c in GLUON_CASES]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [GLUON_CASES[0], GLUON_CASES[3]], ids=[GLUON_CASES[0][0], GLUON_CASES[3][0]])
-def test_gluon_pingpong_forward_gpu(case, tmp_path):
-    # Lever 48 (the consumers take turns at their MMAs through two mbarriers): the same checks in
-    # a child process under a timeout, so a turn-taking deadlock fails the test instead of hanging
-    # the GPU run (an mbarrier wait that is never satisfied does not raise).
+@pytest.mark.parametrize("knob,case", CHILD_CASES, ids=[f"{k}-{c[0]}" for k, c in CHILD_CASES])
+def test_gluon_forward_variant_gpu(knob, case, tmp_path):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is sm_90-only")
     import json
@@ -157,14 +162,14 @@ def test_gluon_pingpong_forward_gpu(case, tmp_path):
     import subprocess
     import sys
 
-    tuning = tmp_path / "pingpong.json"
-    tuning.write_text(json.dumps({"compression": {"fwd": {"gluon_ws": "pingpong"}}}))
+    tuning = tmp_path / f"{knob}.json"
+    tuning.write_text(json.dumps({"compression": {"fwd": {"gluon_ws": knob}}}))
     code = (
         "import torch, test_triton_compression as t\n"
         "from flexnsa.triton_fallback import compression_forward_sm90 as sm90\n"
         "calls = []\n"
         "real = sm90.compression_attention_fwd_sm90\n"
-        "sm90.compression_attention_fwd_sm90 = lambda *a, **k: calls.append(k['tuning']['pingpong']) or real(*a, **k)\n"
+        f"sm90.compression_attention_fwd_sm90 = lambda *a, **k: calls.append(k['tuning'][{knob!r}]) or real(*a, **k)\n"
         f"t.check({case!r}, torch.bfloat16, 'cuda', tol=2e-2)\n"
         "assert calls and all(calls), calls\n"
     )
@@ -172,5 +177,5 @@ def test_gluon_pingpong_forward_gpu(case, tmp_path):
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
-        pytest.fail("the ping-pong forward did not finish in 300 s (a turn-taking deadlock?)")
+        pytest.fail(f"the {knob} forward did not finish in 300 s (an mbarrier deadlock?)")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -269,7 +269,8 @@ RELAXED = True
 # The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs, the warp-specialised
 # Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel`` (which
 # every other input keeps: fp32, other head dims, CPU); "pingpong": its consumers taking turns at
-# their MMAs (Lever 48, prepared in session 22, not yet measured).
+# their MMAs (Lever 48, measured in session 23: 4.71 ms against 4.56); "persistent": one program
+# per SM over all tiles, q double-buffered (Lever 50).
 # Measured on an H200 at 128K (session 22): 4.83 against 4.60 ms, the op's forward 20.23 against 19.96.
 GLUON_WS = False
 load_tuning_file("compression", TUNING)
@@ -317,9 +318,10 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size: int, stride: int, sca
     if gluon and q.is_cuda:
         from . import compression_forward_sm90 as sm90
 
-        if sm90.supported(q, k_cmp):
+        if sm90.supported(q, k_cmp, gluon == "persistent"):
             return sm90.compression_attention_fwd_sm90(q, k_cmp, v_cmp, block_size, stride, scale,
-                                                       tuning={"pingpong": gluon == "pingpong"})
+                                                       tuning={"pingpong": gluon == "pingpong",
+                                                               "persistent": gluon == "persistent"})
     B, Hq, Hkv, T, D, block_t, consts = _launch_params(q, k_cmp, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
