@@ -12,6 +12,8 @@
 #   gluon    Levers 47-48 (the Gluon sm_90 compression forward, knob gluon_ws): its GPU tests alone
 #            (the ping-pong in a child process under a timeout), then kernel_tuning's forward
 #            variants matching "gluon" against the Triton rule at 128K
+#   gluon_op the 128K block-shared op (fwd, fwd+bwd, stages included) with the rule and with the
+#            persistent Gluon forward (Lever 50, gluon_ws "persistent"), two alternated rounds
 #   fwd_cost the compression forward's per-program fixed cost and stalls (session 23): kernel_tuning's
 #            forward variants matching "gluon" (Triton rule, Levers 47-48) at 16K-128K, to fit
 #            time = a * programs + b * chunk steps; then Nsight Compute (speed of light, warp
@@ -29,12 +31,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|fwd_cost|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -74,6 +76,14 @@ gluon() {
   timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match gluon \
     --out "$out/kernel_tuning" > "$out/kernel_tuning.log" 2>&1
   echo "kernel_tuning: exit $?"; tail -4 "$out/kernel_tuning.log"
+}
+
+gluon_op() {
+  echo '{"compression": {"fwd": {"gluon_ws": "persistent"}}}' > "$out/persistent.json"
+  for i in 1 2; do
+    short_op "rule_$i" auto 128K fwd,fwd+bwd
+    short_op "persistent_$i" auto 128K fwd,fwd+bwd "$out/persistent.json"
+  done
 }
 
 fwd_cost() {
@@ -155,6 +165,7 @@ case "$part" in
   levers) levers ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
+  gluon_op) gluon_op ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

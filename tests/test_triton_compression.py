@@ -154,26 +154,24 @@ CHILD_CASES = [("pingpong", GLUON_CASES[0]), ("pingpong", GLUON_CASES[3])] + [("
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("knob,case", CHILD_CASES, ids=[f"{k}-{c[0]}" for k, c in CHILD_CASES])
-def test_gluon_forward_variant_gpu(knob, case, tmp_path):
+def test_gluon_forward_variant_gpu(knob, case):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is sm_90-only")
-    import json
     import os
     import subprocess
     import sys
 
-    tuning = tmp_path / f"{knob}.json"
-    tuning.write_text(json.dumps({"compression": {"fwd": {"gluon_ws": knob}}}))
-    code = (
+    code = (  # the rule, not a FLEXNSA_TUNING file: tuning files apply at head_dim 128 only (tiles.tuning_for)
         "import torch, test_triton_compression as t\n"
-        "from flexnsa.triton_fallback import compression_forward_sm90 as sm90\n"
+        "from flexnsa.triton_fallback import compression_attention as cmp_attn, compression_forward_sm90 as sm90\n"
+        f"cmp_attn.GLUON_WS = {knob!r}\n"
         "calls = []\n"
         "real = sm90.compression_attention_fwd_sm90\n"
         f"sm90.compression_attention_fwd_sm90 = lambda *a, **k: calls.append(k['tuning'][{knob!r}]) or real(*a, **k)\n"
         f"t.check({case!r}, torch.bfloat16, 'cuda', tol=2e-2)\n"
         "assert calls and all(calls), calls\n"
     )
-    env = dict(os.environ, FLEXNSA_TUNING=str(tuning), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
     except subprocess.TimeoutExpired:

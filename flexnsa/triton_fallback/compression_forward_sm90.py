@@ -73,6 +73,27 @@ def _wait_turn(turn, k, HALF: gl.constexpr):
 
 
 @gluon.jit
+def _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_h, HALF: gl.constexpr, G: gl.constexpr,
+                BLOCK_T: gl.constexpr, D: gl.constexpr):
+    """A consumer's 64 rows of output (normalised, in O's dtype) and lse (natural log; rows that
+    see nothing: 0 and -inf). The output goes through shared memory into a row-contiguous layout
+    first, so each warp stores whole 128-byte row segments in 16-byte vectors; stored from the
+    wgmma layout, each thread's 4-byte pairs left every sector half written (Lever 50)."""
+    io: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    seen = l > 0
+    lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))
+    inv = gl.where(seen, 1.0 / gl.where(seen, l, 1.0), 0.0)
+    out = gl.convert_layout((acc * inv[:, None]).to(O.dtype.element_ty), io)
+    r = HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, io))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
+    t = t_first + r // G
+    ok = (r < BLOCK_T * G) & (t < T)
+    gl.store(O + b * so_b + (h * G + r % G)[:, None] * so_h + t[:, None] * so_t + d[None, :], out, mask=ok[:, None])
+    lse = gl.convert_layout(lse, gl.SliceLayout(1, io))
+    gl.store(LSE + b * sl_b + (h * G + r % G) * sl_h + t, lse, mask=ok)
+
+
+@gluon.jit
 def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
              CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Rows HALF * 64 .. + 63 of the tile, per chunk: QK~^T -> online softmax -> P V~, each MMA waited
@@ -138,15 +159,7 @@ def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOC
             acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
             acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
             mbarrier.arrive(empty.index(slot), count=1)
-    seen = l > 0
-    lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))
-    inv = gl.where(seen, 1.0 / gl.where(seen, l, 1.0), 0.0)
-    out = (acc * inv[:, None]).to(dtype)
-    ok = (r < BLOCK_T * G) & (t < T)
-    qh = h * G + r % G
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
-    gl.store(O + b * so_b + qh[:, None] * so_h + t[:, None] * so_t + d[None, :], out, mask=ok[:, None])
-    gl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=ok)
+    _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_h, HALF, G, BLOCK_T, D)
 
 
 @gluon.jit
@@ -276,7 +289,6 @@ def _consume_tiles(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
     r = HALF * HROWS + gl.arange(0, HROWS, layout=row_l)
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
     zero = gl.zeros([HROWS, BLOCK_C], gl.float32, mma)
     n_tiles = n_t * HKV * B
     first = gl.program_id(0)
@@ -313,14 +325,7 @@ def _consume_tiles(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr
             acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
             acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
             mbarrier.arrive(empty.index(slot), count=1)
-        seen = l > 0
-        lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))
-        inv = gl.where(seen, 1.0 / gl.where(seen, l, 1.0), 0.0)
-        out = (acc * inv[:, None]).to(dtype)
-        ok = (r < BLOCK_T * G) & (t < T)
-        qh = h * G + r % G
-        gl.store(O + b * so_b + qh[:, None] * so_h + t[:, None] * so_t + d[None, :], out, mask=ok[:, None])
-        gl.store(LSE + b * sl_b + qh * sl_h + t, lse, mask=ok)
+        _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_h, HALF, G, BLOCK_T, D)
         it += n
         k += 1
 
