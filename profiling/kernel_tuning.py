@@ -35,10 +35,14 @@ PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per t
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
     # session 17: K~/V~ chunks by TMA ("tma", the rule) take the forward's registers from 232 to 175
     # (sm_90 SASS); 64 rows x 4 warps x 2 stages then fit 2 CTAs per SM (83 KB, 174 registers)
-    "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
-            [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]]
-           + [{"tma": False}, PADDED]
-           + [{"gluon_ws": True}, {"gluon_ws": "pingpong"}, {"gluon_ws": "persistent"}],  # Levers 47-48, 50: Gluon (sm_90)
+    # the Triton forward's knobs apply where the Gluon rule does not run ("gluon_ws": false on sm_90)
+    "fwd": [dict(rows=r, block_c=c, num_warps=w, num_stages=s, gluon_ws=False) for r, c, w, s in
+            [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2),
+             (64, 32, 4, 2)]]
+           + [{"tma": False, "gluon_ws": False}, dict(PADDED, gluon_ws=False)]
+           # Levers 47-48, 50 (sm_90; "persistent" the rule since session 23): the Triton forward and each
+           # Gluon variant against the rule, --match '^\{"gluon_ws"'
+           + [{"gluon_ws": False}, {"gluon_ws": True}, {"gluon_ws": "pingpong"}, {"gluon_ws": "persistent"}],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
           + [{"tma": False}, PADDED],

@@ -14,6 +14,9 @@
 #            variants matching "gluon" against the Triton rule at 128K
 #   gluon_op the 128K block-shared op (fwd, fwd+bwd, stages included) with the rule and with the
 #            persistent Gluon forward (Lever 50, gluon_ws "persistent"), two alternated rounds
+#   gluon_rule where the persistent Gluon forward (the rule since session 23) runs inside the op: the
+#            custom ops under fullgraph, CUDA graphs, the compression kernels' GPU tests; then the
+#            128K block-shared op once
 #   fwd_cost the compression forward's per-program fixed cost and stalls (session 23): kernel_tuning's
 #            forward variants matching "gluon" (Triton rule, Levers 47-48) at 16K-128K, to fit
 #            time = a * programs + b * chunk steps; then Nsight Compute (speed of light, warp
@@ -31,12 +34,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|fwd_cost|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -73,7 +76,7 @@ gluon() {
     tests/test_triton_compression.py -k gluon > "$out/gpu_tests_gluon.log" 2>&1
   echo "gluon tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_gluon.log" | tail -1)"
   grep -E '^(FAILED|ERROR)' "$out/gpu_tests_gluon.log" | head -10
-  timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match gluon \
+  timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match '^\{"gluon_ws"' \
     --out "$out/kernel_tuning" > "$out/kernel_tuning.log" 2>&1
   echo "kernel_tuning: exit $?"; tail -4 "$out/kernel_tuning.log"
 }
@@ -86,9 +89,15 @@ gluon_op() {
   done
 }
 
+gluon_rule() {
+  local limit=360
+  gpu_tests gluon_rule tests/test_custom_ops.py tests/test_cuda_graphs.py tests/test_triton_compression.py
+  short_op rule_128K auto 128K fwd,fwd+bwd
+}
+
 fwd_cost() {
   timeout 240 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops compression:block_shared --kernels fwd \
-    --match gluon --out "$out/lengths" > "$out/lengths.log" 2>&1
+    --match '^\{"gluon_ws"' --out "$out/lengths" > "$out/lengths.log" 2>&1
   echo "kernel_tuning lengths: exit $?"; grep -E '^T=' "$out/lengths.log" | grep ' fwd ' | cut -c1-140
   local ncu; ncu=$(find_ncu)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
@@ -166,6 +175,7 @@ case "$part" in
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;
+  gluon_rule) gluon_rule ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
-  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

@@ -149,12 +149,13 @@ def test_gluon_ws_forward_gpu(case, dtype, monkeypatch):
 # each program several tiles, both batches): the same checks in a child process under a timeout,
 # so an mbarrier deadlock fails the test instead of hanging the GPU run (a wait that is never
 # satisfied does not raise).
-CHILD_CASES = [("pingpong", GLUON_CASES[0]), ("pingpong", GLUON_CASES[3])] + [("persistent", c) for c in GLUON_CASES]
+CHILD_CASES = ([("pingpong", GLUON_CASES[0], "bfloat16"), ("pingpong", GLUON_CASES[3], "bfloat16")]
+               + [("persistent", c, "bfloat16") for c in GLUON_CASES] + [("persistent", GLUON_CASES[3], "float16")])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("knob,case", CHILD_CASES, ids=[f"{k}-{c[0]}" for k, c in CHILD_CASES])
-def test_gluon_forward_variant_gpu(knob, case):
+@pytest.mark.parametrize("knob,case,dtype", CHILD_CASES, ids=[f"{k}-{c[0]}-{d}" for k, c, d in CHILD_CASES])
+def test_gluon_forward_variant_gpu(knob, case, dtype):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is sm_90-only")
     import os
@@ -168,7 +169,7 @@ def test_gluon_forward_variant_gpu(knob, case):
         "calls = []\n"
         "real = sm90.compression_attention_fwd_sm90\n"
         f"sm90.compression_attention_fwd_sm90 = lambda *a, **k: calls.append(k['tuning'][{knob!r}]) or real(*a, **k)\n"
-        f"t.check({case!r}, torch.bfloat16, 'cuda', tol=2e-2)\n"
+        f"t.check({case!r}, torch.{dtype}, 'cuda', tol=2e-2)\n"
         "assert calls and all(calls), calls\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))

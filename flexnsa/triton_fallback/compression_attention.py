@@ -266,13 +266,15 @@ TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / d
 # sums; 4096 programs flush 64 KB each. Measured on an H200 at 128K (NOTES Lever 44, session 21):
 # the backward kernels 13.49 -> 13.30 ms (8192 programs: 13.31); the op's fwd+bwd within its spread.
 RELAXED = True
-# The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs, the warp-specialised
-# Gluon forward (``compression_forward_sm90``, NOTES Lever 47) instead of ``_cmp_fwd_kernel`` (which
-# every other input keeps: fp32, other head dims, CPU); "pingpong": its consumers taking turns at
-# their MMAs (Lever 48, measured in session 23: 4.71 ms against 4.56); "persistent": one program
-# per SM over all tiles, q double-buffered (Lever 50).
-# Measured on an H200 at 128K (session 22): 4.83 against 4.60 ms, the op's forward 20.23 against 19.96.
-GLUON_WS = False
+# The rule for the forward's "gluon_ws" knob: on an sm_90 GPU with 16-bit inputs at head_dim 64 or
+# 128, a Gluon forward (``compression_forward_sm90``) instead of ``_cmp_fwd_kernel``, which every
+# other input keeps (fp32, other head dims, CPU; the same outputs bit for bit at 128K). Values:
+# True, the warp-specialised forward (Lever 47); "pingpong", its consumers taking turns at their
+# MMAs (Lever 48); "persistent", one program per SM over all tiles with the next tile's q and
+# chunks loaded under the current one (Lever 50). Measured on an H200 at 128K (session 23, one
+# process, all with the coalesced epilogue): Triton 4.564, True 4.544, "pingpong" 4.501,
+# "persistent" 4.235 ms; the op's forward 20.19 / 19.84 (rule then) against 19.72 / 19.60.
+GLUON_WS = "persistent"
 load_tuning_file("compression", TUNING)
 
 

@@ -1,19 +1,19 @@
-"""The compression branch's forward for Hopper (sm_90) in Gluon, warp-specialised (NOTES Levers 46-48).
+"""The compression branch's forward for Hopper (sm_90) in Gluon, warp-specialised (NOTES Levers 46-50).
 
 Why: every Triton forward here is latency-bound because each QK~^T is waited on before its softmax
-and the softmax before the next MMA (sm_90 SASS, NOTES sessions 16-17), while the two warpgroups of
-an 8-warp CTA are held in step by the CTA-wide barriers Triton places around each TMA issue, so
-both run their softmax at the same time and their MMAs at the same time. Within one warpgroup
-ptxas keeps the softmax and the MMAs serial whatever order Gluon's async wgmma issues them in
-(Lever 46). Here the warpgroups are separate partitions (``gl.warp_specialize``): a TMA producer
-warp fills a 3-deep K~/V~ ring, and two consumer warpgroups of 64 rows each run QK~^T -> online
-softmax -> P V~ on their own rows, coupled only by the ring's mbarriers. Measured on an H200
-at 128K (NOTES Lever 47): 4.83 ms against the Triton forward's 4.60, the two consumers staying
-in step. So the rule (``compression_attention.GLUON_WS``) is off and this is an explicit knob
-(``{"compression": {"fwd": {"gluon_ws": true}}}``). With ``"pingpong"`` (Lever 48, prepared in
-session 22, not yet measured) the consumers take turns at their MMA blocks through two mbarriers,
-so each one's softmax runs under the other's MMAs, as FlashAttention-3's ping-pong arranges with
-named barriers; ``python -m profiling.sm90_sass --pingpong`` shows that order in the sm_90 code.
+and the softmax before the next MMA (sm_90 SASS, NOTES sessions 16-17), and at one CTA per SM
+nothing overlaps a program's prologue (q, the first K~/V~ boxes) and epilogue with another's
+chunks: ~4.5 of a 21 us program at 128K (Lever 49). Here the warpgroups are separate partitions
+(``gl.warp_specialize``): a TMA producer warp fills a 3-deep K~/V~ ring, and two consumer
+warpgroups of 64 rows each run QK~^T -> online softmax -> P V~ on their own rows, coupled only by
+the ring's mbarriers. The rule (``compression_attention.GLUON_WS = "persistent"``, Lever 50) runs
+one program per SM over all tiles: the producer's ring runs across tile boundaries and each
+consumer copies the next tile's q rows by cp.async under the current tile, so only the epilogue
+stays exposed (4.235 against Triton's 4.564 ms at 128K on an H200, session 23). The one-tile-per-
+program variants stay as knob values: ``True`` (Lever 47, the consumers in step, 4.544 ms) and
+``"pingpong"`` (Lever 48: they take turns at their MMA blocks through two mbarriers, FA3's
+ping-pong; 4.501 ms, the per-chunk cost unchanged). ``python -m profiling.sm90_sass
+[--pingpong | --persistent]`` shows their sm_90 code.
 
 Same tiling and semantics as ``compression_attention._cmp_fwd_kernel``: 128 rows = BLOCK_T
 tokens x the G heads of kv head h, packed (row r = token t_first + r // G, head h*G + r % G);
