@@ -94,6 +94,29 @@ def _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_
 
 
 @gluon.jit
+def _plain_chunks(q, k_smem, v_smem, full_k, full_v, empty, it, n, c_mid, t, C, qk_scale, m, l, acc, zero, mma: gl.constexpr,
+                  STAGES: gl.constexpr, BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr):
+    """A consumer's n chunks of one tile, each QK~^T -> online softmax -> P V~ waited on in turn,
+    the ring slot released once its P V~ retired; ``it`` counts the ring's chunks before this tile
+    (0 with one tile per program), as the producer counts them. Returns (max, sum, acc)."""
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    for j in range(n):
+        slot = (it + j) % STAGES
+        ph = ((it + j) // STAGES) & 1
+        mbarrier.wait(full_k.index(slot), ph)
+        s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        p, alpha, m, l = _online_softmax(s, m, l, j * BLOCK_C, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+        acc = acc * alpha[:, None]
+        mbarrier.wait(full_v.index(slot), ph)
+        p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+        acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
+        mbarrier.arrive(empty.index(slot), count=1)
+    return m, l, acc
+
+
+@gluon.jit
 def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
              CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Rows HALF * 64 .. + 63 of the tile, per chunk: QK~^T -> online softmax -> P V~, each MMA waited
@@ -146,19 +169,8 @@ def _consume(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOC
         mbarrier.arrive(empty.index(last), count=1)
         mbarrier.arrive(turn.index(1 - HALF), count=1)
     else:
-        for j in range(n):
-            slot = j % STAGES
-            ph = (j // STAGES) & 1
-            mbarrier.wait(full_k.index(slot), ph)
-            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            p, alpha, m, l = _online_softmax(s, m, l, j * BLOCK_C, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
-            acc = acc * alpha[:, None]
-            mbarrier.wait(full_v.index(slot), ph)
-            p16 = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
-            mbarrier.arrive(empty.index(slot), count=1)
+        m, l, acc = _plain_chunks(q, k_smem, v_smem, full_k, full_v, empty, 0, n, c_mid, t, C, qk_scale, m, l, acc, zero, mma,
+                                  STAGES, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_h, HALF, G, BLOCK_T, D)
 
 
@@ -284,9 +296,7 @@ def _consume_tiles(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr
     (q_smem, k_smem, v_smem, full_k, full_v, empty, Q, K, V, O, LSE, sq_b, sq_h, sq_t, so_b, so_h, so_t, sl_b, sl_h,
      T, C, HKV, B, n_t, qk_scale) = a
     HROWS: gl.constexpr = 64
-    dtype: gl.constexpr = K.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
     r = HALF * HROWS + gl.arange(0, HROWS, layout=row_l)
     zero = gl.zeros([HROWS, BLOCK_C], gl.float32, mma)
@@ -312,19 +322,8 @@ def _consume_tiles(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr
         m = gl.full([HROWS], float("-inf"), gl.float32, row_l)
         l = gl.zeros([HROWS], gl.float32, row_l)
         acc = gl.zeros([HROWS, D], gl.float32, mma)
-        for j in range(n):
-            slot = (it + j) % STAGES
-            ph = ((it + j) // STAGES) & 1
-            mbarrier.wait(full_k.index(slot), ph)
-            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            p, alpha, m, l = _online_softmax(s, m, l, j * BLOCK_C, c_mid, t, C, qk_scale, mma, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
-            acc = acc * alpha[:, None]
-            mbarrier.wait(full_v.index(slot), ph)
-            p16 = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-            acc, p16 = warpgroup_mma_wait(0, deps=(acc, p16))
-            mbarrier.arrive(empty.index(slot), count=1)
+        m, l, acc = _plain_chunks(q, k_smem, v_smem, full_k, full_v, empty, it, n, c_mid, t, C, qk_scale, m, l, acc, zero, mma,
+                                  STAGES, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
         _store_rows(acc, m, l, O, LSE, b, h, t_first, T, so_b, so_h, so_t, sl_b, sl_h, HALF, G, BLOCK_T, D)
         it += n
         k += 1
