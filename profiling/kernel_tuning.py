@@ -87,7 +87,12 @@ SCORE_VARIANTS = {
                   {"tma": False}, {"tma": False, "num_stages": 3}, {"tma": False, "block_c": 32}]]
               # Lever 42 (the rule since session 19: K~ chunks by TMA): the pointer loads against it, and
               # deeper or wider chunks by TMA, --match tma_k
-              + [{"tma_k": False}] + [{"tma_k": True, **change} for change in [{"num_stages": 3}, {"block_c": 128, "num_warps": 8}]],
+              + [{"tma_k": False}] + [{"tma_k": True, **change} for change in [{"num_stages": 3}, {"block_c": 128, "num_warps": 8}]]
+              # Lever 51: G = 7 as head parts 4 + 2 + 1 (no slot padded), at 2 CTAs per SM (179 registers) and capped
+              # to 3 (168), --match split_heads
+              + [{"split_heads": True, **change} for change in
+                 [{}, {"maxnreg": 168}, {"num_stages": 3}, {"num_stages": 3, "maxnreg": 168}, {"block_c": 32, "maxnreg": 168}]]
+              + [{"split_heads": False, "maxnreg": 168}],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,

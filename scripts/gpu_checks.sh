@@ -21,6 +21,12 @@
 #            forward variants matching "gluon" (Triton rule, Levers 47-48) at 16K-128K, to fit
 #            time = a * programs + b * chunk steps; then Nsight Compute (speed of light, warp
 #            states, scheduler) of one 128K launch of each of the three
+#   scores   Lever 51 (the scorer's G = 7 as head parts 4 + 2 + 1, no slot padded; a register cap for a
+#            third CTA per SM): the scorer's GPU tests, kernel_tuning's scores variants matching
+#            split_heads|maxnreg (block-shared at 16K-128K, which also fits the rule's per-program
+#            cost; per-token at 128K), then Nsight Compute of the rule's and the split kernel's 128K launches
+#   scores_op the 128K block-shared op with the rule and with the split scorer (+ maxnreg 168), two
+#            alternated rounds
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -34,12 +40,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -117,6 +123,44 @@ fwd_cost() {
   done
 }
 
+scores() {
+  timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE \
+    tests/test_triton_scores.py > "$out/gpu_tests_scores.log" 2>&1
+  echo "scores tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_scores.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_scores.log" | head -10
+  timeout 150 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops scores:block_shared \
+    --match 'split_heads|maxnreg' --out "$out/tune_bs" > "$out/tune_bs.log" 2>&1
+  echo "kernel_tuning block-shared: exit $?"; grep -E '^T=' "$out/tune_bs.log" | cut -c1-150
+  timeout 100 python3 -m profiling.kernel_tuning --lengths 128K --ops scores:per_token \
+    --match 'split_heads|maxnreg' --out "$out/tune_pt" > "$out/tune_pt.log" 2>&1
+  echo "kernel_tuning per-token: exit $?"; grep -E '^T=' "$out/tune_pt.log" | cut -c1-150
+  local ncu; ncu=$(find_ncu)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  echo '{"scores": {"scores": {"split_heads": true, "maxnreg": 168}}}' > "$out/split.json"
+  for v in rule:_group_scores_kernel: split:_split_scores_kernel:"$out/split.json"; do
+    IFS=: read -r name kernel tuning <<< "$v"
+    FLEXNSA_TUNING=$tuning timeout 100 "$ncu" --clock-control none -k "regex:^${kernel}\$" --launch-count 2 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      --section ComputeWorkloadAnalysis --section InstructionStats -f -o "$out/ncu_$name" \
+      python3 -m profiling.kernel_tuning --lengths 128K --ops scores:block_shared --match NONE \
+      --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
+    echo "ncu $name: exit $?"
+    "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
+    "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
+    rm -f "$out/ncu_$name.ncu-rep"
+    grep -E 'Duration|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput' \
+      "$out/ncu_${name}_details.txt" | head -12
+  done
+}
+
+scores_op() {
+  echo '{"scores": {"scores": {"split_heads": true, "maxnreg": 168}}}' > "$out/split.json"
+  for i in 1 2; do
+    short_op "rule_$i" auto 128K fwd,fwd+bwd
+    short_op "split_$i" auto 128K fwd,fwd+bwd "$out/split.json"
+  done
+}
+
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
 
 diagnose() {
@@ -176,6 +220,8 @@ case "$part" in
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;
   gluon_rule) gluon_rule ;;
+  scores) scores ;;
+  scores_op) scores_op ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

@@ -239,6 +239,63 @@ def test_importance_head_major(monkeypatch, stride):
         test_op_with_triton_kernels_matches_reference("block_shared", stride)
 
 
+# Lever 51 (knob split_heads): a non-power-of-two G as power-of-two head parts of the padded tiles,
+# one MMA each on the shared K~ chunk, no head slot padded. G = 7 (4 + 2 + 1), 3 (2 + 1), 5 (4 + 1)
+# and 6 (4 + 2); per token, tile sums in registers (8), in registers then PyTorch (48), a 16-token
+# tile sum; T < block, a chunk off the tiles, stride 8, C > 64 (unmasked chunks), D = 64 and 128;
+# own and given lse.
+SPLIT_CASES = [(CASES[0], 1, False), (CASES[0], 8, True), (CASES[0], 48, False), (CASES[2], 1, True),
+               (CASES[3], 16, False), (CASES[4], 16, True), (CASES[4], 1, False),
+               (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 16, True),
+               (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 1, False),
+               (("G3-T260", 6, 2, 260, 16, 16, 16, None), 32, False), (("G3-T260", 6, 2, 260, 16, 16, 16, None), 1, True),
+               (("G5-T170-stride8", 5, 1, 170, 16, 16, 8, None), 1, True), (("G5-T170-stride8", 5, 1, 170, 16, 16, 8, None), 16, False),
+               (("G6-T150-D64-chunk", 12, 2, 150, 64, 32, 16, (20, 150)), 8, False),
+               (("G7-T100-D128", 7, 1, 100, 128, 16, 8, None), 16, True)]
+
+
+@pytest.mark.parametrize("case,tokens_per_sum,given_lse", SPLIT_CASES,
+                         ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse" for c, n, g in SPLIT_CASES])
+def test_group_scores_split_heads_interpreter(case, tokens_per_sum, given_lse, monkeypatch):
+    monkeypatch.setattr(score_kernels, "SPLIT_HEADS", True)
+    launched = []
+    split = score_kernels._split_scores_kernel
+    monkeypatch.setattr(score_kernels, "_split_scores_kernel", SpyKernel(split, launched))
+    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
+    _, Hq, Hkv, T, *_ = case
+    parts = score_kernels.head_parts(Hq // Hkv, 128 // 8 if Hq // Hkv > 4 else 128 // 4)
+    assert launched == [parts] and sum(parts) == Hq // Hkv  # the split kernel ran, with G's parts
+
+
+class SpyKernel:
+    """A kernel whose launches record their head parts (H0, H1, H2)."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append((kwargs["H0"], kwargs["H1"], kwargs["H2"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_head_parts():
+    """G's power-of-two parts, largest first; none where one part is the padded tiling (a power of
+    two), more than three are needed, or the smallest part's rows are below an MMA's 16."""
+    assert [score_kernels.head_parts(g, 16) for g in (7, 6, 5, 3)] == [(4, 2, 1), (4, 2, 0), (4, 1, 0), (2, 1, 0)]
+    assert [score_kernels.head_parts(g, 16) for g in (1, 2, 4, 8, 15)] == [None] * 5
+    assert score_kernels.head_parts(7, 8) is None and score_kernels.head_parts(6, 8) == (4, 2, 0)
+
+
+def test_split_heads_applies_only_to_non_power_of_two_groups(monkeypatch):
+    monkeypatch.setattr(score_kernels, "SPLIT_HEADS", True)
+    q = torch.zeros(1, 8, 64, 16)
+    assert score_kernels._split_parts(q, 7) == (4, 2, 1) and score_kernels._split_parts(q, 8) is None
+    monkeypatch.setattr(score_kernels, "SPLIT_HEADS", False)
+    assert score_kernels._split_parts(q, 7) is None
+
+
 def test_given_lse_must_match_the_sequence():
     q, k, _, _ = random_inputs(1, 7, 1, 64, 16)
     k_cmp = k[:, :, :4].contiguous()
@@ -269,16 +326,32 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
 @pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "given-lse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("rule,value,tokens_per_sum", [("PACKED", True, 64), ("PACKED_PER_TOKEN", True, 1), ("HEAD_MAJOR", True, 64),
-                                                      ("TMA_K", False, 64), ("TMA_K", False, 1)],
-                         ids=["tile-sums", "per-token", "head-major", "k-by-pointers-tile-sums", "k-by-pointers-per-token"])
+                                                      ("TMA_K", False, 64), ("TMA_K", False, 1), ("SPLIT_HEADS", True, 64),
+                                                      ("SPLIT_HEADS", True, 1)],
+                         ids=["tile-sums", "per-token", "head-major", "k-by-pointers-tile-sums", "k-by-pointers-per-token",
+                              "split-heads-tile-sums", "split-heads-per-token"])
 def test_group_scores_packed_gpu(rule, value, tokens_per_sum, dtype, given_lse, monkeypatch):
     """Packed rows at Q7B (G = 7): tile sums (partials per 64 rows) and per-token sums (the
     segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits); and
     head-major tile sums (Lever 38: 64 tokens of one head at a time, q by TMA boxes on sm_90); the
-    padded tiling with K~ chunks by pointers (the rule loads them by TMA since Lever 42)."""
+    padded tiling with K~ chunks by pointers (the rule loads them by TMA since Lever 42); the split
+    head parts (Lever 51: 4 + 2 + 1 heads, no slot padded)."""
     monkeypatch.setattr(score_kernels, rule, value)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [True, False], ids=["split-heads", "padded"])
+@pytest.mark.parametrize("tokens_per_sum", [1, 64], ids=["per-token", "tile64"])
+def test_group_scores_register_cap_gpu(split, tokens_per_sum, monkeypatch):
+    """Lever 51's register cap (maxnreg 168, 3 CTAs per SM on sm_90) at Q7B in bf16: the tuned
+    launch the knob applies to (16-bit, head_dim 128), given and own lse."""
+    monkeypatch.setattr(score_kernels, "SPLIT_HEADS", split)
+    monkeypatch.setitem(score_kernels.TUNING["scores"], "maxnreg", 168)
+    for given_lse, chunk in ((True, None), (False, (1000, 3000))):
+        check_kernel(("Q7B-T3000", 28, 4, 3000, 128, 64, 64, chunk), torch.bfloat16, "cuda", tol=1e-2,
+                     tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])

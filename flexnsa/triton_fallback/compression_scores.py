@@ -22,6 +22,11 @@ are the tile's tokens of one head at a time ([SUM, D] of q, pointers or a TMA bo
 (any G) looped inside each chunk of compressed blocks, whose K~ is loaded once for them; the whole
 sum over tokens and heads stays in registers, one output row per tile, nothing left for PyTorch.
 
+With the ``split_heads`` knob (NOTES Lever 51) a group of G heads that is not a power of two is
+not padded at all: the tile's BLOCK_T tokens x G heads are split into power-of-two head parts
+(G = 7: 4 + 2 + 1 heads, 64 + 32 + 16 rows), each one MMA of the same K~ chunk (loaded once for
+the G heads), their sums added in registers: 112 rows of work instead of 128 at G = 7.
+
 Semantics are the reference's steps 1-2 (compression visibility i*s + l <= t + 1, natural-log
 lse, -inf where nothing is visible). Runs natively on GPUs and under TRITON_INTERPRET=1 on CPU
 (fp32 only there: the interpreter's bf16 dot is wrong, PITFALLS).
@@ -62,13 +67,19 @@ from .tiles import (
 # "tma_k" (None = the TMA_K rule; NOTES Lever 42, on since session 19: the 128K op forward -0.26 ms
 # over three alternated pairs on an H200): the padded and packed tilings' K~ chunks as one
 # [block_c, D] TMA box each, as the compression forward loads them, where the GPU has TMA.
+# "split_heads" (None = the SPLIT_HEADS rule; Lever 51): a non-power-of-two G as power-of-two head
+# parts of the padded tiling's tokens, one MMA each on the shared K~ chunk (``_split_scores_kernel``;
+# sm_90, triton 3.6: 179 registers = 2 CTAs per SM, 168 without a spill under "maxnreg": 168 = 3,
+# as the padded kernel's 153).
 PACKED = False
 PACKED_PER_TOKEN = False
+SPLIT_HEADS = False
 HEAD_MAJOR = False
 TMA = True
 TMA_K = True
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None,
-                     "head_major": None, "tma": None, "tma_k": None}}
+                     "head_major": None, "tma": None, "tma_k": None,
+                     "split_heads": None, "maxnreg": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -101,8 +112,34 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, s
         tl.atomic_add(ptr, grouped, mask=out_ok & shared[None, :])
         tl.store(ptr, grouped, mask=out_ok & ~shared[None, :])
     else:
-        grouped = tl.sum(tl.reshape(p, (BLOCK_C, OUT_ROWS, ROWS // OUT_ROWS)), 2)
-        tl.store(ptr, grouped, mask=out_ok)
+        tl.store(ptr, _row_sums(p, OUT_ROWS), mask=out_ok)
+
+
+@triton.jit
+def _row_sums(p, OUT_ROWS: tl.constexpr):
+    """[blocks, OUT_ROWS] sums of P^T [blocks, rows] over OUT_ROWS groups of consecutive rows
+    (along each thread's own columns, Lever 29)."""
+    return tl.sum(tl.reshape(p, (p.shape[0], OUT_ROWS, p.shape[1] // OUT_ROWS)), 2)
+
+
+@triton.jit
+def _tile_queries(Q, K, LSE, b, h, t, g, row_ok, t_last, T1, C, T0, scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b,
+                  sl_h, G: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                  CMP_STRIDE: tl.constexpr, GIVEN_LSE: tl.constexpr, TMA_K: tl.constexpr):
+    """(q, lse in log2 units, visible block end, K~ base) of rows (token t, head h*G + g) of a tile
+    whose last token is t_last: the lse given (the whole sequence's, from the compression
+    forward) or pass 1's, stored as rows [T0, ..) of the chunk's buffer; +inf where a row is idle
+    or sees nothing, so its probabilities are 0 without a mask."""
+    q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    c_end = visible_block_end(tl.minimum(t_last, T1 - 1), C, CMP_BLOCK, CMP_STRIDE)
+    k_base = b * sk_b + h * sk_h
+    if GIVEN_LSE:
+        lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
+    else:
+        lse = row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
+        tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
+    return q, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), c_end, k_base
 
 
 @triton.jit
@@ -144,18 +181,10 @@ def _group_scores_kernel(
         row = pid_t * (BLOCK_T // SUM) + tl.arange(0, BLOCK_T // SUM)
         row_in = T0 + row * SUM < T1
         seg, shared = 0.0, row_in  # unused
-    q_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
-    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    c_end = visible_block_end(tl.minimum(t_last, T1 - 1), C, CMP_BLOCK, CMP_STRIDE)
-    k_base = b * sk_b + h * sk_h
-    if GIVEN_LSE:  # the whole sequence's lse, from the compression branch's forward
-        lse = tl.load(LSE + b * sl_b + qh * sl_h + t, mask=row_ok, other=float("-inf"))
-    else:  # pass 1, stored as rows [T0, T1) of a chunk buffer
-        lse = row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
-        tl.store(LSE + b * sl_b + qh * sl_h + (t - T0), lse, mask=row_ok)
-
+    q, lse2, c_end, k_base = _tile_queries(Q, K, LSE, b, h, t, g, row_ok, t_last, T1, C, T0, scale, sq_b, sq_h, sq_t,
+                                           sk_b, sk_h, sk_c, sl_b, sl_h, G, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE,
+                                           GIVEN_LSE, TMA_K)
     qk_scale = scale * 1.4426950408889634  # log2 units: exp2
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # idle or sees nothing: p = 0
     c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
@@ -163,6 +192,78 @@ def _group_scores_kernel(
     for c0 in range(c_mid, c_end, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
                       ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
+
+
+@triton.jit
+def _part_queries(Q, K, LSE, b, h, t_first, T1, C, T0, scale, sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
+                  G0: tl.constexpr, HEADS: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                  GIVEN_LSE: tl.constexpr, TMA_K: tl.constexpr):
+    """One head part of a split tile: its BLOCK_T tokens x heads h*G + G0 .. + HEADS - 1 as
+    token-major rows (no slot idle) -> (q, lse in log2 units, token, valid)."""
+    t, g, row_ok = tile_rows(t_first, T1, HEADS, HEADS, BLOCK_T, BLOCK_T * HEADS)
+    q, lse2, _, _ = _tile_queries(Q, K, LSE, b, h, t, G0 + g, row_ok, t_first + BLOCK_T - 1, T1, C, T0, scale, sq_b,
+                                  sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, G, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE,
+                                  GIVEN_LSE, TMA_K)
+    return q, lse2, t, row_ok
+
+
+@triton.jit
+def _split_chunk(K, SCORES, k_base, sk_c, c0, qa, la, ta, oka, qb, lb, tb, okb, qc, lc, tc, okc, row, row_in, C,
+                 qk_scale, b, h, ss_b, ss_h, ss_t, MASKED: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr,
+                 OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
+                 CMP_STRIDE: tl.constexpr, TMA_K: tl.constexpr):
+    """Scores of blocks [c0, c0 + BLOCK_C) of a split tile: the K~ chunk loaded once, one MMA per
+    head part (``probs_t``), the parts' row sums added before the one store."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    k = load_box(K, k_base, b, h, c0, c, c < C, sk_c, BLOCK_C, D, TMA_K)
+    grouped = _row_sums(probs_t(k, qa, la, ta, c, C, oka, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE), OUT_ROWS)
+    if H1 > 0:
+        grouped += _row_sums(probs_t(k, qb, lb, tb, c, C, okb, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE), OUT_ROWS)
+    if H2 > 0:
+        grouped += _row_sums(probs_t(k, qc, lc, tc, c, C, okc, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE), OUT_ROWS)
+    ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
+    tl.store(ptr, grouped, mask=row_in[None, :] & (c < C)[:, None])
+
+
+@triton.jit
+def _split_scores_kernel(
+    Q, K, LSE, SCORES,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h, ss_b, ss_h, ss_t,
+    T0, T1, C, scale,
+    G: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
+    OUT_ROWS: tl.constexpr, GIVEN_LSE: tl.constexpr, TMA_K: tl.constexpr,
+):
+    """Lever 51: the padded tiling's programs (BLOCK_T tokens of one kv head, an output row per SUM
+    of them) with the G heads as parts of H0 >= H1 >= H2 heads (powers of two summing to G; 0 =
+    absent), each part's q in its own MMA operand: no head slot padded. Own lse: pass 1 per part."""
+    pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_first = T0 + pid_t * BLOCK_T
+    c_end = visible_block_end(tl.minimum(t_first + BLOCK_T - 1, T1 - 1), C, CMP_BLOCK, CMP_STRIDE)
+    k_base = b * sk_b + h * sk_h
+    qa, la, ta, oka = _part_queries(Q, K, LSE, b, h, t_first, T1, C, T0, scale, sq_b, sq_h, sq_t, sk_b, sk_h,
+                                    sk_c, sl_b, sl_h, 0, H0, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, GIVEN_LSE, TMA_K)
+    qb, lb, tb, okb = qa, la, ta, oka  # (read only when H1 > 0)
+    if H1 > 0:
+        qb, lb, tb, okb = _part_queries(Q, K, LSE, b, h, t_first, T1, C, T0, scale, sq_b, sq_h, sq_t, sk_b,
+                                        sk_h, sk_c, sl_b, sl_h, H0, H1, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE,
+                                        GIVEN_LSE, TMA_K)
+    qc, lc, tc, okc = qa, la, ta, oka  # (read only when H2 > 0)
+    if H2 > 0:
+        qc, lc, tc, okc = _part_queries(Q, K, LSE, b, h, t_first, T1, C, T0, scale, sq_b, sq_h, sq_t, sk_b,
+                                        sk_h, sk_c, sl_b, sl_h, H0 + H1, H2, G, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE,
+                                        GIVEN_LSE, TMA_K)
+    row = pid_t * OUT_ROWS + tl.arange(0, OUT_ROWS)
+    row_in = T0 + row * SUM < T1
+    qk_scale = scale * 1.4426950408889634  # log2 units: exp2
+    c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    for c0 in range(0, c_mid, BLOCK_C):
+        _split_chunk(K, SCORES, k_base, sk_c, c0, qa, la, ta, oka, qb, lb, tb, okb, qc, lc, tc, okc, row, row_in, C,
+                     qk_scale, b, h, ss_b, ss_h, ss_t, False, H1, H2, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
+    for c0 in range(c_mid, c_end, BLOCK_C):
+        _split_chunk(K, SCORES, k_base, sk_c, c0, qa, la, ta, oka, qb, lb, tb, okb, qc, lc, tc, okc, row, row_in, C,
+                     qk_scale, b, h, ss_b, ss_h, ss_t, True, H1, H2, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
 
 
 @triton.jit
@@ -226,8 +327,9 @@ def _launch_params(q, group: int) -> tuple[int, int, dict]:
     tune = tuning_for(TUNING, "scores", q)
     g_pad, block_t = rows_per_tile(group, tune.get("rows") or 128)
     consts = dict(BLOCK_C=tune.get("block_c") or 64, num_warps=tune.get("num_warps") or (8 if q.shape[-1] >= 128 else 4))
-    if tune.get("num_stages"):
-        consts["num_stages"] = tune["num_stages"]
+    for knob in ("num_stages", "maxnreg"):  # maxnreg: a register cap for one more CTA per SM (Lever 51)
+        if tune.get(knob):
+            consts[knob] = tune[knob]
     return g_pad, block_t, consts
 
 
@@ -245,6 +347,23 @@ def _packed(q, tokens_per_sum: int) -> bool:
         return tuning_for(TUNING, "scores", q).get("packed_per_token", PACKED_PER_TOKEN)
     return tuning_for(TUNING, "scores", q).get("packed", PACKED)
 
+
+def head_parts(group: int, block_t: int) -> tuple[int, int, int] | None:
+    """Lever 51: G as power-of-two head counts, largest first, 0-padded to three (7 -> (4, 2, 1)),
+    the split tiling's parts; None where it does not apply: G a power of two (one part is the
+    padded tiling itself), more than three bits set, or a part's rows (block_t x its heads)
+    below the 16 an MMA operand needs."""
+    parts = [1 << i for i in reversed(range(group.bit_length())) if group >> i & 1]
+    if len(parts) == 1 or len(parts) > 3 or parts[-1] * block_t < 16:
+        return None
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def _split_parts(q, group: int) -> tuple[int, int, int] | None:
+    """The head parts when the ``split_heads`` knob (or the SPLIT_HEADS rule) is on and applies."""
+    if not tuning_for(TUNING, "scores", q).get("split_heads", SPLIT_HEADS):
+        return None
+    return head_parts(group, _launch_params(q, group)[1])
 
 def _segmented(group: int, tokens_per_sum: int) -> bool:
     """Packed per-token scores whose head sum no power-of-two reshape can group (G = 7): summed by
@@ -328,20 +447,27 @@ def compression_group_scores(
             segmented = _segmented(G, tokens_per_sum)
             out_rows = _program_tokens(per_program, G) if segmented else per_program // _group_rows(q, G, tokens_per_sum)
             tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program, OUT_ROWS=out_rows, PACKED=True,
-                          SEGMENTED=segmented)
+                          SEGMENTED=segmented, N_OUT=rows * rest)
             grid = (triton.cdiv((t1 - t0) * G, per_program), Hkv, B)
-        else:
+            kernel = _group_scores_kernel
+        else:  # padded tiles, or the same tiles split into head parts (no slot padded)
             in_kernel = tokens_per_sum // rest
-            tiling = dict(G_PAD=g_pad, BLOCK_T=block_t, SUM=in_kernel, ROWS=block_t * g_pad,
-                          OUT_ROWS=block_t // in_kernel, PACKED=False, SEGMENTED=False)
+            parts = _split_parts(q, G)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
+            tiling = dict(BLOCK_T=block_t, SUM=in_kernel, OUT_ROWS=block_t // in_kernel)
+            if parts:
+                kernel = _split_scores_kernel
+                tiling |= dict(H0=parts[0], H1=parts[1], H2=parts[2])
+            else:
+                kernel = _group_scores_kernel
+                tiling |= dict(G_PAD=g_pad, ROWS=block_t * g_pad, PACKED=False, SEGMENTED=False, N_OUT=rows * rest)
         tma_k = bool(tuning_for(TUNING, "scores", q).get("tma_k", TMA_K)) and tma_ready(k_cmp)
         (k_in,) = box_operands((k_cmp,), consts["BLOCK_C"], {"TMA": tma_k, "D": D})
-        _group_scores_kernel[grid](
+        kernel[grid](
             q, k_in, lse, scores,
             q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
             lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
-            t0, t1, C, scale, rows * rest,
+            t0, t1, C, scale,
             G=G, D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride, GIVEN_LSE=given, TMA_K=tma_k, **tiling, **consts,
         )
     return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), (None if given else lse)
