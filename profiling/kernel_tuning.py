@@ -92,7 +92,9 @@ SCORE_VARIANTS = {
               # to 3 (168), --match split_heads
               + [{"split_heads": True, **change} for change in
                  [{}, {"maxnreg": 168}, {"num_stages": 3}, {"num_stages": 3, "maxnreg": 168}, {"block_c": 32, "maxnreg": 168}]]
-              + [{"split_heads": False, "maxnreg": 168}],
+              + [{"split_heads": False, "maxnreg": 168}]
+              # Lever 52: the persistent warp-specialised Gluon scorer (sm_90, given lse, whole tiles), --match gluon
+              + [{"gluon": True}],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,

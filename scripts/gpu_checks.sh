@@ -27,6 +27,10 @@
 #            cost; per-token at 128K), then Nsight Compute of the rule's and the split kernel's 128K launches
 #   scores_op the 128K block-shared op with the rule and with the split scorer (+ maxnreg 168), two
 #            alternated rounds
+#   gluon_scores Lever 52 (the persistent warp-specialised Gluon scorer, knob scores.gluon): its GPU
+#            tests (child processes under a timeout), kernel_tuning's scores variant "gluon" against
+#            the rule at 16K-128K, then the 128K block-shared op with the rule and with it, two
+#            alternated rounds
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -40,12 +44,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -161,6 +165,21 @@ scores_op() {
   done
 }
 
+gluon_scores() {
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE \
+    tests/test_triton_scores.py -k gluon > "$out/gpu_tests_gluon_scores.log" 2>&1
+  echo "gluon scorer tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_gluon_scores.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_gluon_scores.log" | head -10
+  timeout 120 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops scores:block_shared --match gluon \
+    --out "$out/tune" > "$out/tune.log" 2>&1
+  echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
+  echo '{"scores": {"scores": {"gluon": true}}}' > "$out/gluon.json"
+  for i in 1 2; do
+    short_op "rule_$i" auto 128K fwd,fwd+bwd
+    short_op "gluon_$i" auto 128K fwd,fwd+bwd "$out/gluon.json"
+  done
+}
+
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
 
 diagnose() {
@@ -222,6 +241,7 @@ case "$part" in
   gluon_rule) gluon_rule ;;
   scores) scores ;;
   scores_op) scores_op ;;
+  gluon_scores) gluon_scores ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

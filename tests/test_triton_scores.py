@@ -354,6 +354,54 @@ def test_group_scores_register_cap_gpu(split, tokens_per_sum, monkeypatch):
                      tokens_per_sum=tokens_per_sum, given_lse=given_lse)
 
 
+# Lever 52: the persistent warp-specialised Gluon scorer (sm_90, 16-bit, given lse, whole tiles
+# summed in registers) in a child process under a timeout, so an mbarrier deadlock fails the test
+# instead of hanging the GPU run. Q7B heads (G = 7 in 8 slots) with tile sums of 64 and 16 tokens,
+# a chunk (1000, 3000) off the tiles, fp16; G = 1 at head_dim 64 (128-token tiles) with l = 32 /
+# s = 16 overlap; G = 3 (4 slots, 32-token tiles); T not a multiple of a tile; tiles that see
+# nothing; several tiles per program (752 tiles over at most 132 programs at Q7B-T3000).
+GLUON_CASES = [(("Q7B-T3000", 28, 4, 3000, 128, 64, 64, None), 64, "bfloat16"),
+               (("Q7B-T3000-chunk", 28, 4, 3000, 128, 64, 64, (1000, 3000)), 64, "bfloat16"),
+               (("Q7B-T3000", 28, 4, 3000, 128, 64, 64, None), 16, "float16"),
+               (("G1-T700-D64-l32s16", 2, 2, 700, 64, 32, 16, None), 128, "bfloat16"),
+               (("G3-T500", 12, 4, 500, 128, 64, 64, None), 32, "bfloat16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,tokens_per_sum,dtype", GLUON_CASES, ids=[f"{c[0]}-sum{n}-{d}" for c, n, d in GLUON_CASES])
+def test_group_scores_gluon_gpu(case, tokens_per_sum, dtype):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon scorer is sm_90-only")
+    import os
+    import subprocess
+    import sys
+
+    code = (  # the rule, not a FLEXNSA_TUNING file: tuning files apply at head_dim 128 only (tiles.tuning_for)
+        "import torch, test_triton_scores as t\n"
+        "from flexnsa.triton_fallback import compression_scores as sc, compression_scores_sm90 as sm90\n"
+        "sc.GLUON = True\n"
+        "calls = []\n"
+        "real = sm90.group_scores_sm90\n"
+        "sm90.group_scores_sm90 = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        f"t.check_kernel({case!r}, torch.{dtype}, 'cuda', tol=1e-2, tokens_per_sum={tokens_per_sum}, given_lse=True)\n"
+        "assert calls, 'the Gluon scorer did not run'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the Gluon scorer did not finish in 300 s (an mbarrier deadlock?)")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_gluon_scorer_stays_off_the_cpu(monkeypatch):
+    """The Gluon scorer is sm_90-only: on the CPU (the interpreter) the knob leaves the Triton kernels."""
+    monkeypatch.setattr(score_kernels, "GLUON", True)
+    q = torch.zeros(1, 7, 64, 16)
+    assert not score_kernels._gluon(q, torch.zeros(1, 1, 4, 16), torch.zeros(1, 7, 64), 16, 16)
+    test_group_scores_given_lse_interpreter(CASES[0], 8)
+
+
 @pytest.mark.parametrize("stride", [8, 16], ids=["chunked-scorer", "fused-top-n"])
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
 def test_op_with_triton_kernels_matches_reference(selection, stride):

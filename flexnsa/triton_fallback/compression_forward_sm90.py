@@ -251,16 +251,17 @@ def _cmp_fwd_ws_kernel(
 
 
 @gluon.jit
-def _tile_bounds(tile, n_t, HKV, B, T, C, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr,
+def _tile_bounds(tile, n_t, HKV, B, T0, T, C, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr,
                  CMP_STRIDE: gl.constexpr):
-    """Persistent forward: tile index -> (batch, kv head, first token, chunks, first masked chunk,
-    first K~/V~ row of the [B * Hkv * C, D] view), as ``_cmp_fwd_ws_kernel`` computes them per
-    program. Token tiles run last first (they see the most blocks), so each program's round-robin
-    share ends on short tiles and no long one straggles."""
+    """Persistent kernels: tile index -> (batch, kv head, first token, chunks (at least 1), first
+    masked chunk, first K~/V~ row of the [B * Hkv * C, D] view) for the n_t tiles of tokens
+    [T0, T) (the forward: T0 = 0), as ``_cmp_fwd_ws_kernel`` computes them per program. Token
+    tiles run last first (they see the most blocks), so each program's round-robin share ends on
+    short tiles and no long one straggles."""
     bh = tile % (HKV * B)
     b = bh // HKV
     h = bh % HKV
-    t_first = (n_t - 1 - tile // (HKV * B)) * BLOCK_T
+    t_first = T0 + (n_t - 1 - tile // (HKV * B)) * BLOCK_T
     t_last = gl.minimum(t_first + BLOCK_T, T) - 1
     c_end = gl.minimum(gl.where(t_last + 1 >= CMP_BLOCK, (t_last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0), C)
     n = gl.maximum(gl.cdiv(c_end, BLOCK_C), 1)
@@ -269,21 +270,19 @@ def _tile_bounds(tile, n_t, HKV, B, T, C, BLOCK_T: gl.constexpr, BLOCK_C: gl.con
 
 
 @gluon.jit
-def _copy_q_rows(Q, dst, tile, n_t, HKV, B, T, sq_b, sq_h, sq_t, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr,
-                 D: gl.constexpr):
-    """Rows HALF * 64 .. + 63 of a tile's q (packed, as ``_cmp_fwd_ws_kernel`` loads them) into
-    ``dst`` by cp.async (no registers held: the copy runs under the current tile's chunks);
-    rows outside the tile or past T read as 0."""
+def _copy_q_rows(Q, dst, b, h, t_first, T, sq_b, sq_h, sq_t, ROW0: gl.constexpr, NROWS: gl.constexpr, G: gl.constexpr,
+                 SLOTS: gl.constexpr, BLOCK_T: gl.constexpr, D: gl.constexpr):
+    """Rows ROW0 .. + NROWS - 1 of a tile's q into ``dst`` by cp.async (no registers held: the copy
+    runs under the current tile's chunks). Row r is token t_first + r // SLOTS, head h*G + r % SLOTS
+    (SLOTS = G: packed, as ``_cmp_fwd_ws_kernel`` loads them; a power of two >= G: the scorer's
+    padded head slots); idle slots, rows outside the tile or past T read as 0."""
     io: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    bh = tile % (HKV * B)
-    b = bh // HKV
-    h = bh % HKV
-    t_first = (n_t - 1 - tile // (HKV * B)) * BLOCK_T
-    r = HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, io))
+    r = ROW0 + gl.arange(0, NROWS, layout=gl.SliceLayout(1, io))
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
-    t = t_first + r // G
-    ok = (r < BLOCK_T * G) & (t < T)
-    ptr = Q + b * sq_b + (h * G + r % G)[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
+    t = t_first + r // SLOTS
+    g = r % SLOTS
+    ok = (r < BLOCK_T * SLOTS) & (g < G) & (t < T)
+    ptr = Q + b * sq_b + (h * G + g)[:, None] * sq_h + t[:, None] * sq_t + d[None, :]
     async_copy.async_copy_global_to_shared(dst, ptr, mask=ok[:, None])
 
 
@@ -303,20 +302,23 @@ def _consume_tiles(a, HALF: gl.constexpr, G: gl.constexpr, BLOCK_T: gl.constexpr
     n_tiles = n_t * HKV * B
     first = gl.program_id(0)
     step = gl.num_programs(0)
-    _copy_q_rows(Q, q_smem.index(0).slice(HALF * HROWS, HROWS, dim=0), first, n_t, HKV, B, T, sq_b, sq_h, sq_t, HALF, G,
-                 BLOCK_T, D)
+    b, h, t_first, n, c_mid, row0 = _tile_bounds(first, n_t, HKV, B, 0, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    _copy_q_rows(Q, q_smem.index(0).slice(HALF * HROWS, HROWS, dim=0), b, h, t_first, T, sq_b, sq_h, sq_t, HALF * HROWS,
+                 HROWS, G, G, BLOCK_T, D)
     async_copy.commit_group()
     it = 0
     k = 0
     for tile in range(first, n_tiles, step):
-        b, h, t_first, n, c_mid, row0 = _tile_bounds(tile, n_t, HKV, B, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+        b, h, t_first, n, c_mid, row0 = _tile_bounds(tile, n_t, HKV, B, 0, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
         async_copy.wait_group(0)  # this tile's q rows (this thread's copies), then everyone's
         fence_async_shared()
         _partition_barrier()
         q = q_smem.index(k % 2).slice(HALF * HROWS, HROWS, dim=0)
         if tile + step < n_tiles:  # the other buffer's last reader (tile k - 1) retired before the barrier
-            _copy_q_rows(Q, q_smem.index((k + 1) % 2).slice(HALF * HROWS, HROWS, dim=0), tile + step, n_t, HKV, B, T,
-                         sq_b, sq_h, sq_t, HALF, G, BLOCK_T, D)
+            nb, nh, nt_first, _, _, _ = _tile_bounds(tile + step, n_t, HKV, B, 0, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK,
+                                                     CMP_STRIDE)
+            _copy_q_rows(Q, q_smem.index((k + 1) % 2).slice(HALF * HROWS, HROWS, dim=0), nb, nh, nt_first, T,
+                         sq_b, sq_h, sq_t, HALF * HROWS, HROWS, G, G, BLOCK_T, D)
         async_copy.commit_group()
         t = t_first + r // G
         m = gl.full([HROWS], float("-inf"), gl.float32, row_l)
@@ -351,7 +353,7 @@ def _produce_tiles(a, G: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.conste
     n_tiles = n_t * HKV * B
     it = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, t_first, n, c_mid, row0 = _tile_bounds(tile, n_t, HKV, B, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+        b, h, t_first, n, c_mid, row0 = _tile_bounds(tile, n_t, HKV, B, 0, T, C, BLOCK_T, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
         for i in range(n):
             slot = it % STAGES
             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # fresh barriers read as phase 1 complete

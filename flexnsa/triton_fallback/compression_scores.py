@@ -71,15 +71,19 @@ from .tiles import (
 # parts of the padded tiling's tokens, one MMA each on the shared K~ chunk (``_split_scores_kernel``;
 # sm_90, triton 3.6: 179 registers = 2 CTAs per SM, 168 without a spill under "maxnreg": 168 = 3,
 # as the padded kernel's 153).
+# "gluon" (None = the GLUON rule; Lever 52): on an sm_90 GPU, the padded tiling's whole-tile sums with
+# the lse given (the op's block-shared path) by the persistent warp-specialised Gluon scorer
+# (``compression_scores_sm90``: a TMA producer warp, two consumers taking the chunks in turn).
 PACKED = False
 PACKED_PER_TOKEN = False
 SPLIT_HEADS = False
+GLUON = False
 HEAD_MAJOR = False
 TMA = True
 TMA_K = True
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None,
                      "head_major": None, "tma": None, "tma_k": None,
-                     "split_heads": None, "maxnreg": None}}
+                     "split_heads": None, "maxnreg": None, "gluon": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -359,6 +363,16 @@ def head_parts(group: int, block_t: int) -> tuple[int, int, int] | None:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
+def _gluon(q, k_cmp, lse, block_t: int, in_kernel_sum: int) -> bool:
+    """The Gluon scorer (Lever 52) when the ``gluon`` knob (or the GLUON rule) is on and it
+    supports the call (``compression_scores_sm90.supported``: sm_90, 16-bit, given lse, whole
+    tiles summed in registers); everything else keeps the Triton kernels, which give the same sums."""
+    if not (q.is_cuda and tuning_for(TUNING, "scores", q).get("gluon", GLUON)):
+        return False
+    from .compression_scores_sm90 import supported
+    return supported(q, k_cmp, lse, block_t, in_kernel_sum)
+
+
 def _split_parts(q, group: int) -> tuple[int, int, int] | None:
     """The head parts when the ``split_heads`` knob (or the SPLIT_HEADS rule) is on and applies."""
     if not tuning_for(TUNING, "scores", q).get("split_heads", SPLIT_HEADS):
@@ -455,6 +469,10 @@ def compression_group_scores(
             parts = _split_parts(q, G)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
             tiling = dict(BLOCK_T=block_t, SUM=in_kernel, OUT_ROWS=block_t // in_kernel)
+            if _gluon(q, k_cmp, lse if given else None, block_t, in_kernel) and not parts:
+                from .compression_scores_sm90 import group_scores_sm90
+                group_scores_sm90(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, g_pad, block_t)
+                return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), None
             if parts:
                 kernel = _split_scores_kernel
                 tiling |= dict(H0=parts[0], H1=parts[1], H2=parts[2])
