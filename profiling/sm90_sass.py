@@ -1,4 +1,5 @@
-"""The Gluon compression forward's sm_90 machine code, compiled on any machine (no GPU needed).
+"""The Gluon compression forward's and the Triton scorer's sm_90 machine code, compiled on any
+machine (no GPU needed).
 
 Why: whether the Hopper kernels overlap the softmax with the tensor cores is decided by ptxas,
 not by the source (NOTES Levers 46-48). This script compiles ``compression_forward_sm90`` for
@@ -8,6 +9,7 @@ MMA issues (HGMMA), their waits (WARPGROUP.DEPBAR), mbarrier arrives and softmax
 (MUFU.EX2) in program order. ``tests/test_sm90_sass.py`` holds the ping-pong's order to it.
 
     python -m profiling.sm90_sass [--pingpong | --persistent] [--rows 128 --block-c 64 --head-dim 128 --group 7 --stages 3]
+    python -m profiling.sm90_sass --scorer --fma-parts 4   # the scorer, 1/4 of its exponentials on the FMA pipe
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
     of the warp-specialised forward at these constants (bf16, l = s = 64)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -52,6 +53,14 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     kernel = triton.compile(GluonASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "maxnreg": maxnreg})
+    return _compiled_report(kernel)
+
+
+def _compiled_report(kernel) -> dict:
+    """registers, spills, shared bytes, ptxas's wgmma serialisation warning and the SASS of a
+    compiled kernel (ptxas re-run with -v for its resource log)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     bin_dir = os.path.dirname(get_ptxas(90).path)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -66,6 +75,76 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
     spills = re.search(r"(\d+) bytes spill stores", log)
     return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else None,
             "shared_bytes": kernel.metadata.shared, "serialised": "C7514" in log, "ptxas_log": log, "sass": sass}
+
+
+def compile_scorer(fma_parts=0, block_c=64, head_dim=128, group=7, stages=2) -> dict:
+    """``compile_forward``'s report for the Triton scorer ``_group_scores_kernel`` as the op runs it
+    at Q7B (padded 16 tokens x 8 head slots, lse given, whole-tile sums, K~ by TMA, bf16), with
+    1 / fma_parts of its exponentials on the FMA pipe (NOTES Lever 53; 0 = all MUFU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flexnsa.triton_fallback import compression_scores as scores
+
+    g_pad = 1 << (group - 1).bit_length()
+    block_t = 128 // g_pad
+    signature = {"Q": "*bf16", "K": f"tensordesc<bf16[1, 1, {block_c}, {head_dim}]>", "LSE": "*fp32", "SCORES": "*fp32"}
+    ints = ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_c", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t", "T0", "T1", "C")
+    signature |= {name: "i32" for name in ints} | {"scale": "fp32", "N_OUT": "i32"}
+    constants = dict(G=group, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64, CMP_STRIDE=64,
+                     SUM=block_t, GIVEN_LSE=True, PACKED=False, ROWS=128, OUT_ROWS=1, SEGMENTED=False, TMA_K=True,
+                     FMA_PARTS=fma_parts)
+    signature |= {name: "constexpr" for name in constants}
+    fn = scores._group_scores_kernel
+    aligned = ("Q", "LSE", "SCORES", "sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": stages})
+    return _compiled_report(kernel)
+
+
+def compile_selection_forward(fma_parts=0, window=0, n_sel=32, head_dim=128, group=7, stages=2) -> dict:
+    """``compile_forward``'s report for the Triton selection forward ``_slc_fwd_kernel`` as the op
+    runs it at Q7B (64 packed (token, head) rows, 64-key blocks by TMA, bf16, 4 warps): the
+    selection (window 0, 32 blocks) or the window (its 9 blocks, gated epilogue), with 1 /
+    fma_parts of its exponentials on the FMA pipe (NOTES Lever 53)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flexnsa.triton_fallback import selection_attention as sel
+
+    gated = window > 0
+    desc = f"tensordesc<bf16[1, 1, 64, {head_dim}]>"
+    signature = {"Q": "*bf16", "K": desc, "V": desc, "SEL": "*i32", "O": "*bf16", "LSE": "*fp32", "CMP": "*bf16",
+                 "SLC": "*bf16", "GATES": "*bf16" if gated else "*fp32", "Y": "*bf16"}
+    ints = ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t", "ss_b", "ss_h", "ss_r", "so_b", "so_h", "so_t", "sl_b", "sl_h",
+            "sg_b", "sg_h", "sg_t", "sg_k", "T")
+    signature |= {name: "i32" for name in ints} | {"qk_scale": "fp32"}
+    constants = dict(N_SEL=-(-(window - 1) // 64) + 1 if gated else n_sel, TILE=64, L=64, BLOCK_N=64, G=group, G_PAD=group,
+                     ROWS=64, SUBS=group, D=head_dim, WINDOW=window, TMA=True, GATED=gated, FMA_PARTS=fma_parts)
+    signature |= {name: "constexpr" for name in constants}
+    fn = sel._slc_fwd_kernel
+    aligned = ("Q", "SEL", "O", "LSE", "CMP", "SLC", "GATES", "Y", "sq_b", "sq_h", "sq_t", "ss_b", "ss_h", "ss_r", "so_b",
+               "so_h", "so_t", "sl_b", "sl_h")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": stages})
+    return _compiled_report(kernel)
+
+
+def opcode_counts(sass: str, opcodes=("MUFU.EX2", "FFMA", "HGMMA", "STS", "LDS", "BAR.SYNC", "SHFL")) -> dict:
+    """How many SASS instructions start with each opcode (``MUFU.EX2``, ``FFMA``...): static counts
+    over the whole kernel, to compare variants of one kernel."""
+    counts = dict.fromkeys(opcodes, 0)
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            for op in opcodes:
+                if m.group(1) == op or m.group(1).startswith(op + "."):
+                    counts[op] += 1
+    return counts
 
 
 def events(sass: str) -> list[str]:
@@ -94,19 +173,31 @@ def main(argv=None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--group", type=int, default=7)
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="one JSON line: registers, spills, shared, serialised, events")
+    p.add_argument("--scorer", action="store_true", help="the Triton scorer instead (Lever 53), --fma-parts N")
+    p.add_argument("--selection", action="store_true", help="the Triton selection forward instead, --window W for the window's")
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--fma-parts", type=int, default=0,
+                   help="with --scorer / --selection: 1 / N of the exponentials on the FMA pipe (Lever 53)")
+    p.add_argument("--json", action="store_true", help="one JSON line: registers, spills, shared, serialised, events, opcodes")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: under the interpreter Gluon kernels are not compiled")
-    out = compile_forward(args.rows, args.block_c, args.head_dim, args.group, args.stages, args.pingpong,
-                          persistent=args.persistent)
+        raise SystemExit("unset TRITON_INTERPRET: under the interpreter kernels are not compiled")
+    if args.scorer:
+        out = compile_scorer(args.fma_parts, args.block_c, args.head_dim, args.group, stages=2)
+    elif args.selection:
+        out = compile_selection_forward(args.fma_parts, args.window, head_dim=args.head_dim, group=args.group)
+    else:
+        out = compile_forward(args.rows, args.block_c, args.head_dim, args.group, args.stages, args.pingpong,
+                              persistent=args.persistent)
+    counts = opcode_counts(out["sass"])
     if args.json:
         print(json.dumps({k: out[k] for k in ("registers", "spill_bytes", "shared_bytes", "serialised")}
-                         | {"events": events(out["sass"]), "ptxas_log": out["ptxas_log"]}))
+                         | {"events": events(out["sass"]), "opcodes": counts, "ptxas_log": out["ptxas_log"]}))
         return
     print(f"registers {out['registers']}, spill bytes {out['spill_bytes']}, shared {out['shared_bytes']} B, "
           f"wgmma serialised by ptxas (C7514): {out['serialised']}")
     print("events:", " ".join(events(out["sass"])))
+    print("opcodes:", counts)
 
 
 if __name__ == "__main__":
