@@ -1,7 +1,13 @@
-"""Shared test utilities: fresh random inputs, relative errors, a top-n validity check."""
+"""Shared test utilities: fresh random inputs, relative errors, a top-n validity check, a check
+run in a child process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from flexnsa import NSAConfig
@@ -149,3 +155,15 @@ def token_reference(q, k, v, gates, config: NSAConfig, selected, t: int, k_cmp=N
     g = gates[:, t]  # [B, Hq, 3]
     out = g[..., 0:1] * cmp + g[..., 1:2] * slc + g[..., 2:3] * win
     return cmp, slc, win, out
+
+
+def run_in_child(code: str, what: str, timeout: int = 300) -> None:
+    """Run ``code`` in a fresh Python (the tests folder importable) under a timeout: a GPU kernel
+    that waits on an mbarrier nobody arrives at never raises, so a deadlock fails the test instead
+    of hanging the GPU run."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish in {timeout} s (an mbarrier deadlock?)")
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,7 @@ from flexnsa.reference import compression_visibility, masked_attention
 from flexnsa.triton_fallback import compression_attention as cmp_attn
 from flexnsa.triton_fallback.compression_attention import compression_attention
 
-from helpers import SPIKED_GPU_TOL, assert_rel, random_inputs, spike_late_keys
+from helpers import SPIKED_GPU_TOL, assert_rel, random_inputs, run_in_child, spike_late_keys
 
 # (id, Hq, Hkv, T, D, block, stride): G = 7 and 1, T not a multiple of 64, T < block, overlap,
 # tiles of 18 tokens (packed, 126 of 128 rows) crossing block boundaries.
@@ -161,10 +161,6 @@ CHILD_CASES = ([("pingpong", GLUON_CASES[0], "bfloat16"), ("pingpong", GLUON_CAS
 def test_gluon_forward_variant_gpu(knob, case, dtype):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is sm_90-only")
-    import os
-    import subprocess
-    import sys
-
     code = (  # the rule, not a FLEXNSA_TUNING file: tuning files apply at head_dim 128 only (tiles.tuning_for)
         "import torch, test_triton_compression as t\n"
         "from flexnsa.triton_fallback import compression_attention as cmp_attn, compression_forward_sm90 as sm90\n"
@@ -175,9 +171,4 @@ def test_gluon_forward_variant_gpu(knob, case, dtype):
         f"t.check({case!r}, torch.{dtype}, 'cuda', tol=2e-2)\n"
         "assert calls and all(calls), calls\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {knob} forward did not finish in 300 s (an mbarrier deadlock?)")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_child(code, f"the {knob} forward")

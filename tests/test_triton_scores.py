@@ -18,7 +18,7 @@ from flexnsa.triton_fallback.compression_scores import compression_group_scores
 from flexnsa.triton_fallback.selection_top_n import selection_top_n
 from flexnsa.triton_fallback.tiles import exp2_shared
 
-from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores
+from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores, run_in_child
 
 # (id, Hq, Hkv, T, D, block, stride, chunk): G = 7 and 1, T not a multiple of 64, T < block, overlap.
 CASES = [
@@ -454,10 +454,6 @@ GLUON_CASES = [(("Q7B-T3000", 28, 4, 3000, 128, 64, 64, None), 64, "bfloat16"),
 def test_group_scores_gluon_gpu(case, tokens_per_sum, dtype):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon scorer is sm_90-only")
-    import os
-    import subprocess
-    import sys
-
     code = (  # the rule, not a FLEXNSA_TUNING file: tuning files apply at head_dim 128 only (tiles.tuning_for)
         "import torch, test_triton_scores as t\n"
         "from flexnsa.triton_fallback import compression_scores as sc, compression_scores_sm90 as sm90\n"
@@ -468,12 +464,7 @@ def test_group_scores_gluon_gpu(case, tokens_per_sum, dtype):
         f"t.check_kernel({case!r}, torch.{dtype}, 'cuda', tol=1e-2, tokens_per_sum={tokens_per_sum}, given_lse=True)\n"
         "assert calls, 'the Gluon scorer did not run'\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the Gluon scorer did not finish in 300 s (an mbarrier deadlock?)")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_child(code, "the Gluon scorer")
 
 
 def test_gluon_scorer_stays_off_the_cpu(monkeypatch):
