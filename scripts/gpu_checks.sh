@@ -3,7 +3,9 @@
 # (single GPU; sessions 12-14 on an H200: kernels ~400 s, op + model ~600 s together, sweep ~250 s;
 # session 16: test_flex.py alone ~350 s, the 8K/32K/128K sweep with fla 323 s, >345 s in session 19):
 #   kernels  the Triton kernels' GPU tests (compression, scores, selection, window) and CUDA graphs
-#            (~530 s in session 21; the Gluon forward's tests run in the gluon part instead)
+#            (~530 s in session 21, > 560 s in session 25; the Gluon tests run in the gluon parts instead);
+#            in two calls: kernels_a (compression, scores) and kernels_b
+#            (selection, window, CUDA graphs)
 #   op       the whole op: flex backend, custom ops, fused gates
 #   model    token-major spans, no host sync, the hybrid layer, the 7B forward
 #   sweep    the 128K sweep with the current defaults and all baselines
@@ -49,17 +51,18 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-KERNEL_TESTS="tests/test_triton_compression.py tests/test_triton_scores.py tests/test_triton_selection.py tests/test_triton_window.py
-  tests/test_cuda_graphs.py"
+KERNEL_TESTS_A="tests/test_triton_compression.py tests/test_triton_scores.py"
+KERNEL_TESTS_B="tests/test_triton_selection.py tests/test_triton_window.py tests/test_cuda_graphs.py"
+KERNEL_TESTS="$KERNEL_TESTS_A $KERNEL_TESTS_B"
 OP_TESTS="tests/test_flex.py tests/test_custom_ops.py tests/test_fused_gates.py"
 MODEL_TESTS="tests/test_token_major.py tests/test_no_host_sync.py tests/test_model_hybrid.py tests/test_model_forward_bench.py"
 
@@ -259,6 +262,8 @@ levers() {
 
 case "$part" in
   kernels) gpu_tests kernels $KERNEL_TESTS -k "not gluon" ;;  # the Gluon forward's tests: the gluon part
+  kernels_a) gpu_tests kernels_a $KERNEL_TESTS_A -k "not gluon" ;;
+  kernels_b) gpu_tests kernels_b $KERNEL_TESTS_B ;;
   op) gpu_tests op $OP_TESTS ;;
   model) gpu_tests model $MODEL_TESTS ;;
   sweep) sweep ;;
