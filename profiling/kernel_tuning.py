@@ -32,9 +32,6 @@ from .measure import Shape, q7b_shape, random_inputs
 from .timing import median_ms
 
 PADDED = {"packed": False}  # Lever 19's A/B: tiles padded to 8 head slots per token
-# Lever 53: 1 / fma_exp of a kernel's exponentials by the FMA-pipe polynomial (scorer, selection forward,
-# compression dQ and dK~/dV~), --match fma_exp
-FMA_EXP_VARIANTS = [{"fma_exp": n} for n in (2, 4, 8)]
 CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stages)
     # session 17: K~/V~ chunks by TMA ("tma", the rule) take the forward's registers from 232 to 175
     # (sm_90 SASS); 64 rows x 4 warps x 2 stages then fit 2 CTAs per SM (83 KB, 174 registers)
@@ -48,13 +45,12 @@ CMP_VARIANTS = {  # knobs for one compression kernel (rows, block_c, warps, stag
            + [{"gluon_ws": False}, {"gluon_ws": True}, {"gluon_ws": "pingpong"}, {"gluon_ws": "persistent"}],
     "dq": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
            [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]]
-          + [{"tma": False}, PADDED] + FMA_EXP_VARIANTS,
+          + [{"tma": False}, PADDED],
     # Lever 36 (head-major tiles, q/dO by TMA): rows = tokens of one head per step
     "dkv": [dict(rows=r, block_c=c, num_warps=w, num_stages=s) for r, c, w, s in
             [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2)]]
            + [{"programs": 1024}, {"programs": 8192}, {"head_major": False}, {"tma": False}]  # programs: the split floor of the token axis
-           + [{"relaxed": False}]  # Lever 44 (the rule since session 21): the splits' partial sums by acq_rel atomics
-           + FMA_EXP_VARIANTS,
+           + [{"relaxed": False}],  # Lever 44 (the rule since session 21): the splits' partial sums by acq_rel atomics
 }
 # PADDED for selection: Lever 26's A/B (whole tokens x 8 head slots per program instead of packed rows).
 # TMA: Lever 31's A/B (K/V blocks by descriptor loads), alone and with the tile shapes it may favour.
@@ -66,7 +62,7 @@ LEVER43_VARIANTS = [{"group": 0}, {"group": 0, "relaxed": False}, {"relaxed": Fa
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
             [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]
-           + [PADDED] + TMA_VARIANTS + FMA_EXP_VARIANTS,
+           + [PADDED] + TMA_VARIANTS,
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
            [(128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
           + [PADDED] + TMA_VARIANTS,
@@ -98,8 +94,7 @@ SCORE_VARIANTS = {
                  [{}, {"maxnreg": 168}, {"num_stages": 3}, {"num_stages": 3, "maxnreg": 168}, {"block_c": 32, "maxnreg": 168}]]
               + [{"split_heads": False, "maxnreg": 168}]
               # Lever 52: the persistent warp-specialised Gluon scorer (sm_90, given lse, whole tiles), --match gluon
-              + [{"gluon": True}]
-              + FMA_EXP_VARIANTS,
+              + [{"gluon": True}],
 }
 
 # Per-token programs are one token's G heads in 16 rows whatever "rows" says (only warps, stages,

@@ -1,15 +1,16 @@
-"""The Gluon compression forward's and the Triton scorer's sm_90 machine code, compiled on any
-machine (no GPU needed).
+"""The Gluon compression forward's, the Triton scorer's and the selection forward's sm_90 machine
+code, compiled on any machine (no GPU needed).
 
 Why: whether the Hopper kernels overlap the softmax with the tensor cores is decided by ptxas,
 not by the source (NOTES Levers 46-48). This script compiles ``compression_forward_sm90`` for
 sm_90 with the installed triton and its bundled ptxas / nvdisasm, then reports what decides that
 overlap: registers, spills, ptxas's wgmma serialisation warning (C7514), and the order of the
 MMA issues (HGMMA), their waits (WARPGROUP.DEPBAR), mbarrier arrives and softmax exponentials
-(MUFU.EX2) in program order. ``tests/test_sm90_sass.py`` holds the ping-pong's order to it.
+(MUFU.EX2) in program order, and per-opcode counts (``opcode_counts``: how variants of one kernel
+differ, NOTES Lever 53). ``tests/test_sm90_sass.py`` holds the ping-pong's order to it.
 
     python -m profiling.sm90_sass [--pingpong | --persistent] [--rows 128 --block-c 64 --head-dim 128 --group 7 --stages 3]
-    python -m profiling.sm90_sass --scorer --fma-parts 4   # the scorer, 1/4 of its exponentials on the FMA pipe
+    python -m profiling.sm90_sass --scorer | --selection [--window 256]   # the Triton scorer, selection / window forward
 """
 
 from __future__ import annotations
@@ -77,10 +78,9 @@ def _compiled_report(kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "serialised": "C7514" in log, "ptxas_log": log, "sass": sass}
 
 
-def compile_scorer(fma_parts=0, block_c=64, head_dim=128, group=7, stages=2) -> dict:
+def compile_scorer(block_c=64, head_dim=128, group=7, stages=2) -> dict:
     """``compile_forward``'s report for the Triton scorer ``_group_scores_kernel`` as the op runs it
-    at Q7B (padded 16 tokens x 8 head slots, lse given, whole-tile sums, K~ by TMA, bf16), with
-    1 / fma_parts of its exponentials on the FMA pipe (NOTES Lever 53; 0 = all MUFU)."""
+    at Q7B (padded 16 tokens x 8 head slots, lse given, whole-tile sums, K~ by TMA, bf16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -93,8 +93,7 @@ def compile_scorer(fma_parts=0, block_c=64, head_dim=128, group=7, stages=2) -> 
     ints = ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_c", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t", "T0", "T1", "C")
     signature |= {name: "i32" for name in ints} | {"scale": "fp32", "N_OUT": "i32"}
     constants = dict(G=group, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64, CMP_STRIDE=64,
-                     SUM=block_t, GIVEN_LSE=True, PACKED=False, ROWS=128, OUT_ROWS=1, SEGMENTED=False, TMA_K=True,
-                     FMA_PARTS=fma_parts)
+                     SUM=block_t, GIVEN_LSE=True, PACKED=False, ROWS=128, OUT_ROWS=1, SEGMENTED=False, TMA_K=True)
     signature |= {name: "constexpr" for name in constants}
     fn = scores._group_scores_kernel
     aligned = ("Q", "LSE", "SCORES", "sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t")
@@ -104,11 +103,10 @@ def compile_scorer(fma_parts=0, block_c=64, head_dim=128, group=7, stages=2) -> 
     return _compiled_report(kernel)
 
 
-def compile_selection_forward(fma_parts=0, window=0, n_sel=32, head_dim=128, group=7, stages=2) -> dict:
+def compile_selection_forward(window=0, n_sel=32, head_dim=128, group=7, stages=2) -> dict:
     """``compile_forward``'s report for the Triton selection forward ``_slc_fwd_kernel`` as the op
     runs it at Q7B (64 packed (token, head) rows, 64-key blocks by TMA, bf16, 4 warps): the
-    selection (window 0, 32 blocks) or the window (its 9 blocks, gated epilogue), with 1 /
-    fma_parts of its exponentials on the FMA pipe (NOTES Lever 53)."""
+    selection (window 0, 32 blocks) or the window (its blocks, gated epilogue)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,7 +121,7 @@ def compile_selection_forward(fma_parts=0, window=0, n_sel=32, head_dim=128, gro
             "sg_b", "sg_h", "sg_t", "sg_k", "T")
     signature |= {name: "i32" for name in ints} | {"qk_scale": "fp32"}
     constants = dict(N_SEL=-(-(window - 1) // 64) + 1 if gated else n_sel, TILE=64, L=64, BLOCK_N=64, G=group, G_PAD=group,
-                     ROWS=64, SUBS=group, D=head_dim, WINDOW=window, TMA=True, GATED=gated, FMA_PARTS=fma_parts)
+                     ROWS=64, SUBS=group, D=head_dim, WINDOW=window, TMA=True, GATED=gated)
     signature |= {name: "constexpr" for name in constants}
     fn = sel._slc_fwd_kernel
     aligned = ("Q", "SEL", "O", "LSE", "CMP", "SLC", "GATES", "Y", "sq_b", "sq_h", "sq_t", "ss_b", "ss_h", "ss_r", "so_b",
@@ -173,19 +171,17 @@ def main(argv=None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--group", type=int, default=7)
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--scorer", action="store_true", help="the Triton scorer instead (Lever 53), --fma-parts N")
+    p.add_argument("--scorer", action="store_true", help="the Triton scorer instead")
     p.add_argument("--selection", action="store_true", help="the Triton selection forward instead, --window W for the window's")
     p.add_argument("--window", type=int, default=0)
-    p.add_argument("--fma-parts", type=int, default=0,
-                   help="with --scorer / --selection: 1 / N of the exponentials on the FMA pipe (Lever 53)")
     p.add_argument("--json", action="store_true", help="one JSON line: registers, spills, shared, serialised, events, opcodes")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: under the interpreter kernels are not compiled")
     if args.scorer:
-        out = compile_scorer(args.fma_parts, args.block_c, args.head_dim, args.group, stages=2)
+        out = compile_scorer(args.block_c, args.head_dim, args.group, stages=2)
     elif args.selection:
-        out = compile_selection_forward(args.fma_parts, args.window, head_dim=args.head_dim, group=args.group)
+        out = compile_selection_forward(args.window, head_dim=args.head_dim, group=args.group)
     else:
         out = compile_forward(args.rows, args.block_c, args.head_dim, args.group, args.stages, args.pingpong,
                               persistent=args.persistent)

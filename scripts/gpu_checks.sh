@@ -33,11 +33,6 @@
 #            tests (child processes under a timeout), kernel_tuning's scores variant "gluon" against
 #            the rule at 16K-128K, then the 128K block-shared op with the rule and with it, two
 #            alternated rounds
-#   fma_exp  Lever 53 (1 / n of the exponentials by the FMA-pipe polynomial, knob fma_exp in the scorer, the
-#            selection / window forward, the compression dQ and dK~/dV~): its GPU tests, kernel_tuning's
-#            fma_exp variants at 128K, and each kernel's fastest value as a tuning file
-#   fma_exp_op the 128K block-shared op with the rule, with fma_exp's per-kernel fastest values (its
-#            file, when fma_exp ran in the same results folder) and with every kernel at 4, two rounds
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -51,12 +46,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|fma_exp|fma_exp_op|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -188,32 +183,6 @@ gluon_scores() {
   done
 }
 
-fma_exp() {
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE -k "fma" \
-    tests/test_triton_scores.py tests/test_triton_selection.py tests/test_triton_window.py tests/test_triton_compression.py \
-    > "$out/gpu_tests_fma_exp.log" 2>&1
-  echo "fma_exp tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_fma_exp.log" | tail -1)"
-  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_fma_exp.log" | head -10
-  timeout 200 python3 -m profiling.kernel_tuning --lengths 128K --ops scores:block_shared,selection:block_shared,compression:block_shared \
-    --kernels scores,fwd,dq,dkv --match fma_exp --best-margin 1.0 --out "$out/tune" > "$out/tune.log" 2>&1
-  echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
-  cp "$out/tune/best.json" "$out/fma_best.json" 2>/dev/null
-  echo "per-kernel fastest fma_exp (the op A/B's tuning file): $(cat "$out/fma_best.json" 2>/dev/null)"
-}
-
-fma_exp_op() {  # after fma_exp: the rule against each kernel's fastest fma_exp value, then all at 4, two rounds
-  echo '{"scores": {"scores": {"fma_exp": 4}}, "selection": {"fwd": {"fma_exp": 4}}, "compression": {"dq": {"fma_exp": 4}, "dkv": {"fma_exp": 4}}}' \
-    > "$out/fma_all4.json"
-  local best=$out/../fma_exp/fma_best.json
-  [ -s "$best" ] || best=$out/fma_all4.json
-  cp "$best" "$out/fma_best.json"
-  for i in 1 2; do
-    short_op "rule_$i" auto 128K fwd,fwd+bwd
-    short_op "best_$i" auto 128K fwd,fwd+bwd "$out/fma_best.json"
-    short_op "all4_$i" auto 128K fwd,fwd+bwd "$out/fma_all4.json"
-  done
-}
-
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
 
 diagnose() {
@@ -278,8 +247,6 @@ case "$part" in
   scores) scores ;;
   scores_op) scores_op ;;
   gluon_scores) gluon_scores ;;
-  fma_exp) fma_exp ;;
-  fma_exp_op) fma_exp_op ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

@@ -4,8 +4,6 @@ reference's scores, ties allowed; lse)."""
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from flexnsa import NSAConfig, nsa_attention, nsa_reference
 from flexnsa.reference import compression_visibility, masked_attention, reference_compress, sum_rows
@@ -16,7 +14,6 @@ from flexnsa.triton_fallback.compression_attention import compression_attention_
 from flexnsa.triton_fallback import compression_scores as score_kernels
 from flexnsa.triton_fallback.compression_scores import compression_group_scores
 from flexnsa.triton_fallback.selection_top_n import selection_top_n
-from flexnsa.triton_fallback.tiles import exp2_shared
 
 from helpers import SMALL, assert_rel, assert_valid_top_n, float64, random_inputs, reference_scores, run_in_child
 
@@ -283,82 +280,6 @@ class SpyKernel:
         return launch
 
 
-# Lever 53: 1 / parts of the scorer's exponentials by the FMA-pipe polynomial (tiles.exp2_fma):
-# padded per-token and tile sums (in registers, then PyTorch), a chunk off the tiles, mask split
-# with C > 64 blocks, own and given lse, packed tile sums, G = 1 with overlap.
-FMA_EXP_CASES = [(CASES[0], 1, False, False), (CASES[0], 8, True, False), (CASES[4], 16, True, False),
-                 (("G7-T1100-long", 7, 1, 1100, 16, 16, 16, None), 48, False, False), (CASES[1], 1, True, False),
-                 (CASES[0], 8, False, True)]
-
-
-@pytest.mark.parametrize("parts", [2, 4, 8])
-@pytest.mark.parametrize("case,tokens_per_sum,given_lse,packed", FMA_EXP_CASES,
-                         ids=[f"{c[0]}-sum{n}-{'given' if g else 'own'}-lse{'-packed' if p else ''}"
-                              for c, n, g, p in FMA_EXP_CASES])
-def test_group_scores_fma_exp_interpreter(case, tokens_per_sum, given_lse, packed, parts, monkeypatch):
-    monkeypatch.setattr(score_kernels, "FMA_EXP", parts)
-    monkeypatch.setattr(score_kernels, "PACKED", packed)
-    launched = []
-    real = score_kernels._group_scores_kernel
-    monkeypatch.setattr(score_kernels, "_group_scores_kernel", _recording(real, launched))
-    check_kernel(case, torch.float32, "cpu", tol=1e-5, tokens_per_sum=tokens_per_sum, given_lse=given_lse)
-    assert launched and all(kw["FMA_PARTS"] == parts for kw in launched)
-
-
-def _recording(kernel, launched):
-    """``kernel`` with each launch's constants appended to ``launched``."""
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-            return launch
-    return Recorder()
-
-
-@triton.jit
-def _exp2_tile_kernel(X, Y, FMA_PARTS: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
-    offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
-    tl.store(Y + offs, exp2_shared(tl.load(X + offs), FMA_PARTS))
-
-
-@pytest.mark.parametrize("parts", [0, 2, 4, 8])
-def test_exp2_shared_interpreter(parts):
-    """2^x with 1 / parts of the columns by the polynomial: each column in its place (values
-    distinct per column), relative error <= 3e-7 against float64 where 2^x is a normal fp32
-    (MUFU.EX2's ~2 ulp; the polynomial's fit is 2.2e-7); below -126 and at -inf exactly 0 in the
-    polynomial's columns (the last 64 / parts), as the GPU's flush-to-zero exp2 gives (the
-    interpreter's exp2 keeps subnormals, < 2^-126)."""
-    g = torch.Generator().manual_seed(parts)
-    x = -torch.rand(16, 64, generator=g, dtype=torch.float64) * 40  # the scorer's range: s - lse <= 0
-    x[0, :] = torch.linspace(1e-6, -130, 64, dtype=torch.float64)  # the underflows in the last (polynomial) columns
-    x[1, -8:] = torch.tensor([float("-inf"), -1e4, -126.5, -126.0, -125.999, -0.5, 0.5, 0.0], dtype=torch.float64)
-    x[2, :] = torch.linspace(-1.0, 1.0, 64, dtype=torch.float64) + 1e-3 * torch.arange(64)
-    x = x.float()
-    y = torch.empty_like(x)
-    _exp2_tile_kernel[(1,)](x, y, FMA_PARTS=parts, M=16, N=64)
-    want = torch.exp2(x.double())
-    normal = x >= -126
-    rel = ((y.double() - want).abs() / want)[normal]
-    assert rel.max() <= 3e-7, rel.max()
-    assert (y[~normal] < 2.0**-126).all()
-    poly = torch.zeros_like(normal)
-    if parts:
-        poly[:, 64 - 64 // parts:] = True
-    assert torch.equal(y[~normal & poly], torch.zeros_like(y[~normal & poly]))
-    assert (~normal & poly).sum() >= (5 if parts else 0)  # -inf, -1e4, -126.5 and two of row 0
-
-
-def test_fma_exp_knob_values(monkeypatch):
-    q = torch.zeros(1, 7, 64, 128, dtype=torch.bfloat16)
-    monkeypatch.setitem(score_kernels.TUNING["scores"], "fma_exp", 3)
-    with pytest.raises(ValueError, match="fma_exp must be 0, 2, 4 or 8"):
-        score_kernels.fma_parts(q)
-    monkeypatch.setitem(score_kernels.TUNING["scores"], "fma_exp", 4)
-    assert score_kernels.fma_parts(q) == 4
-    assert score_kernels.fma_parts(q.float()) == score_kernels.FMA_EXP  # knobs apply at the tuned shape only
-
-
 def test_head_parts():
     """G's power-of-two parts, largest first; none where one part is the padded tiling (a power of
     two), more than three are needed, or the smallest part's rows are below an MMA's 16."""
@@ -406,18 +327,15 @@ def test_group_scores_gpu(case, dtype, tokens_per_sum):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("rule,value,tokens_per_sum", [("PACKED", True, 64), ("PACKED_PER_TOKEN", True, 1), ("HEAD_MAJOR", True, 64),
                                                       ("TMA_K", False, 64), ("TMA_K", False, 1), ("SPLIT_HEADS", True, 64),
-                                                      ("SPLIT_HEADS", True, 1), ("FMA_EXP", 4, 64), ("FMA_EXP", 2, 1),
-                                                      ("FMA_EXP", 8, 64)],
+                                                      ("SPLIT_HEADS", True, 1)],
                          ids=["tile-sums", "per-token", "head-major", "k-by-pointers-tile-sums", "k-by-pointers-per-token",
-                              "split-heads-tile-sums", "split-heads-per-token", "fma-exp4-tile-sums", "fma-exp2-per-token",
-                              "fma-exp8-tile-sums"])
+                              "split-heads-tile-sums", "split-heads-per-token"])
 def test_group_scores_packed_gpu(rule, value, tokens_per_sum, dtype, given_lse, monkeypatch):
     """Packed rows at Q7B (G = 7): tile sums (partials per 64 rows) and per-token sums (the
     segmented head sum: 32 token columns per 128-row program, tf32x3 dot, atomics at splits); and
     head-major tile sums (Lever 38: 64 tokens of one head at a time, q by TMA boxes on sm_90); the
     padded tiling with K~ chunks by pointers (the rule loads them by TMA since Lever 42); the split
-    head parts (Lever 51: 4 + 2 + 1 heads, no slot padded); 1 / 4, 1 / 2, 1 / 8 of the padded
-    tiling's exponentials on the FMA pipe (Lever 53)."""
+    head parts (Lever 51: 4 + 2 + 1 heads, no slot padded)."""
     monkeypatch.setattr(score_kernels, rule, value)
     case = ("Q7B-T3000", 28, 4, 3000, 128, 64, 64, (1000, 3000) if not given_lse else None)
     check_kernel(case, dtype, "cuda", tol=1e-2 if dtype == torch.bfloat16 else 2e-3, tokens_per_sum=tokens_per_sum, given_lse=given_lse)

@@ -84,16 +84,6 @@ def test_forward_rescales_when_a_later_max_exceeds_the_running_one_gpu(dtype):
     check(CASES[0], dtype, "cuda", tol=SPIKED_GPU_TOL[dtype], spiky=True)
 
 
-@pytest.mark.parametrize("parts,spiky", [(2, False), (8, False), (4, True)], ids=["half", "eighth", "quarter-rescaled"])
-def test_selection_forward_fma_exp_interpreter(parts, spiky, monkeypatch):
-    # Lever 53: 1 / parts of the forward's exponentials by the FMA-pipe polynomial; with spiked late
-    # keys the running max moves mid-row, so the polynomial's columns are rescaled too.
-    monkeypatch.setattr(slc, "FMA_EXP", parts)
-    q = torch.zeros(1, 14, 64, 16)
-    assert slc._launch_params(q, q[:, :2], q[:, :2], torch.zeros(1, 2, 4, 4, dtype=torch.int32), 16, 16, "fwd")["FMA_PARTS"] == parts
-    check(CASES[0], torch.float32, "cpu", tol=1e-4 if spiky else 1e-5, spiky=spiky)
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[CASES[0][0], CASES[5][0]])
 def test_selection_attention_padded_rows_interpreter(case, monkeypatch):
     # The padded tiling (whole tokens per program, head slots padded to a power of two).
@@ -276,15 +266,6 @@ def test_bad_shapes_raise():
 def test_selection_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("parts", [2, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_selection_forward_fma_exp_gpu(parts, dtype, monkeypatch):
-    # Lever 53 natively at Q7B: the polynomial's ~2 ulp is far inside the dtype's tolerance.
-    monkeypatch.setattr(slc, "FMA_EXP", parts)
-    check(("Q7B-T3000-shared", 28, 4, 3000, 128, 64, 64, 32), dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @pytest.mark.gpu

@@ -44,12 +44,6 @@ def test_window_attention_interpreter(case):
     check(case, torch.float32, "cpu", tol=1e-5)
 
 
-def test_window_forward_fma_exp_interpreter(monkeypatch):
-    # Lever 53 in the window's forward (the selection forward's kernel, WINDOW > 0).
-    monkeypatch.setattr(slc, "FMA_EXP", 4)
-    check(CASES[0], torch.float32, "cpu", tol=1e-5)
-
-
 def test_window_dkv_one_item_per_block(monkeypatch):
     # The window's dK/dV: one work item per block whatever CHUNK says (2 would split each block's
     # 3-4 window rows), so every item stores alone and the gradients need no fp32 atomics buffer.
@@ -173,15 +167,6 @@ def test_gated_window_gpu(dtype, token_major):
 def test_window_attention_gpu(case, dtype):
     # bf16 P and dS are rounded before their dots (unit roundoff 3.9e-3) -> ~1e-2; TF32 ~1e-3.
     check(case, dtype, "cuda", tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("parts", [2, 4, 8])
-def test_window_forward_fma_exp_gpu(parts, monkeypatch):
-    # Lever 53 natively at Q7B in bf16, plain and gated (the op's window launch).
-    monkeypatch.setattr(slc, "FMA_EXP", parts)
-    check(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), torch.bfloat16, "cuda", tol=2e-2)
-    check_gated(("Q7B-T3000-w256", 28, 4, 3000, 128, 64, 256), torch.bfloat16, "cuda", tol=2e-2, token_major=True)
 
 
 @pytest.mark.gpu

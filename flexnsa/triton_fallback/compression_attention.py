@@ -27,9 +27,7 @@ from .tiles import (
     backward_lse,
     box_operands,
     check_query,
-    checked_fma_parts,
     dkv_from_probs_t,
-    exp2_shared,
     full_chunks_end,
     head_tile,
     kernel_layout,
@@ -67,7 +65,7 @@ def _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C: tl.constexpr, D: t
 @triton.jit
 def _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, MASKED: tl.constexpr,
               BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-              TMA: tl.constexpr, FMA_PARTS: tl.constexpr):
+              TMA: tl.constexpr):
     """Online-softmax step over compressed blocks [c0, c0 + BLOCK_C) in log2 units (qk_scale
     includes log2 e); the visibility mask only where some row of the tile cannot see all of them
     (MASKED)."""
@@ -76,16 +74,14 @@ def _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), qk, float("-inf"))
-    return softmax_step(qk, qk_scale, m, s_sum, acc, v, FMA_PARTS)
+    return softmax_step(qk, qk_scale, m, s_sum, acc, v)
 
 
 @triton.jit
-def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-           FMA_PARTS: tl.constexpr):
+def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Backward's recomputed probabilities 2^(s - lse), logits and lse in log2 units (lse +inf on
-    idle rows: 0 there), masked only where some row cannot see every block of the chunk (MASKED);
-    1 / FMA_PARTS of the blocks' exponentials on the FMA pipe (``tiles.exp2_shared``, Lever 53)."""
-    p = exp2_shared(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None], FMA_PARTS)
+    idle rows: 0 there), masked only where some row cannot see every block of the chunk (MASKED)."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASKED:
         p = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE), p, 0.0)
     return p
@@ -94,10 +90,10 @@ def _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED: tl.constexpr, CMP_BLOCK
 @triton.jit
 def _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, MASKED: tl.constexpr,
              BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-             TMA: tl.constexpr, FMA_PARTS: tl.constexpr):
+             TMA: tl.constexpr):
     c = c0 + tl.arange(0, BLOCK_C)
     k, v = _load_chunk(K, V, b, h, kv_base, c0, c, sk_c, C, BLOCK_C, D, TMA)
-    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k)
 
@@ -105,7 +101,7 @@ def _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_
 @triton.jit
 def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
               MASKED: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
-              D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, FMA_PARTS: tl.constexpr):
+              D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """dV~ += P^T dO and dK~ += dS^T Q (unscaled) over one token tile."""
     t, g, row_ok = tile_rows(tile * BLOCK_T, T, G, G_PAD, BLOCK_T, ROWS)
     row_off, qh = row_offsets(b, h, t, g, sq_b, sq_h, sq_t, G, D)
@@ -113,7 +109,7 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
     lse = backward_lse(LSE, b, qh, t, row_ok, sl_b, sl_h)
     delta = load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h)
-    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+    p = _probs(q, k, c, t, row_ok, lse, C, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -123,11 +119,11 @@ def _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl
 @triton.jit
 def _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, tile, qh, b, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
                    MASKED: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
-                   CMP_STRIDE: tl.constexpr, TMA: tl.constexpr, FMA_PARTS: tl.constexpr):
+                   CMP_STRIDE: tl.constexpr, TMA: tl.constexpr):
     """``_dkv_step`` over one head's BLOCK_T tokens of a token tile, logits as [blocks, rows]
     (K~ Q^T; ``tiles.head_tile``, ``tiles.dkv_from_probs_t``)."""
     t, row_ok, q, do, lse, delta = head_tile(Q, DO, LSE, DELTA, b, qh, tile, T, sq_b, sq_h, sq_t, sl_b, sl_h, BLOCK_T, D, TMA)
-    p_t = probs_t(k, q, lse, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+    p_t = probs_t(k, q, lse, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     return dkv_from_probs_t(p_t, q, do, v, delta, dk, dv)
 
 
@@ -137,7 +133,7 @@ def _cmp_fwd_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, so_b, so_h, so_t, sl_b, sl_h,
     T, C, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr, FMA_PARTS: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_first = pid_t * BLOCK_T
@@ -152,10 +148,10 @@ def _cmp_fwd_kernel(
     acc = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, False,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     for c0 in range(c_mid, c_end, BLOCK_C):
         m, s_sum, acc = _fwd_step(q, K, V, b, h, kv_base, sk_c, c0, t, row_ok, C, qk_scale, m, s_sum, acc, True,
-                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                                  BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
 
 
@@ -165,7 +161,7 @@ def _cmp_dq_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_c, sl_b, sl_h,
     T, C, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr, FMA_PARTS: tl.constexpr,
+    D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ = scale * sum_c dS K~, dS = P (dP - delta), dP = dO V~^T (q, o, do, dq share strides);
     stores delta for the dK~/dV~ pass."""
@@ -183,10 +179,10 @@ def _cmp_dq_kernel(
     dq = tl.zeros([ROWS, D], tl.float32)
     for c0 in range(0, c_mid, BLOCK_C):
         dq = _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, False,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     for c0 in range(c_mid, c_end, BLOCK_C):
         dq = _dq_step(q, do, K, V, b, h, kv_base, sk_c, c0, t, row_ok, lse, delta, C, qk_scale, dq, True,
-                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                      BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA)
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -197,7 +193,7 @@ def _cmp_dkv_kernel(
     T, C, HKV, TILES_PER_SPLIT, scale, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, HEAD_MAJOR: tl.constexpr, TMA: tl.constexpr,
-    RELAXED: tl.constexpr, FMA_PARTS: tl.constexpr,
+    RELAXED: tl.constexpr,
 ):
     """dV~ += P^T dO and dK~ += scale * dS^T Q over one split of token tiles; the splits of a
     compressed tile add into fp32 buffers with atomics (RELAXED: ``tiles.add_partial``). Token
@@ -225,17 +221,17 @@ def _cmp_dkv_kernel(
     if HEAD_MAJOR:
         for it in range(tile_lo * G, tile_mid * G):
             dk, dv = _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, it // G, h * G + it % G, b, sq_b, sq_h, sq_t, sl_b, sl_h,
-                                    T, C, qk_scale, dk, dv, True, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                                    T, C, qk_scale, dk, dv, True, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA)
         for it in range(tile_mid * G, tile_hi * G):
             dk, dv = _dkv_head_step(Q, DO, LSE, DELTA, k, v, c, it // G, h * G + it % G, b, sq_b, sq_h, sq_t, sl_b, sl_h,
-                                    T, C, qk_scale, dk, dv, False, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA, FMA_PARTS)
+                                    T, C, qk_scale, dk, dv, False, BLOCK_T, D, CMP_BLOCK, CMP_STRIDE, TMA)
     else:
         for tile in range(tile_lo, tile_mid):
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                               True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+                               True, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
         for tile in range(tile_mid, tile_hi):
             dk, dv = _dkv_step(Q, DO, LSE, DELTA, k, v, c, tile, b, h, sq_b, sq_h, sq_t, sl_b, sl_h, T, C, qk_scale, dk, dv,
-                               False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+                               False, G, G_PAD, BLOCK_T, ROWS, D, CMP_BLOCK, CMP_STRIDE)
     if tile_hi > tile_lo:
         out = b * sd_b + h * sd_h + c[:, None] * sd_c + d[None, :]
         add_partial(DK + out, dk * scale, (c < C)[:, None], RELAXED)
@@ -259,11 +255,10 @@ DKV_PROGRAMS = 1024  # at least this many dK~/dV~ programs (splits of the token 
 # forward from 4.92 to 4.57 ms and the backward from 14.06 to 13.78 (dQ); with TMA the dQ's 64-wide
 # chunks beat 32-wide in two calls (13.47 / 13.55 against 13.78 / 13.82 ms), so dQ's block_c is 64.
 TUNING = {
-    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None, "gluon_ws": None,
-            "fma_exp": None},
-    "dq": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None, "fma_exp": None},
+    "fwd": {"rows": 128, "block_c": 64, "num_warps": 8, "num_stages": 3, "packed": True, "tma": None, "gluon_ws": None},
+    "dq": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": True, "tma": None},
     "dkv": {"rows": 64, "block_c": 64, "num_warps": 4, "num_stages": 2, "programs": 4096, "packed": True,
-            "head_major": None, "tma": None, "relaxed": None, "fma_exp": None},
+            "head_major": None, "tma": None, "relaxed": None},
 }
 HEAD_MAJOR = True  # the rule for dK~/dV~'s "head_major" knob: tiles of one head's tokens (NOTES Lever 36)
 TMA = True  # the rule for the "tma" knobs: K~/V~ chunks as TMA boxes in fwd / dQ, q / dO tiles in dK~/dV~ (head-major only)
@@ -280,10 +275,6 @@ RELAXED = True
 # process, all with the coalesced epilogue): Triton 4.564, True 4.544, "pingpong" 4.501,
 # "persistent" 4.235 ms; the op's forward 20.19 / 19.84 (rule then) against 19.72 / 19.60.
 GLUON_WS = "persistent"
-# The "fma_exp" knob of the Triton kernels (NOTES Lever 53; rule FMA_EXP): 1 / fma_exp of each chunk's
-# exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (``tiles.exp2_shared``: 2, 4 or 8; 0 =
-# all MUFU). The backward's MMAs are 3-4 per logit, so the MUFU is a smaller part there than in the scorer.
-FMA_EXP = 0
 load_tuning_file("compression", TUNING)
 
 
@@ -307,7 +298,6 @@ def _launch_params(q, k_cmp, kernel: str):
     consts = dict(G=G, G_PAD=g_pad, BLOCK_T=block_t, ROWS=rows, BLOCK_C=tune.get("block_c") or (32 if big else BLOCK_C), D=D,
                   num_warps=tune.get("num_warps") or (8 if big else 4), num_stages=tune.get("num_stages") or (1 if big else 2))
     tma = bool(tune.get("tma", TMA))
-    consts["FMA_PARTS"] = checked_fma_parts(tune.get("fma_exp", FMA_EXP), f"compression {kernel}")
     if kernel == "dkv":
         consts |= dict(HEAD_MAJOR=head_major, TMA=head_major and tma and tma_ready(q), RELAXED=bool(tune.get("relaxed", RELAXED)))
     else:

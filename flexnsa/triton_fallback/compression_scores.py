@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    ROWS as TILE_ROWS, backward_lse, box_operands, check_given_lse, check_query, checked_fma_parts, full_chunks_end,
-    load_blocks, load_box, load_tuning_file, probs_t, row_lse, row_offsets, rows_per_tile, tile_rows, tma_ready, tuning_for,
+    ROWS as TILE_ROWS, backward_lse, box_operands, check_given_lse, check_query, full_chunks_end, load_blocks, load_box,
+    load_tuning_file, probs_t, row_lse, row_offsets, rows_per_tile, tile_rows, tma_ready, tuning_for,
     visible_block_end,
 )
 
@@ -74,10 +74,6 @@ from .tiles import (
 # "gluon" (None = the GLUON rule; Lever 52): on an sm_90 GPU, the padded tiling's whole-tile sums with
 # the lse given (the op's block-shared path) by the persistent warp-specialised Gluon scorer
 # (``compression_scores_sm90``: a TMA producer warp, two consumers taking the chunks in turn).
-# "fma_exp" (None = the FMA_EXP rule; Lever 53): 1 / fma_exp of the padded and packed scorers'
-# exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (``tiles.exp2_shared``: 2, 4 or 8;
-# 0 = all MUFU), so the two pipes share them.
-FMA_EXP = 0
 PACKED = False
 PACKED_PER_TOKEN = False
 SPLIT_HEADS = False
@@ -87,7 +83,7 @@ TMA = True
 TMA_K = True
 TUNING = {"scores": {"rows": 128, "block_c": 64, "num_warps": 4, "num_stages": 2, "packed": None, "packed_per_token": None,
                      "head_major": None, "tma": None, "tma_k": None,
-                     "split_heads": None, "maxnreg": None, "gluon": None, "fma_exp": None}}
+                     "split_heads": None, "maxnreg": None, "gluon": None}}
 load_tuning_file("scores", TUNING)
 
 
@@ -95,7 +91,7 @@ load_tuning_file("scores", TUNING)
 def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h, ss_b,
                   ss_h, ss_t, MASKED: tl.constexpr, SEGMENTED: tl.constexpr, ROWS: tl.constexpr,
                   OUT_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, CMP_BLOCK: tl.constexpr,
-                  CMP_STRIDE: tl.constexpr, TMA_K: tl.constexpr, FMA_PARTS: tl.constexpr):
+                  CMP_STRIDE: tl.constexpr, TMA_K: tl.constexpr):
     """Scores of blocks [c0, c0 + BLOCK_C), the logits as [blocks, rows] (K~ Q^T, ``tiles.probs_t``):
     the sums over a token's heads and the summed tokens run along each thread's own columns
     (shuffles), not across warps as with [rows, blocks] (NOTES Lever 29: 5.31 -> 3.25 ms at 128K);
@@ -104,11 +100,10 @@ def _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, s
     The program's ROWS rows are OUT_ROWS groups of consecutive rows, one output row each;
     SEGMENTED (packed per-token rows, G not a power of two, which no reshape groups), OUT_ROWS
     token columns summed by the 0/1 indicator ``seg`` [ROWS, OUT_ROWS]. TMA_K: the K~ chunk as one
-    TMA box (K a descriptor), as the compression forward loads it. FMA_PARTS: 1 / FMA_PARTS of the
-    rows' exponentials on the FMA pipe (``tiles.exp2_shared``, Lever 53)."""
+    TMA box (K a descriptor), as the compression forward loads it."""
     c = c0 + tl.arange(0, BLOCK_C)
     k = load_box(K, k_base, b, h, c0, c, c < C, sk_c, BLOCK_C, D, TMA_K)
-    p = probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE, FMA_PARTS)
+    p = probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED, CMP_BLOCK, CMP_STRIDE)
     ptr = SCORES + b * ss_b + h * ss_h + row[None, :] * ss_t + c[:, None]
     out_ok = row_in[None, :] & (c < C)[:, None]
     if SEGMENTED:
@@ -159,7 +154,7 @@ def _group_scores_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     D: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SUM: tl.constexpr,
     GIVEN_LSE: tl.constexpr, PACKED: tl.constexpr, ROWS: tl.constexpr, OUT_ROWS: tl.constexpr,
-    SEGMENTED: tl.constexpr, TMA_K: tl.constexpr, FMA_PARTS: tl.constexpr = 0,
+    SEGMENTED: tl.constexpr, TMA_K: tl.constexpr,
 ):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PACKED:  # rows pid*ROWS .. of the chunk's (token, head) rows, token-major, G per token;
@@ -197,12 +192,10 @@ def _group_scores_kernel(
     c_mid = full_chunks_end(t_first, C, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
     for c0 in range(0, c_mid, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
-                      ss_b, ss_h, ss_t, False, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K,
-                      FMA_PARTS)
+                      ss_b, ss_h, ss_t, False, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
     for c0 in range(c_mid, c_end, BLOCK_C):
         _chunk_scores(q, K, SCORES, k_base, sk_c, c0, t, row_ok, row, row_in, seg, shared, lse2, C, qk_scale, b, h,
-                      ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K,
-                      FMA_PARTS)
+                      ss_b, ss_h, ss_t, True, SEGMENTED, ROWS, OUT_ROWS, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, TMA_K)
 
 
 @triton.jit
@@ -380,11 +373,6 @@ def _gluon(q, k_cmp, lse, block_t: int, in_kernel_sum: int) -> bool:
     return supported(q, k_cmp, lse, block_t, in_kernel_sum)
 
 
-def fma_parts(q) -> int:
-    """The ``fma_exp`` knob (or the FMA_EXP rule): 0, 2, 4 or 8 (``tiles.exp2_shared``)."""
-    return checked_fma_parts(tuning_for(TUNING, "scores", q).get("fma_exp", FMA_EXP), "scores")
-
-
 def _split_parts(q, group: int) -> tuple[int, int, int] | None:
     """The head parts when the ``split_heads`` knob (or the SPLIT_HEADS rule) is on and applies."""
     if not tuning_for(TUNING, "scores", q).get("split_heads", SPLIT_HEADS):
@@ -473,7 +461,7 @@ def compression_group_scores(
             segmented = _segmented(G, tokens_per_sum)
             out_rows = _program_tokens(per_program, G) if segmented else per_program // _group_rows(q, G, tokens_per_sum)
             tiling = dict(G_PAD=G, BLOCK_T=1, SUM=tokens_per_sum, ROWS=per_program, OUT_ROWS=out_rows, PACKED=True,
-                          SEGMENTED=segmented, N_OUT=rows * rest, FMA_PARTS=fma_parts(q))
+                          SEGMENTED=segmented, N_OUT=rows * rest)
             grid = (triton.cdiv((t1 - t0) * G, per_program), Hkv, B)
             kernel = _group_scores_kernel
         else:  # padded tiles, or the same tiles split into head parts (no slot padded)
@@ -490,8 +478,7 @@ def compression_group_scores(
                 tiling |= dict(H0=parts[0], H1=parts[1], H2=parts[2])
             else:
                 kernel = _group_scores_kernel
-                tiling |= dict(G_PAD=g_pad, ROWS=block_t * g_pad, PACKED=False, SEGMENTED=False, N_OUT=rows * rest,
-                               FMA_PARTS=fma_parts(q))
+                tiling |= dict(G_PAD=g_pad, ROWS=block_t * g_pad, PACKED=False, SEGMENTED=False, N_OUT=rows * rest)
         tma_k = bool(tuning_for(TUNING, "scores", q).get("tma_k", TMA_K)) and tma_ready(k_cmp)
         (k_in,) = box_operands((k_cmp,), consts["BLOCK_C"], {"TMA": tma_k, "D": D})
         kernel[grid](

@@ -37,9 +37,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    LOG2E, add_partial, backward_lse, box_operands, check_query, checked_fma_parts, dkv_from_probs_t, has_tma, head_tile,
-    kernel_layout, load_block, load_delta, load_rows, load_tuning_file, row_offsets, softmax_step, store_delta, store_softmax,
-    strides_like, tma_ready, tuning_for,
+    LOG2E, add_partial, backward_lse, box_operands, check_query, dkv_from_probs_t, has_tma, head_tile, kernel_layout, load_block, load_delta,
+    load_rows, load_tuning_file, row_offsets, softmax_step, store_delta, store_softmax, strides_like, tma_ready, tuning_for,
 )
 
 __all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
@@ -68,11 +67,6 @@ RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead o
 # Measured on an H200 at 128K (results/h200/session21-levers): window stage 7.95 / 7.95 -> 7.61 /
 # 7.60 ms, the op's fwd+bwd 70.04 / 70.22 -> 68.37 / 69.52 in two alternated rounds.
 INTERLEAVE = True
-# The forward's "fma_exp" knob (NOTES Lever 53; the selection and the window forwards): 1 / fma_exp of
-# each tile's exponentials by a polynomial on the FMA pipe instead of MUFU.EX2 (``tiles.exp2_shared``:
-# 2, 4 or 8; 0 = all MUFU). At head_dim 128 the forward's MMAs take 512 FLOP per logit, 1/8 clock per
-# SM, and its exponential 1/16 on the MUFU: a third of the serial time if the two do not overlap.
-FMA_EXP = 0
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -89,7 +83,7 @@ FMA_EXP = 0
 # no dQ or dK/dV variant beat the rule by 3%; on an H200 with packed rows (results/h200/session11-
 # lever26-tuning, Lever 26) 64-row forward programs beat 128-row ones by 8.5% (10.63 vs 11.62 ms).
 TUNING = {
-    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None, "fma_exp": None},
+    "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
             "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None},
@@ -182,11 +176,10 @@ def _slc_fwd_kernel(
     T, qk_scale,
     N_SEL: tl.constexpr, TILE: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
     G: tl.constexpr, G_PAD: tl.constexpr, ROWS: tl.constexpr, SUBS: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, TMA: tl.constexpr, GATED: tl.constexpr, FMA_PARTS: tl.constexpr = 0,
+    WINDOW: tl.constexpr, TMA: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program: ROWS (token, head) rows of one selection row's tile over its N_SEL blocks.
-    Online softmax in base 2 (qk_scale = scale * log2 e; 1 / FMA_PARTS of the keys' exponentials
-    on the FMA pipe, ``tiles.exp2_shared``, Lever 53); lse is stored in natural log. GATED
+    Online softmax in base 2 (qk_scale = scale * log2 e); lse is stored in natural log. GATED
     (the window, run last): the epilogue also writes the NSA output, the gated sum of the three
     branches (``_store_gated_sum``), so no separate pass re-reads all three."""
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -206,7 +199,7 @@ def _slc_fwd_kernel(
         qk = tl.dot(q, tl.trans(k))
         if not _whole_block(blk, t_first, t_last, T, L, BLOCK_N, WINDOW):
             qk = tl.where(_visible(keys, key_ok, t, row_ok, WINDOW), qk, float("-inf"))
-        m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v, FMA_PARTS)
+        m, s_sum, acc = softmax_step(qk, qk_scale, m, s_sum, acc, v)
     out, o_off = store_softmax(m, s_sum, acc, O, LSE, b, h, t, g, qh, row_ok, so_b, so_h, so_t, sl_b, sl_h, G, D)
     if GATED:
         _store_gated_sum(out, o_off, row_ok, CMP, SLC, GATES, Y, b * sg_b + qh * sg_h + t * sg_t, sg_k)
@@ -428,8 +421,6 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
     consts = dict(TILE=tile, L=block_size, BLOCK_N=block_n,
                   G=G, G_PAD=g_pad, ROWS=rows_per, SUBS=-(-tile * g_pad // rows_per), D=D, WINDOW=window,
                   num_warps=tune.get("num_warps") or 4, num_stages=stages, TMA=tma)
-    if kernel == "fwd":  # the selection and window forwards (Lever 53; rule FMA_EXP)
-        consts["FMA_PARTS"] = checked_fma_parts(tune.get("fma_exp", FMA_EXP), "selection fwd")
     if kernel != "dkv":
         return consts
     group = tune.get("group", GROUP_TOKENS) or 0

@@ -105,14 +105,6 @@ def rows_per_tile(group: int, rows: int = ROWS, packed: bool = False) -> tuple[i
     return g_pad, max(1, rows // g_pad)
 
 
-def checked_fma_parts(parts, where: str) -> int:
-    """An ``fma_exp`` knob's value for ``exp2_shared``: 0 (or None), 2, 4 or 8."""
-    parts = parts or 0
-    if parts not in (0, 2, 4, 8):
-        raise ValueError(f"{where} knob fma_exp must be 0, 2, 4 or 8, got {parts!r}")
-    return parts
-
-
 def tma_ready(x) -> bool:
     """A [B, H, T, D] descriptor can cover x: a device with TMA, no empty dim (a descriptor's
     shape is positive), 16-byte aligned base and strides."""
@@ -229,68 +221,13 @@ def row_lse(q, K, b, h, k_base, sk_c, t, row_ok, c_end, C, scale,
 
 
 @triton.jit
-def exp2_fma(x):
-    """2^x without the MUFU unit, on the FMA pipe (NOTES Lever 53): x = n + f with n = round(x) by
-    adding 1.5 * 2^23 (the sum's low mantissa bits are n), f in [-0.5, 0.5]; 2^f by a degree-5
-    polynomial fitted for relative error (2.2e-7 at most in fp32, MUFU.EX2's ~2 ulp), then n added
-    to its exponent bits (the sum's bits shifted by 23 are n << 23). Below -126 (and -inf, where
-    the arithmetic gives garbage or NaN) 0, as the GPU's flush-to-zero exp2 gives."""
-    j = x + 12582912.0
-    f = x - (j - 12582912.0)
-    p = 1.327688223682344e-03 * f + 9.675689972937107e-03
-    p = p * f + 5.550713092088699e-02
-    p = p * f + 2.402211725711822e-01
-    p = p * f + 6.931469440460205e-01
-    p = p * f + 1.0000001192092896
-    bits = p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)
-    return tl.where(x >= -126.0, bits.to(tl.float32, bitcast=True), 0.0)
-
-
-@triton.jit
-def column_halves(x):
-    """The two column halves of a [M, N] tile: in an MMA accumulator each thread holds columns of
-    both, so the split only renames registers."""
-    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def joined_columns(lo, hi):
-    """``column_halves``' inverse: [M, N] from its two [M, N / 2] halves."""
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (lo.shape[0], 2 * lo.shape[1]))
-
-
-@triton.jit
-def exp2_shared(x, FMA_PARTS: tl.constexpr):
-    """2^x of a [M, N] tile with the last 1 / FMA_PARTS of its columns by ``exp2_fma`` and the rest
-    by MUFU.EX2 (FMA_PARTS 0: all MUFU; 2, 4 or 8), so the FMA and MUFU pipes share the
-    exponentials instead of the MUFU doing all of them (16 per clock per SM against 128 FMAs)."""
-    if FMA_PARTS == 0:
-        y = tl.exp2(x)
-    else:
-        lo, hi = column_halves(x)
-        if FMA_PARTS == 2:
-            hi = exp2_fma(hi)
-        else:
-            hi_lo, hi_hi = column_halves(hi)
-            if FMA_PARTS == 4:
-                hi_hi = exp2_fma(hi_hi)
-            else:
-                hh_lo, hh_hi = column_halves(hi_hi)
-                hi_hi = joined_columns(tl.exp2(hh_lo), exp2_fma(hh_hi))
-            hi = joined_columns(tl.exp2(hi_lo), hi_hi)
-        y = joined_columns(tl.exp2(lo), hi)
-    return y
-
-
-@triton.jit
 def probs_t(k, q, lse2, t, c, C, row_ok, qk_scale, MASKED: tl.constexpr, CMP_BLOCK: tl.constexpr,
-            CMP_STRIDE: tl.constexpr, FMA_PARTS: tl.constexpr = 0):
+            CMP_STRIDE: tl.constexpr):
     """P^T [blocks, rows] = 2^(K~ Q^T * qk_scale - lse2) of compressed blocks c and the rows'
     tokens t (log2 units; lse2 +inf on rows that see nothing or are idle, as ``backward_lse``
     gives it, so those rows are 0 without a mask); the visibility mask only where some row
-    cannot see the whole chunk (MASKED); 1 / FMA_PARTS of the rows' exponentials on the FMA pipe
-    (``exp2_shared``)."""
-    p_t = exp2_shared(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :], FMA_PARTS)
+    cannot see the whole chunk (MASKED)."""
+    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(visible(t, c, C, row_ok, CMP_BLOCK, CMP_STRIDE, True), p_t, 0.0)
     return p_t
@@ -358,27 +295,26 @@ def load_delta(DELTA, b, qh, t, row_ok, sl_b, sl_h):
 
 
 @triton.jit
-def online_max_sum(qk, qk_scale, m, s_sum, FMA_PARTS: tl.constexpr = 0):
+def online_max_sum(qk, qk_scale, m, s_sum):
     """The running (max, sum of 2^(s - max)) of each row after a tile of raw logits ``qk`` (-inf =
     hidden; s = qk * qk_scale in log2 units), with the rescale factor of the old state and the
     tile's 2^(s - max). The max is taken before scaling (scale > 0 and rounding is monotonic, so
     max(qk) * scale == max(qk * scale) bit for bit) and the scale folds into the exponent's FMA:
     one multiply per logit fewer (NOTES session 17). exp2 is the bare flush-to-zero ex2 (NOTES
-    Lever 28: the compression forward 6.8 -> 5.0 ms against tl.exp); 1 / FMA_PARTS of the tile's
-    key columns by the FMA-pipe polynomial (``exp2_shared``, Lever 53)."""
+    Lever 28: the compression forward 6.8 -> 5.0 ms against tl.exp)."""
     m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
-    p = exp2_shared(qk * qk_scale - m_safe[:, None], FMA_PARTS)
+    p = tl.exp2(qk * qk_scale - m_safe[:, None])
     return m_new, s_sum * alpha + tl.sum(p, 1), alpha, p
 
 
 @triton.jit
-def softmax_step(qk, qk_scale, m, s_sum, acc, v, FMA_PARTS: tl.constexpr = 0):
+def softmax_step(qk, qk_scale, m, s_sum, acc, v):
     """One online-softmax step over a tile of raw logits ``qk`` (-inf = hidden; qk_scale = scale *
     log2 e, so the softmax runs in log2 units) and its values ``v``: rescale the running (max, sum,
-    accumulator) and add the tile (``online_max_sum``'s FMA_PARTS)."""
-    m_new, s_sum, alpha, p = online_max_sum(qk, qk_scale, m, s_sum, FMA_PARTS)
+    accumulator) and add the tile."""
+    m_new, s_sum, alpha, p = online_max_sum(qk, qk_scale, m, s_sum)
     return m_new, s_sum, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
