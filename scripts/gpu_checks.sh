@@ -33,6 +33,8 @@
 #            tests (child processes under a timeout), kernel_tuning's scores variant "gluon" against
 #            the rule at 16K-128K, then the 128K block-shared op with the rule and with it, two
 #            alternated rounds
+#   convoy   the scorer at 3, 2 and 1 CTAs per SM (2, 3 and 6 K~ stages: shared memory sets the count),
+#            kernel_tuning at 32K and 128K: whether its MMAs and exponentials run in series across CTAs
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
 #            and Nsight Compute sections of every Triton kernel of one 128K fwd+bwd (profiling.op_loop;
 #            INPUTS=smooth for video-like inputs)
@@ -46,12 +48,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -183,6 +185,12 @@ gluon_scores() {
   done
 }
 
+convoy() {  # NOTES session 25, Next 1: the scorer at 3, 2 and 1 CTAs per SM (only its K~ ring's depth changes)
+  timeout 150 python3 -m profiling.kernel_tuning --lengths 32K,128K --ops scores:block_shared \
+    --match '^\{("tma_k": true, )?"num_stages": [36]\}$' --out "$out/tune" > "$out/tune.log" 2>&1
+  echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
+}
+
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
 
 diagnose() {
@@ -247,6 +255,7 @@ case "$part" in
   scores) scores ;;
   scores_op) scores_op ;;
   gluon_scores) gluon_scores ;;
+  convoy) convoy ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac
