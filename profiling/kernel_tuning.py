@@ -94,7 +94,7 @@ SCORE_VARIANTS = {
                  [{}, {"maxnreg": 168}, {"num_stages": 3}, {"num_stages": 3, "maxnreg": 168}, {"block_c": 32, "maxnreg": 168}]]
               + [{"split_heads": False, "maxnreg": 168}]
               # Lever 52: the persistent warp-specialised Gluon scorer (sm_90, given lse, whole tiles), --match gluon
-              + [{"gluon": True}]
+              + [{"gluon": True}, {"gluon": "pipelined"}]  # Lever 54: each consumer's chunks in pairs, --match gluon
               # the convoy test (NOTES session 25, Next 1): deeper K~ rings only to lower the CTAs per SM
               # (sm_90 shared memory: 2 stages 66 KB = 3 CTAs, 3 stages 83 KB = 2, 6 stages 132 KB = 1),
               # --match '^\{("tma_k": true, )?"num_stages": [36]\}$' (the 3-stage one is Lever 42's variant)

@@ -103,6 +103,35 @@ def compile_scorer(block_c=64, head_dim=128, group=7, stages=2) -> dict:
     return _compiled_report(kernel)
 
 
+def compile_gluon_scorer(pipelined=False, head_dim=128, group=7) -> dict:
+    """``compile_forward``'s report for the Gluon scorer ``_scores_persistent_kernel`` (NOTES Lever
+    52; ``pipelined``: two chunks' MMAs in flight per consumer) at Q7B tiles (16 tokens x 8 head
+    slots, 64-block chunks, bf16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from flexnsa.triton_fallback import compression_scores_sm90 as sm90
+
+    block_c = sm90.TUNING["block_c"]
+    layout = gl.NVMMASharedLayout.get_default_for([block_c, head_dim], gl.bfloat16)
+    signature = {"Q": "*bf16", "K": f"tensordesc<bf16[{block_c}, {head_dim}],{layout!r}>", "LSE": "*fp32", "SCORES": "*fp32"}
+    ints = ("sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t", "T0", "T", "C", "HKV", "B")
+    signature |= {name: "i32" for name in ints} | {"qk_scale": "fp32"}
+    g_pad = 1 << (group - 1).bit_length()
+    regs = sm90.PIPELINED_REGS if pipelined else sm90.TUNING["worker_regs"]
+    constants = dict(G=group, G_PAD=g_pad, BLOCK_T=sm90.TUNING["rows"] // g_pad, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64,
+                     CMP_STRIDE=64, STAGES=sm90.TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=regs, num_warps=4)
+    signature |= {name: "constexpr" for name in constants}
+    fn = sm90._scores_persistent_kernel
+    aligned = ("Q", "LSE", "SCORES", "sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    kernel = triton.compile(GluonASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "maxnreg": sm90.PIPELINED_REGS if pipelined else sm90.TUNING["maxnreg"]})
+    return _compiled_report(kernel)
+
+
 def compile_selection_forward(window=0, n_sel=32, head_dim=128, group=7, stages=2) -> dict:
     """``compile_forward``'s report for the Triton selection forward ``_slc_fwd_kernel`` as the op
     runs it at Q7B (64 packed (token, head) rows, 64-key blocks by TMA, bf16, 4 warps): the
@@ -173,6 +202,7 @@ def main(argv=None) -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--scorer", action="store_true", help="the Triton scorer instead")
     p.add_argument("--selection", action="store_true", help="the Triton selection forward instead, --window W for the window's")
+    p.add_argument("--gluon-scorer", choices=["plain", "pipelined"], help="the Gluon scorer instead (Levers 52, 54)")
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON line: registers, spills, shared, serialised, events, opcodes")
     args = p.parse_args(argv)
@@ -180,6 +210,8 @@ def main(argv=None) -> None:
         raise SystemExit("unset TRITON_INTERPRET: under the interpreter kernels are not compiled")
     if args.scorer:
         out = compile_scorer(args.block_c, args.head_dim, args.group, stages=2)
+    elif args.gluon_scorer:
+        out = compile_gluon_scorer(args.gluon_scorer == "pipelined", args.head_dim, args.group)
     elif args.selection:
         out = compile_selection_forward(args.window, head_dim=args.head_dim, group=args.group)
     else:

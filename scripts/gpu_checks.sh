@@ -33,6 +33,9 @@
 #            tests (child processes under a timeout), kernel_tuning's scores variant "gluon" against
 #            the rule at 16K-128K, then the 128K block-shared op with the rule and with it, two
 #            alternated rounds
+#   pipelined_scores Lever 54 (the Gluon scorer with each consumer's chunks in pairs, knob scores.gluon
+#            "pipelined"): the Gluon scorer tests (child processes), kernel_tuning's gluon and convoy
+#            variants at 32K and 128K, the 128K op with the rule and with it, two alternated rounds
 #   convoy   the scorer at 3, 2 and 1 CTAs per SM (2, 3 and 6 K~ stages: shared memory sets the count),
 #            kernel_tuning at 32K and 128K: whether its MMAs and exponentials run in series across CTAs
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
@@ -48,12 +51,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -185,6 +188,21 @@ gluon_scores() {
   done
 }
 
+pipelined_scores() {  # Lever 54 (the Gluon scorer's chunks in pairs, knob scores.gluon "pipelined") and the convoy test
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE \
+    tests/test_triton_scores.py -k gluon > "$out/gpu_tests_gluon_scores.log" 2>&1
+  echo "gluon scorer tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_gluon_scores.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_gluon_scores.log" | head -10
+  timeout 150 python3 -m profiling.kernel_tuning --lengths 32K,128K --ops scores:block_shared \
+    --match '^\{"gluon"|^\{("tma_k": true, )?"num_stages": [36]\}$' --out "$out/tune" > "$out/tune.log" 2>&1
+  echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
+  echo '{"scores": {"scores": {"gluon": "pipelined"}}}' > "$out/pipelined.json"
+  for i in 1 2; do
+    short_op "rule_$i" auto 128K fwd,fwd+bwd
+    short_op "pipelined_$i" auto 128K fwd,fwd+bwd "$out/pipelined.json"
+  done
+}
+
 convoy() {  # NOTES session 25, Next 1: the scorer at 3, 2 and 1 CTAs per SM (only its K~ ring's depth changes)
   timeout 150 python3 -m profiling.kernel_tuning --lengths 32K,128K --ops scores:block_shared \
     --match '^\{("tma_k": true, )?"num_stages": [36]\}$' --out "$out/tune" > "$out/tune.log" 2>&1
@@ -256,6 +274,7 @@ case "$part" in
   scores_op) scores_op ;;
   gluon_scores) gluon_scores ;;
   convoy) convoy ;;
+  pipelined_scores) pipelined_scores ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac

@@ -59,6 +59,17 @@ def test_selection_forward_compiles_without_spills(window):
     assert out["opcodes"]["HGMMA"] > 0, out["opcodes"]
 
 
+def test_pipelined_gluon_scorer_keeps_two_mmas_in_flight():
+    """Lever 54: each consumer issues its second chunk's MMA before the first's exponentials (and
+    waits for it after them), without a spill and without ptxas serialising the wgmmas; the plain
+    Gluon scorer (Lever 52) waits on each MMA before its exponentials."""
+    plain, pipelined = compiled("--gluon-scorer", "plain"), compiled("--gluon-scorer", "pipelined")
+    for out in (plain, pipelined):
+        assert out["spill_bytes"] == 0 and not out["serialised"], out["ptxas_log"]
+    assert contains_in_order(pipelined["events"], ["mma", "mbarrier_wait", "mma", "wait", "exp"]), pipelined["events"]
+    assert not contains_in_order(plain["events"], ["mma", "mbarrier_wait", "mma"]), plain["events"]
+
+
 def test_contains_in_order():
     assert contains_in_order(["a", "b", "c"], ["b", "c"])
     assert not contains_in_order(["a", "b", "c"], ["a", "c"])

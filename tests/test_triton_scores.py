@@ -368,19 +368,20 @@ GLUON_CASES = [(("Q7B-T3000", 28, 4, 3000, 128, 64, 64, None), 64, "bfloat16"),
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("knob", [True, "pipelined"], ids=["plain", "pipelined"])  # Levers 52 and 54
 @pytest.mark.parametrize("case,tokens_per_sum,dtype", GLUON_CASES, ids=[f"{c[0]}-sum{n}-{d}" for c, n, d in GLUON_CASES])
-def test_group_scores_gluon_gpu(case, tokens_per_sum, dtype):
+def test_group_scores_gluon_gpu(case, tokens_per_sum, dtype, knob):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon scorer is sm_90-only")
     code = (  # the rule, not a FLEXNSA_TUNING file: tuning files apply at head_dim 128 only (tiles.tuning_for)
         "import torch, test_triton_scores as t\n"
         "from flexnsa.triton_fallback import compression_scores as sc, compression_scores_sm90 as sm90\n"
-        "sc.GLUON = True\n"
+        f"sc.GLUON = {knob!r}\n"
         "calls = []\n"
         "real = sm90.group_scores_sm90\n"
-        "sm90.group_scores_sm90 = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "sm90.group_scores_sm90 = lambda *a, **k: calls.append(k['pipelined']) or real(*a, **k)\n"
         f"t.check_kernel({case!r}, torch.{dtype}, 'cuda', tol=1e-2, tokens_per_sum={tokens_per_sum}, given_lse=True)\n"
-        "assert calls, 'the Gluon scorer did not run'\n"
+        f"assert calls == [{knob == 'pipelined'!r}] * len(calls) and calls, calls\n"
     )
     run_in_child(code, "the Gluon scorer")
 

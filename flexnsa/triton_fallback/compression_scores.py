@@ -73,7 +73,9 @@ from .tiles import (
 # as the padded kernel's 153).
 # "gluon" (None = the GLUON rule; Lever 52): on an sm_90 GPU, the padded tiling's whole-tile sums with
 # the lse given (the op's block-shared path) by the persistent warp-specialised Gluon scorer
-# (``compression_scores_sm90``: a TMA producer warp, two consumers taking the chunks in turn).
+# (``compression_scores_sm90``: a TMA producer warp, two consumers taking the chunks in turn);
+# "pipelined" (Lever 54): the same with each consumer's chunks in pairs, the second's MMA in flight
+# under the first's exponentials.
 PACKED = False
 PACKED_PER_TOKEN = False
 SPLIT_HEADS = False
@@ -471,7 +473,8 @@ def compression_group_scores(
             tiling = dict(BLOCK_T=block_t, SUM=in_kernel, OUT_ROWS=block_t // in_kernel)
             if _gluon(q, k_cmp, lse if given else None, block_t, in_kernel) and not parts:
                 from .compression_scores_sm90 import group_scores_sm90
-                group_scores_sm90(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, g_pad, block_t)
+                group_scores_sm90(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, g_pad, block_t,
+                                  pipelined=tuning_for(TUNING, "scores", q).get("gluon", GLUON) == "pipelined")
                 return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), None
             if parts:
                 kernel = _split_scores_kernel

@@ -36,37 +36,74 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .compression_forward_sm90 import LOG2E, _copy_q_rows, _descriptor, _partition_barrier, _tile_bounds
 
 # 128-row tiles; 64-block chunks; a 4-deep K~ ring (even, so each consumer keeps its own two slots);
-# consumers at 152 registers (the default partition takes maxnreg), the producer warp 24
-TUNING = {"rows": 128, "block_c": 64, "stages": 4, "maxnreg": 168}
+# consumers at 152 registers (the default partition takes maxnreg), the producer warp 24. Pipelined
+# (two [64, 128] fp32 accumulators per consumer thread, 128 registers of them): both consumers at
+# 232, which one CTA per SM affords (2 x 128 x 232 + 32 x 24 <= 65536).
+TUNING = {"rows": 128, "block_c": 64, "stages": 4, "maxnreg": 168, "worker_regs": 152}
+PIPELINED_REGS = 232
+
+
+@gluon.jit
+def _chunk_sums(s, j, t_first, c_mid, C, out, lse2, qk_scale, mma: gl.constexpr, G_PAD: gl.constexpr, ROWS: gl.constexpr,
+                BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr):
+    """Chunk j's 2^(s - lse) summed over the tile's rows and stored (masked from c_mid on, where
+    some row cannot see the whole chunk)."""
+    p = gl.exp2(s * qk_scale - lse2[None, :])
+    c = j * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, mma))
+    if j * BLOCK_C >= c_mid:
+        t = t_first + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma)) // G_PAD
+        seen = (c[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1) & (c < C)[:, None]
+        p = gl.where(seen, p, 0.0)
+    gl.store(out + c, gl.sum(p, 1), mask=c < C)
 
 
 @gluon.jit
 def _score_chunks(q, lse2, t_first, k_smem, full, empty, it, n, c_mid, C, out, qk_scale, HALF: gl.constexpr,
                   mma: gl.constexpr, G_PAD: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, BLOCK_C: gl.constexpr,
-                  CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr):
+                  CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, PIPELINED: gl.constexpr):
     """This consumer's chunks of one tile (ring chunk it + j for j = HALF - it mod 2, + 2, ..):
-    K~ Q^T waited on, its ring slot released, 2^(s - lse) summed over the tile's rows and stored
-    (masked from c_mid on, where some row cannot see the whole chunk)."""
+    K~ Q^T, its ring slot released once the MMA retired, then ``_chunk_sums``. PIPELINED (NOTES
+    Lever 54): the chunks in pairs, both MMAs issued before the first's exponentials, which run
+    while the second's MMA does (two accumulators, 232 registers); else each MMA is waited on
+    right away. The pairs drain inside each iteration: with the second MMA still in flight across
+    the loop's back edge, ptxas serialises every wgmma (C7514, sm_90 SASS, triton 3.6.0)."""
     zero = gl.zeros([BLOCK_C, ROWS], gl.float32, mma)
     qt = q.permute((1, 0))
-    for j in range((HALF + it) % 2, n, 2):
-        slot = (it + j) % STAGES
-        mbarrier.wait(full.index(slot), ((it + j) // STAGES) & 1)
-        s = warpgroup_mma(k_smem.index(slot), qt, zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        mbarrier.arrive(empty.index(slot), count=1)
-        p = gl.exp2(s * qk_scale - lse2[None, :])
-        c = j * BLOCK_C + gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, mma))
-        if j * BLOCK_C >= c_mid:
-            t = t_first + gl.arange(0, ROWS, layout=gl.SliceLayout(0, mma)) // G_PAD
-            seen = (c[:, None] * CMP_STRIDE + CMP_BLOCK <= t[None, :] + 1) & (c < C)[:, None]
-            p = gl.where(seen, p, 0.0)
-        gl.store(out + c, gl.sum(p, 1), mask=c < C)
+    first = (HALF + it) % 2
+    if PIPELINED:  # pairs of this consumer's chunks (j, j + 2): both MMAs issued, the first's sums under the second
+        for j in range(first, n, 4):
+            slot = (it + j) % STAGES
+            mbarrier.wait(full.index(slot), ((it + j) // STAGES) & 1)
+            s_a = warpgroup_mma(k_smem.index(slot), qt, zero, use_acc=False, is_async=True)
+            if j + 2 < n:
+                slot_b = (it + j + 2) % STAGES
+                mbarrier.wait(full.index(slot_b), ((it + j + 2) // STAGES) & 1)
+                s_b = warpgroup_mma(k_smem.index(slot_b), qt, zero, use_acc=False, is_async=True)
+                done_a = warpgroup_mma_wait(1, deps=(s_a, ))  # the first retired, the second in flight
+                mbarrier.arrive(empty.index(slot), count=1)
+                _chunk_sums(done_a, j, t_first, c_mid, C, out, lse2, qk_scale, mma, G_PAD, ROWS, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+                done_b = warpgroup_mma_wait(0, deps=(s_b, ))
+                mbarrier.arrive(empty.index(slot_b), count=1)
+                _chunk_sums(done_b, j + 2, t_first, c_mid, C, out, lse2, qk_scale, mma, G_PAD, ROWS, BLOCK_C, CMP_BLOCK,
+                            CMP_STRIDE)
+            else:
+                done_a = warpgroup_mma_wait(0, deps=(s_a, ))
+                mbarrier.arrive(empty.index(slot), count=1)
+                _chunk_sums(done_a, j, t_first, c_mid, C, out, lse2, qk_scale, mma, G_PAD, ROWS, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+    else:
+        for j in range(first, n, 2):
+            slot = (it + j) % STAGES
+            mbarrier.wait(full.index(slot), ((it + j) // STAGES) & 1)
+            s = warpgroup_mma(k_smem.index(slot), qt, zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            mbarrier.arrive(empty.index(slot), count=1)
+            _chunk_sums(s, j, t_first, c_mid, C, out, lse2, qk_scale, mma, G_PAD, ROWS, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
 
 
 @gluon.jit
 def _score_tiles(a, HALF: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr,
-                 D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+                 D: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr,
+                 PIPELINED: gl.constexpr):
     """A consumer over this program's tiles: its own copy of each tile's q (the next tile's copied
     by cp.async under this one's chunks), the rows' lse in log2 units (+inf on idle rows and rows
     that see nothing, so they add 0), then its share of the tile's chunks."""
@@ -102,26 +139,26 @@ def _score_tiles(a, HALF: gl.constexpr, G: gl.constexpr, G_PAD: gl.constexpr, BL
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # LOG2E
         out = SCORES + b * ss_b + h * ss_h + ((t_first - T0) // BLOCK_T) * ss_t
         _score_chunks(q, lse2, t_first, k_smem, full, empty, it, n, c_mid, C, out, qk_scale, HALF, mma, G_PAD, ROWS,
-                      STAGES, BLOCK_C, CMP_BLOCK, CMP_STRIDE)
+                      STAGES, BLOCK_C, CMP_BLOCK, CMP_STRIDE, PIPELINED)
         it += n
         k += 1
 
 
 @gluon.jit
 def _scorer_low(a, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-                CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    _score_tiles(a, 0, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+                CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
+    _score_tiles(a, 0, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)
 
 
 @gluon.jit
 def _scorer_high(a, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-                 CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
-    _score_tiles(a, 1, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)
+                 CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
+    _score_tiles(a, 1, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)
 
 
 @gluon.jit
 def _produce_k_tiles(a, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-                     CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
+                     CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
     """One warp: every chunk's K~ box of this program's tiles, in the consumers' order, into ring
     slot it % STAGES once the consumer of the slot's previous chunk released it."""
     (q_smem, k_smem, full, empty, Q, K, LSE, SCORES, sq_b, sq_h, sq_t, sl_b, sl_h, ss_b, ss_h, ss_t, T0, T, C, HKV, B, n_t,
@@ -144,9 +181,11 @@ def _scores_persistent_kernel(
     sq_b, sq_h, sq_t, sl_b, sl_h, ss_b, ss_h, ss_t,
     T0, T, C, HKV, B, qk_scale,
     G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-    CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
+    WORKER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Lever 52: tile sums of tokens [T0, T) over one program per SM; tiles longest first."""
+    """Lever 52: tile sums of tokens [T0, T) over one program per SM; tiles longest first.
+    PIPELINED: each consumer keeps two chunks' MMAs in flight (``_score_chunks``)."""
     dtype: gl.constexpr = K.dtype
     ROWS: gl.constexpr = BLOCK_T * G_PAD
     q_smem = gl.allocate_shared_memory(dtype, [4, ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype))  # 2 per consumer
@@ -159,9 +198,10 @@ def _scores_persistent_kernel(
     fence_async_shared()
     a = (q_smem, k_smem, full, empty, Q, K, LSE, SCORES, sq_b, sq_h, sq_t, sl_b, sl_h, ss_b, ss_h, ss_t, T0, T, C, HKV, B,
          gl.cdiv(T - T0, BLOCK_T), qk_scale)
-    gl.warp_specialize([(_scorer_low, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
-                        (_scorer_high, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES)),
-                        (_produce_k_tiles, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))], [4, 1], [152, 24])
+    gl.warp_specialize([(_scorer_low, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)),
+                        (_scorer_high, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)),
+                        (_produce_k_tiles, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED))],
+                       [4, 1], [WORKER_REGS, 24])
 
 
 def supported(q, k_cmp, lse, block_t: int, in_kernel_sum: int) -> bool:
@@ -175,9 +215,10 @@ def supported(q, k_cmp, lse, block_t: int, in_kernel_sum: int) -> bool:
 
 
 def group_scores_sm90(q, k_cmp, lse, scores, block_size: int, stride: int, scale: float, t0: int, t1: int,
-                      g_pad: int, block_t: int) -> None:
+                      g_pad: int, block_t: int, pipelined: bool = False) -> None:
     """Tile sums of tokens [t0, t1) into ``scores`` [B, Hkv, R, C] (row = tile), as the padded
-    Triton scorer writes them with SUM = BLOCK_T; ``supported`` must hold."""
+    Triton scorer writes them with SUM = BLOCK_T; ``supported`` must hold. ``pipelined``: two
+    chunks' MMAs in flight per consumer (``_score_chunks``)."""
     B, Hq, _, D = q.shape
     Hkv, C = k_cmp.shape[1], k_cmp.shape[2]
     if g_pad * block_t != TUNING["rows"]:
@@ -190,5 +231,6 @@ def group_scores_sm90(q, k_cmp, lse, scores, block_size: int, stride: int, scale
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
         t0, t1, C, Hkv, B, scale * LOG2E,
         G=Hq // Hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=TUNING["block_c"], D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride,
-        STAGES=TUNING["stages"], num_warps=4, maxnreg=TUNING["maxnreg"],
+        STAGES=TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=PIPELINED_REGS if pipelined else TUNING["worker_regs"],
+        num_warps=4, maxnreg=PIPELINED_REGS if pipelined else TUNING["maxnreg"],
     )
