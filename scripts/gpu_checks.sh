@@ -99,12 +99,16 @@ gluon() {
   echo "kernel_tuning: exit $?"; tail -4 "$out/kernel_tuning.log"
 }
 
-gluon_op() {
-  echo '{"compression": {"fwd": {"gluon_ws": "persistent"}}}' > "$out/persistent.json"
+ab_op() {  # name, tuning JSON: the 128K block-shared op with the rule and with these knobs, two alternated rounds
+  echo "$2" > "$out/$1.json"
   for i in 1 2; do
     short_op "rule_$i" auto 128K fwd,fwd+bwd
-    short_op "persistent_$i" auto 128K fwd,fwd+bwd "$out/persistent.json"
+    short_op "$1_$i" auto 128K fwd,fwd+bwd "$out/$1.json"
   done
+}
+
+gluon_op() {
+  ab_op persistent '{"compression": {"fwd": {"gluon_ws": "persistent"}}}'
 }
 
 gluon_rule() {
@@ -166,11 +170,7 @@ scores() {
 }
 
 scores_op() {
-  echo '{"scores": {"scores": {"split_heads": true, "maxnreg": 168}}}' > "$out/split.json"
-  for i in 1 2; do
-    short_op "rule_$i" auto 128K fwd,fwd+bwd
-    short_op "split_$i" auto 128K fwd,fwd+bwd "$out/split.json"
-  done
+  ab_op split '{"scores": {"scores": {"split_heads": true, "maxnreg": 168}}}'
 }
 
 gluon_scores() {
@@ -181,11 +181,7 @@ gluon_scores() {
   timeout 120 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops scores:block_shared --match gluon \
     --out "$out/tune" > "$out/tune.log" 2>&1
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
-  echo '{"scores": {"scores": {"gluon": true}}}' > "$out/gluon.json"
-  for i in 1 2; do
-    short_op "rule_$i" auto 128K fwd,fwd+bwd
-    short_op "gluon_$i" auto 128K fwd,fwd+bwd "$out/gluon.json"
-  done
+  ab_op gluon '{"scores": {"scores": {"gluon": true}}}'
 }
 
 pipelined_scores() {  # Lever 54 (the Gluon scorer's chunks in pairs, knob scores.gluon "pipelined") and the convoy test
@@ -196,11 +192,7 @@ pipelined_scores() {  # Lever 54 (the Gluon scorer's chunks in pairs, knob score
   timeout 150 python3 -m profiling.kernel_tuning --lengths 32K,128K --ops scores:block_shared \
     --match '^\{"gluon"|^\{("tma_k": true, )?"num_stages": [36]\}$' --out "$out/tune" > "$out/tune.log" 2>&1
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
-  echo '{"scores": {"scores": {"gluon": "pipelined"}}}' > "$out/pipelined.json"
-  for i in 1 2; do
-    short_op "rule_$i" auto 128K fwd,fwd+bwd
-    short_op "pipelined_$i" auto 128K fwd,fwd+bwd "$out/pipelined.json"
-  done
+  ab_op pipelined '{"scores": {"scores": {"gluon": "pipelined"}}}'
 }
 
 convoy() {  # NOTES session 25, Next 1: the scorer at 3, 2 and 1 CTAs per SM (only its K~ ring's depth changes)
