@@ -30,10 +30,7 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
                     persistent=False) -> dict:
     """{"registers", "spill_bytes", "shared_bytes", "serialised" (ptxas C7514), "ptxas_log", "sass"}
     of the warp-specialised forward at these constants (bf16, l = s = 64)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from flexnsa.triton_fallback import compression_forward_sm90 as sm90
 
@@ -47,14 +44,24 @@ def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingp
                      STAGES=stages, num_warps=4)
     if not persistent:
         constants["PINGPONG"] = pingpong
-    signature |= {name: "constexpr" for name in constants}
     fn = sm90._cmp_fwd_persistent_kernel if persistent else sm90._cmp_fwd_ws_kernel
-    # what the launcher's specialisation proves at the Q7B shape: 16-byte aligned pointers and strides
     aligned = ("Q", "O", "LSE", "sq_b", "sq_h", "sq_t", "so_b", "so_h", "so_t", "sl_b", "sl_h")
+    return _compile(fn, signature, constants, aligned, {"num_warps": 4, "maxnreg": maxnreg}, gluon=True)
+
+
+def _compile(fn, signature: dict, constants: dict, aligned, options: dict, gluon: bool) -> dict:
+    """``_compiled_report`` of ``fn`` (a Gluon or Triton kernel) compiled for sm_90 with these
+    argument types and constants (added to the signature as constexprs); ``aligned``: the
+    arguments the launcher's specialisation proves 16-byte aligned at the Q7B shape."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature = signature | {name: "constexpr" for name in constants}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = triton.compile(GluonASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "maxnreg": maxnreg})
-    return _compiled_report(kernel)
+    source = (GluonASTSource if gluon else ASTSource)(fn, signature, constants, attrs)
+    return _compiled_report(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options))
 
 
 def _compiled_report(kernel) -> dict:
@@ -81,10 +88,6 @@ def _compiled_report(kernel) -> dict:
 def compile_scorer(block_c=64, head_dim=128, group=7, stages=2) -> dict:
     """``compile_forward``'s report for the Triton scorer ``_group_scores_kernel`` as the op runs it
     at Q7B (padded 16 tokens x 8 head slots, lse given, whole-tile sums, K~ by TMA, bf16)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from flexnsa.triton_fallback import compression_scores as scores
 
     g_pad = 1 << (group - 1).bit_length()
@@ -94,23 +97,16 @@ def compile_scorer(block_c=64, head_dim=128, group=7, stages=2) -> dict:
     signature |= {name: "i32" for name in ints} | {"scale": "fp32", "N_OUT": "i32"}
     constants = dict(G=group, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64, CMP_STRIDE=64,
                      SUM=block_t, GIVEN_LSE=True, PACKED=False, ROWS=128, OUT_ROWS=1, SEGMENTED=False, TMA_K=True)
-    signature |= {name: "constexpr" for name in constants}
-    fn = scores._group_scores_kernel
     aligned = ("Q", "LSE", "SCORES", "sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t")
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": stages})
-    return _compiled_report(kernel)
+    return _compile(scores._group_scores_kernel, signature, constants, aligned, {"num_warps": 4, "num_stages": stages},
+                    gluon=False)
 
 
 def compile_gluon_scorer(pipelined=False, head_dim=128, group=7) -> dict:
     """``compile_forward``'s report for the Gluon scorer ``_scores_persistent_kernel`` (NOTES Lever
     52; ``pipelined``: two chunks' MMAs in flight per consumer) at Q7B tiles (16 tokens x 8 head
     slots, 64-block chunks, bf16)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from flexnsa.triton_fallback import compression_scores_sm90 as sm90
 
@@ -120,26 +116,18 @@ def compile_gluon_scorer(pipelined=False, head_dim=128, group=7) -> dict:
     ints = ("sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t", "T0", "T", "C", "HKV", "B")
     signature |= {name: "i32" for name in ints} | {"qk_scale": "fp32"}
     g_pad = 1 << (group - 1).bit_length()
-    regs = sm90.PIPELINED_REGS if pipelined else sm90.TUNING["worker_regs"]
+    maxnreg, worker_regs = sm90.register_budget(pipelined)
     constants = dict(G=group, G_PAD=g_pad, BLOCK_T=sm90.TUNING["rows"] // g_pad, BLOCK_C=block_c, D=head_dim, CMP_BLOCK=64,
-                     CMP_STRIDE=64, STAGES=sm90.TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=regs, num_warps=4)
-    signature |= {name: "constexpr" for name in constants}
-    fn = sm90._scores_persistent_kernel
+                     CMP_STRIDE=64, STAGES=sm90.TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=worker_regs, num_warps=4)
     aligned = ("Q", "LSE", "SCORES", "sq_b", "sq_h", "sq_t", "sl_b", "sl_h", "ss_b", "ss_h", "ss_t")
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = triton.compile(GluonASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "maxnreg": sm90.PIPELINED_REGS if pipelined else sm90.TUNING["maxnreg"]})
-    return _compiled_report(kernel)
+    return _compile(sm90._scores_persistent_kernel, signature, constants, aligned, {"num_warps": 4, "maxnreg": maxnreg},
+                    gluon=True)
 
 
 def compile_selection_forward(window=0, n_sel=32, head_dim=128, group=7, stages=2) -> dict:
     """``compile_forward``'s report for the Triton selection forward ``_slc_fwd_kernel`` as the op
     runs it at Q7B (64 packed (token, head) rows, 64-key blocks by TMA, bf16, 4 warps): the
     selection (window 0, 32 blocks) or the window (its blocks, gated epilogue)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from flexnsa.triton_fallback import selection_attention as sel
 
     gated = window > 0
@@ -151,14 +139,9 @@ def compile_selection_forward(window=0, n_sel=32, head_dim=128, group=7, stages=
     signature |= {name: "i32" for name in ints} | {"qk_scale": "fp32"}
     constants = dict(N_SEL=-(-(window - 1) // 64) + 1 if gated else n_sel, TILE=64, L=64, BLOCK_N=64, G=group, G_PAD=group,
                      ROWS=64, SUBS=group, D=head_dim, WINDOW=window, TMA=True, GATED=gated)
-    signature |= {name: "constexpr" for name in constants}
-    fn = sel._slc_fwd_kernel
     aligned = ("Q", "SEL", "O", "LSE", "CMP", "SLC", "GATES", "Y", "sq_b", "sq_h", "sq_t", "ss_b", "ss_h", "ss_r", "so_b",
                "so_h", "so_t", "sl_b", "sl_h")
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": stages})
-    return _compiled_report(kernel)
+    return _compile(sel._slc_fwd_kernel, signature, constants, aligned, {"num_warps": 4, "num_stages": stages}, gluon=False)
 
 
 def opcode_counts(sass: str, opcodes=("MUFU.EX2", "FFMA", "HGMMA", "STS", "LDS", "BAR.SYNC", "SHFL")) -> dict:

@@ -365,14 +365,16 @@ def head_parts(group: int, block_t: int) -> tuple[int, int, int] | None:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def _gluon(q, k_cmp, lse, block_t: int, in_kernel_sum: int) -> bool:
-    """The Gluon scorer (Lever 52) when the ``gluon`` knob (or the GLUON rule) is on and it
-    supports the call (``compression_scores_sm90.supported``: sm_90, 16-bit, given lse, whole
-    tiles summed in registers); everything else keeps the Triton kernels, which give the same sums."""
-    if not (q.is_cuda and tuning_for(TUNING, "scores", q).get("gluon", GLUON)):
+def _gluon(q, k_cmp, lse, block_t: int, in_kernel_sum: int):
+    """The ``gluon`` knob's value (or the GLUON rule's: True, or "pipelined" for Lever 54) where the
+    Gluon scorer (Lever 52) supports the call (``compression_scores_sm90.supported``: sm_90,
+    16-bit, given lse, whole tiles summed in registers), else False: everything else keeps the
+    Triton kernels, which give the same sums."""
+    knob = tuning_for(TUNING, "scores", q).get("gluon", GLUON)
+    if not (q.is_cuda and knob):
         return False
     from .compression_scores_sm90 import supported
-    return supported(q, k_cmp, lse, block_t, in_kernel_sum)
+    return knob if supported(q, k_cmp, lse, block_t, in_kernel_sum) else False
 
 
 def _split_parts(q, group: int) -> tuple[int, int, int] | None:
@@ -471,10 +473,11 @@ def compression_group_scores(
             parts = _split_parts(q, G)
             grid = (triton.cdiv(t1 - t0, block_t), Hkv, B)
             tiling = dict(BLOCK_T=block_t, SUM=in_kernel, OUT_ROWS=block_t // in_kernel)
-            if _gluon(q, k_cmp, lse if given else None, block_t, in_kernel) and not parts:
+            gluon = _gluon(q, k_cmp, lse if given else None, block_t, in_kernel)
+            if gluon and not parts:
                 from .compression_scores_sm90 import group_scores_sm90
                 group_scores_sm90(q, k_cmp, lse, scores, block_size, stride, scale, t0, t1, g_pad, block_t,
-                                  pipelined=tuning_for(TUNING, "scores", q).get("gluon", GLUON) == "pipelined")
+                                  pipelined=gluon == "pipelined")
                 return (scores.unflatten(2, (rows, rest)).sum(3) if rest > 1 else scores), None
             if parts:
                 kernel = _split_scores_kernel

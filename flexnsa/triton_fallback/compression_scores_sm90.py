@@ -43,6 +43,11 @@ TUNING = {"rows": 128, "block_c": 64, "stages": 4, "maxnreg": 168, "worker_regs"
 PIPELINED_REGS = 232
 
 
+def register_budget(pipelined: bool) -> tuple[int, int]:
+    """(maxnreg, the other consumer partition's registers) of the kernel's launch."""
+    return (PIPELINED_REGS, PIPELINED_REGS) if pipelined else (TUNING["maxnreg"], TUNING["worker_regs"])
+
+
 @gluon.jit
 def _chunk_sums(s, j, t_first, c_mid, C, out, lse2, qk_scale, mma: gl.constexpr, G_PAD: gl.constexpr, ROWS: gl.constexpr,
                 BLOCK_C: gl.constexpr, CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr):
@@ -158,7 +163,7 @@ def _scorer_high(a, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr,
 
 @gluon.jit
 def _produce_k_tiles(a, G: gl.constexpr, G_PAD: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_C: gl.constexpr, D: gl.constexpr,
-                     CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr):
+                     CMP_BLOCK: gl.constexpr, CMP_STRIDE: gl.constexpr, STAGES: gl.constexpr):
     """One warp: every chunk's K~ box of this program's tiles, in the consumers' order, into ring
     slot it % STAGES once the consumer of the slot's previous chunk released it."""
     (q_smem, k_smem, full, empty, Q, K, LSE, SCORES, sq_b, sq_h, sq_t, sl_b, sl_h, ss_b, ss_h, ss_t, T0, T, C, HKV, B, n_t,
@@ -200,7 +205,7 @@ def _scores_persistent_kernel(
          gl.cdiv(T - T0, BLOCK_T), qk_scale)
     gl.warp_specialize([(_scorer_low, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)),
                         (_scorer_high, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED)),
-                        (_produce_k_tiles, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES, PIPELINED))],
+                        (_produce_k_tiles, (a, G, G_PAD, BLOCK_T, BLOCK_C, D, CMP_BLOCK, CMP_STRIDE, STAGES))],
                        [4, 1], [WORKER_REGS, 24])
 
 
@@ -226,11 +231,11 @@ def group_scores_sm90(q, k_cmp, lse, scores, block_size: int, stride: int, scale
     k2 = k_cmp.contiguous().view(B * Hkv * C, D)
     tiles = triton.cdiv(t1 - t0, block_t) * Hkv * B
     programs = min(tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    maxnreg, worker_regs = register_budget(pipelined)
     _scores_persistent_kernel[(programs,)](
         q, _descriptor(k2, TUNING["block_c"]), lse, scores,
         q.stride(0), q.stride(1), q.stride(2), lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1), scores.stride(2),
         t0, t1, C, Hkv, B, scale * LOG2E,
         G=Hq // Hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_C=TUNING["block_c"], D=D, CMP_BLOCK=block_size, CMP_STRIDE=stride,
-        STAGES=TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=PIPELINED_REGS if pipelined else TUNING["worker_regs"],
-        num_warps=4, maxnreg=PIPELINED_REGS if pipelined else TUNING["maxnreg"],
+        STAGES=TUNING["stages"], PIPELINED=pipelined, WORKER_REGS=worker_regs, num_warps=4, maxnreg=maxnreg,
     )
