@@ -81,8 +81,11 @@ def _compiled_report(kernel) -> dict:
         sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
+    threads = kernel.metadata.num_warps * 32  # warp-specialised: all partitions, rounded up to warpgroups
     return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": int(spills.group(1)) if spills else None,
-            "shared_bytes": kernel.metadata.shared, "serialised": "C7514" in log, "ptxas_log": log, "sass": sass}
+            "threads": threads, "shared_bytes": kernel.metadata.shared, "serialised": "C7514" in log, "ptxas_log": log,
+            "sass": sass, "setmaxnreg": sorted({int(n) for n in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);",
+                                                                          kernel.asm["ptx"])})}
 
 
 def compile_scorer(block_c=64, head_dim=128, group=7, stages=2) -> dict:
@@ -202,7 +205,7 @@ def main(argv=None) -> None:
                               persistent=args.persistent)
     counts = opcode_counts(out["sass"])
     if args.json:
-        print(json.dumps({k: out[k] for k in ("registers", "spill_bytes", "shared_bytes", "serialised")}
+        print(json.dumps({k: out[k] for k in ("registers", "spill_bytes", "threads", "setmaxnreg", "shared_bytes", "serialised")}
                          | {"events": events(out["sass"]), "opcodes": counts, "ptxas_log": out["ptxas_log"]}))
         return
     print(f"registers {out['registers']}, spill bytes {out['spill_bytes']}, shared {out['shared_bytes']} B, "

@@ -189,7 +189,7 @@ pipelined_scores() {  # Lever 54 (the Gluon scorer's chunks in pairs, knob score
     tests/test_triton_scores.py -k gluon > "$out/gpu_tests_gluon_scores.log" 2>&1
   echo "gluon scorer tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_gluon_scores.log" | tail -1)"
   grep -E '^(FAILED|ERROR)' "$out/gpu_tests_gluon_scores.log" | head -10
-  timeout 150 python3 -m profiling.kernel_tuning --lengths 32K,128K --ops scores:block_shared \
+  timeout 200 python3 -m profiling.kernel_tuning --lengths 16K,32K,64K,128K --ops scores:block_shared \
     --match '^\{"gluon"|^\{("tma_k": true, )?"num_stages": [36]\}$' --out "$out/tune" > "$out/tune.log" 2>&1
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
   ab_op pipelined '{"scores": {"scores": {"gluon": "pipelined"}}}'

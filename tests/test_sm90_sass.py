@@ -28,11 +28,17 @@ def compiled(*flags):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def launches(out) -> bool:
+    """The CTA's registers at launch (before any setmaxnreg) fit an SM's 64K: what the driver
+    checks (Triton's OutOfResources "threads"; Lever 54's first GPU run failed on it)."""
+    return out["registers"] * out["threads"] <= 65536
+
+
 @pytest.mark.parametrize("variant", ["pingpong", "plain", "persistent"])
 def test_forward_compiles_for_sm90_without_spills_or_serialised_wgmma(variant):
     pingpong = variant == "pingpong"
     out = compiled(*({"pingpong": ["--pingpong"], "persistent": ["--persistent"]}.get(variant, [])))
-    assert out["spill_bytes"] == 0, out["ptxas_log"]
+    assert out["spill_bytes"] == 0 and launches(out), out["ptxas_log"]
     assert not out["serialised"], out["ptxas_log"]
     assert out["shared_bytes"] <= 227 * 1024
     order = out["events"]
@@ -48,7 +54,7 @@ def test_scorer_keeps_three_ctas_per_sm():
     of 128 threads share an SM (NOTES Lever 51: what its speed against the unpadded scorers rests
     on), and its exponentials on the MUFU (128 per thread over its two chunk loops)."""
     out = compiled("--scorer")
-    assert out["spill_bytes"] == 0 and out["registers"] <= 168, out["ptxas_log"]
+    assert out["spill_bytes"] == 0 and out["registers"] <= 168 and launches(out), out["ptxas_log"]
     assert out["opcodes"]["MUFU.EX2"] == 128 and out["opcodes"]["HGMMA"] > 0, out["opcodes"]
 
 
@@ -66,6 +72,8 @@ def test_pipelined_gluon_scorer_keeps_two_mmas_in_flight():
     plain, pipelined = compiled("--gluon-scorer", "plain"), compiled("--gluon-scorer", "pipelined")
     for out in (plain, pipelined):
         assert out["spill_bytes"] == 0 and not out["serialised"], out["ptxas_log"]
+        assert launches(out), (out["registers"], out["threads"])
+    assert 240 in pipelined["setmaxnreg"] and 152 in plain["setmaxnreg"], (plain["setmaxnreg"], pipelined["setmaxnreg"])
     assert contains_in_order(pipelined["events"], ["mma", "mbarrier_wait", "mma", "wait", "exp"]), pipelined["events"]
     assert not contains_in_order(plain["events"], ["mma", "mbarrier_wait", "mma"]), plain["events"]
 

@@ -35,17 +35,19 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .compression_forward_sm90 import LOG2E, _copy_q_rows, _descriptor, _partition_barrier, _tile_bounds
 
-# 128-row tiles; 64-block chunks; a 4-deep K~ ring (even, so each consumer keeps its own two slots);
-# consumers at 152 registers (the default partition takes maxnreg), the producer warp 24. Pipelined
-# (two [64, 128] fp32 accumulators per consumer thread, 128 registers of them): both consumers at
-# 232, which one CTA per SM affords (2 x 128 x 232 + 32 x 24 <= 65536).
+# 128-row tiles; 64-block chunks; a 4-deep K~ ring (even, so each consumer keeps its own two slots).
+# The launch holds 168 registers x 384 threads (4 + 4 + 1 warps, rounded up to warpgroups: at most
+# 170 fit 64K); setmaxnreg then moves them: the second consumer takes worker_regs, the producer
+# warpgroup 24, the first consumer the rest (Triton's AllocateWarpGroups: 168 + (168 - w) + (168 - 24),
+# at most 256). Plain: 152 and 256. Pipelined (two [64, 128] fp32 accumulators per consumer thread,
+# 128 registers of them): 240 and 240 = the whole pool (128 x (240 + 240 + 24) = 168 x 384).
 TUNING = {"rows": 128, "block_c": 64, "stages": 4, "maxnreg": 168, "worker_regs": 152}
-PIPELINED_REGS = 232
+PIPELINED_WORKER_REGS = 240
 
 
 def register_budget(pipelined: bool) -> tuple[int, int]:
-    """(maxnreg, the other consumer partition's registers) of the kernel's launch."""
-    return (PIPELINED_REGS, PIPELINED_REGS) if pipelined else (TUNING["maxnreg"], TUNING["worker_regs"])
+    """(maxnreg of the launch, the second consumer partition's registers)."""
+    return TUNING["maxnreg"], PIPELINED_WORKER_REGS if pipelined else TUNING["worker_regs"]
 
 
 @gluon.jit
@@ -69,7 +71,7 @@ def _score_chunks(q, lse2, t_first, k_smem, full, empty, it, n, c_mid, C, out, q
     """This consumer's chunks of one tile (ring chunk it + j for j = HALF - it mod 2, + 2, ..):
     K~ Q^T, its ring slot released once the MMA retired, then ``_chunk_sums``. PIPELINED (NOTES
     Lever 54): the chunks in pairs, both MMAs issued before the first's exponentials, which run
-    while the second's MMA does (two accumulators, 232 registers); else each MMA is waited on
+    while the second's MMA does (two accumulators, 240 registers); else each MMA is waited on
     right away. The pairs drain inside each iteration: with the second MMA still in flight across
     the loop's back edge, ptxas serialises every wgmma (C7514, sm_90 SASS, triton 3.6.0)."""
     zero = gl.zeros([BLOCK_C, ROWS], gl.float32, mma)
