@@ -62,10 +62,10 @@ LEVER43_VARIANTS = [{"group": 0}, {"group": 0, "relaxed": False}, {"relaxed": Fa
 SLC_VARIANTS = {
     "fwd": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
             [(128, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 4, 2), (64, 4, 3), (32, 4, 2), (64, 2, 2), (64, 8, 2)]]
-           + [PADDED] + TMA_VARIANTS,
+           + [PADDED] + TMA_VARIANTS + [{"num_stages": 1}],  # Lever 55: no K/V prefetch, 3 CTAs per SM (49 KB)
     "dq": [dict(rows=r, num_warps=w, num_stages=s) for r, w, s in
            [(128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (32, 2, 2), (64, 8, 2)]]
-          + [PADDED] + TMA_VARIANTS,
+          + [PADDED] + TMA_VARIANTS + [{"num_stages": 1}],
     # Lever 36 (block-shared: one head's 64-token tile per step, q/dO by TMA; "rows" does not apply)
     "dkv": [dict(num_warps=w, num_stages=s) for w, s in [(4, 3), (4, 4), (8, 2), (8, 3), (2, 2)]]
            + [{"chunk": 8}, {"chunk": 32}, {"head_major": False}, {"tma": False}]

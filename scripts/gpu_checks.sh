@@ -35,7 +35,10 @@
 #            alternated rounds
 #   pipelined_scores Lever 54 (the Gluon scorer with each consumer's chunks in pairs, knob scores.gluon
 #            "pipelined"): the Gluon scorer tests (child processes), kernel_tuning's gluon and convoy
-#            variants at 32K and 128K, the 128K op with the rule and with it, two alternated rounds
+#            variants at 16K-128K, the 128K op with the rule and with it, two alternated rounds
+#   one_stage Lever 55 (the selection/window forward and dQ at num_stages 1: no K/V prefetch, 3 CTAs
+#            per SM): kernel_tuning at 128K, then, for the variants that beat the rule by 3%, the
+#            128K op with the rule and with them, two alternated rounds
 #   convoy   the scorer at 3, 2 and 1 CTAs per SM (2, 3 and 6 K~ stages: shared memory sets the count),
 #            kernel_tuning at 32K and 128K: whether its MMAs and exponentials run in series across CTAs
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
@@ -51,12 +54,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -201,6 +204,15 @@ convoy() {  # NOTES session 25, Next 1: the scorer at 3, 2 and 1 CTAs per SM (on
   echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
 }
 
+one_stage() {  # Lever 55: the selection/window forward and dQ without K/V prefetch (num_stages 1: 3 CTAs per SM)
+  timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops selection:block_shared --kernels fwd,dq \
+    --match '^\{"num_stages": 1\}$' --out "$out/tune" > "$out/tune.log" 2>&1
+  echo "kernel_tuning: exit $?"; grep -E '^T=' "$out/tune.log" | cut -c1-150
+  local knobs; knobs=$(python3 -c "import json; print(json.dumps({'selection': json.load(open('$out/tune/best.json')).get('selection', {})}))")
+  if [ "$knobs" = '{"selection": {}}' ]; then echo "no variant beat the rule by the margin: no op rounds"; return; fi
+  ab_op one_stage "$knobs"
+}
+
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
 
 diagnose() {
@@ -267,6 +279,7 @@ case "$part" in
   gluon_scores) gluon_scores ;;
   convoy) convoy ;;
   pipelined_scores) pipelined_scores ;;
+  one_stage) one_stage ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac
