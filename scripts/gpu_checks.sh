@@ -39,6 +39,8 @@
 #   one_stage Lever 55 (the selection/window forward and dQ at num_stages 1: no K/V prefetch, 3 CTAs
 #            per SM): kernel_tuning at 128K, then, for the variants that beat the rule by 3%, the
 #            128K op with the rule and with them, two alternated rounds
+#   pipelined_ncu Nsight Compute of the Triton scorer and the Gluon scorer plain and pipelined (kernel_tuning's
+#            first two 128K launches each): why Lever 54 lost
 #   convoy   the scorer at 3, 2 and 1 CTAs per SM (2, 3 and 6 K~ stages: shared memory sets the count),
 #            kernel_tuning at 32K and 128K: whether its MMAs and exponentials run in series across CTAs
 #   diagnose where the time goes: cProfile of issuing the op at 8K/32K fwd+bwd (profiling.host_profile),
@@ -54,12 +56,12 @@
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all}
-part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|diagnose|dkv_ncu|levers|all}
+out=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|all}
+part=${2:?usage: bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|all}
 limit=${TIMEOUT_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -156,20 +158,35 @@ scores() {
   local ncu; ncu=$(find_ncu)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
   echo '{"scores": {"scores": {"split_heads": true, "maxnreg": 168}}}' > "$out/split.json"
-  for v in rule:_group_scores_kernel: split:_split_scores_kernel:"$out/split.json"; do
-    IFS=: read -r name kernel tuning <<< "$v"
-    FLEXNSA_TUNING=$tuning timeout 100 "$ncu" --clock-control none -k "regex:^${kernel}\$" --launch-count 2 \
-      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
-      --section ComputeWorkloadAnalysis --section InstructionStats -f -o "$out/ncu_$name" \
-      python3 -m profiling.kernel_tuning --lengths 128K --ops scores:block_shared --match NONE \
-      --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
-    echo "ncu $name: exit $?"
-    "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
-    "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
-    rm -f "$out/ncu_$name.ncu-rep"
-    grep -E 'Duration|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput' \
-      "$out/ncu_${name}_details.txt" | head -12
-  done
+  ncu_scorer "$ncu" rule _group_scores_kernel ""
+  ncu_scorer "$ncu" split _split_scores_kernel "$out/split.json"
+}
+
+ncu_scorer() {  # ncu, name, kernel, tuning file[, launches to skip]: Nsight Compute of two 128K launches of a scorer
+  # (kernel_tuning: its score_and_select runs the Triton scorer's own-lse pass first, two launches; skip 2 for the
+  # op's given-lse ones; the Gluon scorer runs only with the lse given)
+  local ncu=$1 name=$2 kernel=$3
+  FLEXNSA_TUNING=$4 timeout 100 "$ncu" --clock-control none -k "regex:^${kernel}\$" --launch-skip "${5:-0}" --launch-count 2 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    --section ComputeWorkloadAnalysis --section InstructionStats -f -o "$out/ncu_$name" \
+    python3 -m profiling.kernel_tuning --lengths 128K --ops scores:block_shared --match NONE \
+    --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
+  echo "ncu $name: exit $?"
+  "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
+  "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
+  rm -f "$out/ncu_$name.ncu-rep"
+  grep -E 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput' \
+    "$out/ncu_${name}_details.txt" | head -12
+}
+
+pipelined_ncu() {  # why Lever 54 lost: Nsight Compute of the Gluon scorer, plain and pipelined, and the Triton rule
+  local ncu; ncu=$(find_ncu)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  echo '{"scores": {"scores": {"gluon": true}}}' > "$out/plain.json"
+  echo '{"scores": {"scores": {"gluon": "pipelined"}}}' > "$out/pipelined.json"
+  ncu_scorer "$ncu" rule _group_scores_kernel "" 2
+  ncu_scorer "$ncu" gluon_plain _scores_persistent_kernel "$out/plain.json"
+  ncu_scorer "$ncu" gluon_pipelined _scores_persistent_kernel "$out/pipelined.json"
 }
 
 scores_op() {
@@ -280,6 +297,7 @@ case "$part" in
   convoy) convoy ;;
   pipelined_scores) pipelined_scores ;;
   one_stage) one_stage ;;
+  pipelined_ncu) pipelined_ncu ;;
   all) gpu_tests kernels $KERNEL_TESTS; gpu_tests op $OP_TESTS; gpu_tests model $MODEL_TESTS; sweep ;;
   *) echo "unknown part '$part' (kernels, op, model, sweep, pending, gluon, gluon_op, gluon_rule, fwd_cost, diagnose, dkv_ncu, levers or all)" >&2; exit 2 ;;
 esac
