@@ -136,11 +136,7 @@ fwd_cost() {
       python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels fwd --match "$match" \
       --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
     echo "ncu $name: exit $?"
-    "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
-    "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
-    rm -f "$out/ncu_$name.ncu-rep"
-    grep -E 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|No Eligible|Registers Per|Compute \(SM\) Throughput|L2 Cache Throughput' \
-      "$out/ncu_${name}_details.txt" | head -12
+    ncu_export "$ncu" "$name" 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|No Eligible|Registers Per|Compute \(SM\) Throughput|L2 Cache Throughput'
   done
 }
 
@@ -172,11 +168,7 @@ ncu_scorer() {  # ncu, name, kernel, tuning file[, launches to skip]: Nsight Com
     python3 -m profiling.kernel_tuning --lengths 128K --ops scores:block_shared --match NONE \
     --out "$out/ncu_tune_$name" > "$out/ncu_$name.log" 2>&1
   echo "ncu $name: exit $?"
-  "$ncu" --import "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_${name}_details.txt" 2>&1
-  "$ncu" --import "$out/ncu_$name.ncu-rep" --page raw --csv > "$out/ncu_${name}_raw.csv" 2>&1
-  rm -f "$out/ncu_$name.ncu-rep"
-  grep -E 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput' \
-    "$out/ncu_${name}_details.txt" | head -12
+  ncu_export "$ncu" "$name" 'Duration|Warp Cycles Per Issued|Issued Warp Per Scheduler|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput'
 }
 
 pipelined_ncu() {  # why Lever 54 lost: Nsight Compute of the Gluon scorer, plain and pipelined, and the Triton rule
@@ -228,6 +220,14 @@ one_stage() {  # Lever 55: the selection/window forward and dQ without K/V prefe
   local knobs; knobs=$(python3 -c "import json; print(json.dumps({'selection': json.load(open('$out/tune/best.json')).get('selection', {})}))")
   if [ "$knobs" = '{"selection": {}}' ]; then echo "no variant beat the rule by the margin: no op rounds"; return; fi
   ab_op one_stage "$knobs"
+}
+
+ncu_export() {  # ncu, name, grep pattern: ncu_NAME.ncu-rep as details text and raw CSV (the report itself deleted), and the
+  # details' lines matching the pattern
+  "$1" --import "$out/ncu_$2.ncu-rep" --page details > "$out/ncu_$2_details.txt" 2>&1
+  "$1" --import "$out/ncu_$2.ncu-rep" --page raw --csv > "$out/ncu_$2_raw.csv" 2>&1
+  rm -f "$out/ncu_$2.ncu-rep"
+  grep -E "$3" "$out/ncu_$2_details.txt" | head -12
 }
 
 find_ncu() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1; }
