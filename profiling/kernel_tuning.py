@@ -128,10 +128,14 @@ def tuned(module, kernel: str, changes: dict):
 
 def best_overrides(rows: list[dict], margin: float = 0.97) -> dict:
     """{family: {kernel: knobs}}: per kernel, the fastest block-shared variant when it takes less
-    than ``margin`` of the default pass's time (3% faster by default; the FLEXNSA_TUNING file format)."""
+    than ``margin`` of the default pass's time (3% faster by default; the FLEXNSA_TUNING file format),
+    both at the longest length measured (the shape the defaults are tuned at; a shorter length's
+    variant against the longest one's default would always "win")."""
     best: dict = {}
+    longest = max((r["seq_len"] for r in rows), default=0)
     for family in ("compression", "selection", "scores"):
-        mine = [r for r in rows if r["op"] == family and r["selection"] == "block_shared" and "ms" in r]
+        mine = [r for r in rows if r["op"] == family and r["selection"] == "block_shared" and "ms" in r
+                and r["seq_len"] == longest]
         default = {r["pass"]: r["ms"] for r in mine if r["kernel"] == "default"}
         for kernel in ("fwd", "dq", "dkv", "scores"):
             tried = [r for r in mine if r["kernel"] == kernel]

@@ -138,3 +138,19 @@ def test_target_lines_measure_shares_against_the_op_total():
     nsa.append(dict(nsa[-1], variant="per_token", total_ms=217.0))
     per_token = "\n".join(_target_lines({"nsa": nsa, "baselines": baselines, "meta": {"device_name": "GPU"}}, "per_token", "fwd+bwd"))
     assert "3.10x the block-shared mode's time (target <= 2x)" in per_token, per_token
+
+
+def test_best_overrides_compares_variants_at_the_longest_length_only():
+    """A 16K variant (0.8 ms) must not beat the 128K default (3.0 ms): session 26's best.json
+    named a variant that was slower at 128K."""
+    from profiling.kernel_tuning import best_overrides
+
+    def row(T, kernel, change, ms):
+        return {"seq_len": T, "op": "scores", "selection": "block_shared", "kernel": kernel, "change": change,
+                "pass": "fwd", "ms": ms}
+
+    rows = [row(16384, "default", {}, 0.77), row(16384, "scores", {"num_stages": 3}, 0.83),
+            row(131072, "default", {}, 3.05), row(131072, "scores", {"num_stages": 3}, 3.24)]
+    assert best_overrides(rows) == {}
+    rows.append(row(131072, "scores", {"num_stages": 6}, 2.5))
+    assert best_overrides(rows) == {"scores": {"scores": {"num_stages": 6}}}
