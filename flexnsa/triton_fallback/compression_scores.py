@@ -75,7 +75,8 @@ from .tiles import (
 # the lse given (the op's block-shared path) by the persistent warp-specialised Gluon scorer
 # (``compression_scores_sm90``: a TMA producer warp, two consumers taking the chunks in turn);
 # "pipelined" (Lever 54): the same with each consumer's chunks in pairs, the second's MMA in flight
-# under the first's exponentials.
+# under the first's exponentials. Both lost on an H200 at 128K (3.52 / 3.46 ms against the rule's
+# 3.05, session 26: the consumers' per-chunk barriers), so the rule stays off.
 PACKED = False
 PACKED_PER_TOKEN = False
 SPLIT_HEADS = False

@@ -9,6 +9,11 @@ consumer warpgroups that take the tile's chunks in turn (chunk i to consumer i %
 its own double-buffered copy of the tile's q: while one consumer's exponentials run, the other's
 MMA does, and the tiles' prologues (q by cp.async, the first K~ boxes) run under the previous
 tile's chunks, as in the persistent compression forward (Lever 50).
+Measured on an H200 at 128K it loses to the Triton scorer (3.52 ms plain, 3.46 with Lever 54's
+pairs, against 3.05; session 26): every chunk of a consumer pays three barriers over its
+warpgroup that Triton 3.6 inserts around the ring's mbarrier wait and its one-thread arrive
+(Nsight Compute's top stall), which three Triton CTAs per SM hide and one CTA cannot. So the
+``gluon`` knob stays off (NOTES, session 26).
 
 Same tiling and semantics as the padded Triton scorer with the whole tile summed in registers
 (SUM = BLOCK_T): 128 rows = BLOCK_T tokens x G_PAD head slots of kv head h (row r: token
