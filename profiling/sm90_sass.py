@@ -28,8 +28,8 @@ EVENTS = {"HGMMA": "mma", "WARPGROUP.DEPBAR": "wait", "SYNCS.ARRIVE": "arrive", 
 
 def compile_forward(rows=128, block_c=64, head_dim=128, group=7, stages=3, pingpong=False, maxnreg=168,
                     persistent=False) -> dict:
-    """{"registers", "spill_bytes", "shared_bytes", "serialised" (ptxas C7514), "ptxas_log", "sass"}
-    of the warp-specialised forward at these constants (bf16, l = s = 64)."""
+    """{"registers", "spill_bytes", "threads", "setmaxnreg", "shared_bytes", "serialised" (ptxas C7514),
+    "ptxas_log", "sass"} of the warp-specialised forward at these constants (bf16, l = s = 64)."""
     from triton.experimental.gluon import language as gl
 
     from flexnsa.triton_fallback import compression_forward_sm90 as sm90
