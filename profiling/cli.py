@@ -27,7 +27,7 @@ from flexnsa.config import COMPRESSION_KERNELS, LAYOUTS, SELECTION_KERNELS, WIND
 
 from . import report
 from .baselines import fla_version, measure_fla, measure_sdpa
-from .measure import INPUTS, MODES, Shape, measure_nsa
+from .measure import FORMS, INPUTS, MODES, Shape, measure_nsa
 from .timing import matmul_tflops
 from .traces import write_trace
 
@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="fwd,fwd+bwd")
     p.add_argument("--baselines", help="any of sdpa,fla,fla_cmp (fla's compression + top-n alone), or none")
     p.add_argument("--no-stages", action="store_true", help="time only the whole op")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="time the op as CUDA-graph replays (flexnsa.cuda_graphs; GPU only, no stages): variants "
-                        "are named <selection>+cuda_graphs")
+    p.add_argument("--forms", default="eager",
+                   help="how the op is called, any of eager (the default; stages timed), compiled (the whole op under "
+                        "torch.compile(fullgraph=True); GPU only, no stages), cuda_graphs (CUDA-graph replays, "
+                        "flexnsa.cuda_graphs; GPU only, no stages); variants other than eager are named <selection>+<form>")
+    p.add_argument("--cuda-graphs", action="store_true", help="the same as --forms cuda_graphs")
     p.add_argument("--keep-compiles", action="store_true",
                    help="do not reset torch.compile between lengths: what a variable-length run sees "
                         "(kernels recompiled for a symbolic length); default: each length compiled on its own")
@@ -165,12 +167,17 @@ def resolve(args) -> dict:
         }
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.cuda_graphs:
-        if device.type != "cuda":
-            raise UsageError("--cuda-graphs needs a CUDA GPU")
-        variants = {f"{name}+cuda_graphs": config for name, config in variants.items()}
+    forms = ["cuda_graphs"] if args.cuda_graphs else parse_choices(args.forms, FORMS, "forms")
+    if not forms:
+        raise UsageError("--forms needs at least one of " + ", ".join(FORMS))
+    if device.type != "cuda" and forms != ["eager"]:
+        # compiled: inductor's CPU lowering of the FlexAttention branches fails (torch 2.13); both are GPU measurements
+        raise UsageError(f"--forms {','.join(f for f in forms if f != 'eager')} needs a CUDA GPU")
+    named = {(name if form == "eager" else f"{name}+{form}"): (config, form) for form in forms for name, config in variants.items()}
     shape = Shape(args.batch, args.q_heads, args.kv_heads, args.head_dim, DTYPES[pick("dtype")], device, args.inputs)
-    return dict(device=device, lengths=lengths, modes=modes, baselines=baselines, traces=traces, variants=variants, shape=shape)
+    return dict(device=device, lengths=lengths, modes=modes, baselines=baselines, traces=traces, shape=shape,
+                variants={name: config for name, (config, _) in named.items()},
+                forms={name: form for name, (_, form) in named.items()})
 
 
 def estimated_bytes(shape: Shape, seq_len: int, mode: str) -> int:
@@ -275,9 +282,9 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
             bar.set_postfix_str(f"T={T} {mode} {name}")
             try:
                 if kind == "nsa":
-                    config = run["variants"][name]
+                    config, form = run["variants"][name], run["forms"][name]
                     stages = not args.no_stages and config.backend == "flex"
-                    row = measure_nsa(shape, T, config, mode, stages=stages, cuda_graphs=args.cuda_graphs, **timing)
+                    row = measure_nsa(shape, T, config, mode, stages=stages, form=form, **timing)
                     row["variant"] = name
                     report.annotate_flops(row, shape_dict, config)
                     results["nsa"].append(row)
@@ -294,7 +301,7 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
                 print(f"error: {msg}; results so far are in {out_dir}", file=sys.stderr)
                 return 3
             finally:
-                if args.cuda_graphs:  # a capture's autograd.Function holds its graphs in a reference cycle:
+                if kind == "nsa" and run["forms"][name] == "cuda_graphs":  # a capture's autograd.Function holds its graphs in a reference cycle:
                     gc.collect()  # free their memory pool before the next measurement (baselines' peaks)
                 if shape.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"batch": shape.batch, "q_heads": shape.q_heads, "kv_heads": shape.kv_heads,
                   "head_dim": shape.head_dim, "dtype": str(shape.dtype).replace("torch.", ""), "device": shape.device.type,
                   "inputs": shape.inputs},
-        "variants": {k: variant_record(v, shape) for k, v in run["variants"].items()},
+        "variants": {k: {**variant_record(v, shape), "form": run["forms"][k]} for k, v in run["variants"].items()},
         "nsa": [], "baselines": [], "errors": [], "traces": [],
     }
     if fla_version() is None and shape.device.type == "cuda":
@@ -378,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         for T in run["traces"]:
             for name, config in run["variants"].items():
+                if run["forms"][name] != "eager":  # the trace profiles the eager op's pieces
+                    continue
                 mode = run["modes"][-1]
                 results["traces"].append(str(write_trace(shape, T, config, name, mode, out_dir / "traces")))
     report.write_json(results, out_dir)

@@ -25,6 +25,13 @@ from .timing import first_call_s, host_ms, median_ms, peak_memory_mb
 
 STAGES = ("compression", "scores_topk", "mask_build", "selection", "window", "combine")
 MODES = ("fwd", "fwd+bwd")
+# How the op is called: eagerly (its FlexAttention pieces compiled on their own, the kernels as
+# custom ops), the whole op under torch.compile (``compiled_nsa_attention``), or as CUDA-graph
+# replays (``flexnsa.cuda_graphs``). Stages are timed for the eager form only.
+FORMS = ("eager", "compiled", "cuda_graphs")
+# Dynamo recompiles the whole op per (length, grad mode, config) of a sweep; a run past this many
+# raises (fail_on_recompile_limit_hit) instead of running the op eagerly under the compiled name.
+COMPILED_RECOMPILE_LIMIT = 64
 
 
 INPUTS = ("random", "smooth")
@@ -94,6 +101,20 @@ def op_call(shape: Shape, seq_len: int, config: NSAConfig, backward: bool, seed:
     return call, [q, k, v, gates]
 
 
+def compiled_nsa_attention(config: NSAConfig):
+    """``f(q, k, v, gates)``: the whole op under ``torch.compile(fullgraph=True, dynamic=False)``,
+    as a model compiled around it runs it: one graph per length (inductor fuses the pooling, folds,
+    gates and the top-n's PyTorch steps; the kernels stay custom ops), so issuing it costs one
+    guard check instead of autograd and dispatch per piece (where 8K is host-bound, NOTES)."""
+    compiled = torch.compile(lambda q, k, v, gates: nsa_attention(q, k, v, gates, config), fullgraph=True, dynamic=False)
+
+    def call(q, k, v, gates):
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return compiled(q, k, v, gates)
+
+    return call
+
+
 def _leaf(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return x.detach().requires_grad_(requires_grad)
 
@@ -105,11 +126,15 @@ def _with_backward(forward, grad_out, backward: bool):
 
 
 def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, stages: bool = True, seed: int = 0, warmup_ms=25,
-                rep_ms=100, cuda_graphs: bool = False) -> dict:
+                rep_ms=100, form: str = "eager") -> dict:
     """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory.
-    ``cuda_graphs``: the op as ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages;
-    compile seconds include the capture; no peak memory: a replay reuses the graph's private pool,
-    which the allocator's peak counter does not see, so it would read low)."""
+    ``form`` (``FORMS``): "compiled", the whole op under torch.compile (no stages); "cuda_graphs",
+    the op as ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages; compile seconds
+    include the capture; no peak memory: a replay reuses the graph's private pool, which the
+    allocator's peak counter does not see, so it would read low)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    cuda_graphs = form == "cuda_graphs"
     backward = mode == "fwd+bwd"
     device = shape.device
     q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
@@ -125,7 +150,9 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
             stages = False
         else:
             capture_s = 0.0
-            total_fn = _with_backward(lambda: nsa_attention(q, k, v, gates, config), grad_out, backward)
+            op = compiled_nsa_attention(config) if form == "compiled" else (lambda *x: nsa_attention(*x, config))
+            total_fn = _with_backward(lambda: op(q, k, v, gates), grad_out, backward)
+            stages = stages and form == "eager"
         cold_s = capture_s + first_call_s(total_fn, device)
         total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
         launch = host_ms(total_fn, device, grad_to_none=[q, k, v, gates])

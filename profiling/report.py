@@ -133,7 +133,13 @@ def _target_lines(results, variant, mode):
                    f"12x needs <= {fla['total_ms'] / 12:.1f} ms here)")
     if 32768 in rows:
         out.append(f"- t(128K) / t(32K) = {r['total_ms'] / rows[32768]['total_ms']:.2f} (target <= 4.6)")
-    shared = by_len("block_shared").get(131072) if variant == "per_token" else None
+    if sdpa:
+        from_8k = [x for T, x in sorted(rows.items()) if T >= 8192 and _baseline(results, "sdpa", mode, T)]
+        out.append("- x SDPA from 8K up: " + ", ".join(
+            f"{_length(x['seq_len'])} {_baseline(results, 'sdpa', mode, x['seq_len'])['total_ms'] / x['total_ms']:.2f}x"
+            for x in from_8k) + " (target > 1x at each)")
+    selection, _, form = variant.partition("+")
+    shared = by_len("+".join(["block_shared", *([form] if form else [])])).get(131072) if selection == "per_token" else None
     if shared:
         out.append(f"- {r['total_ms'] / shared['total_ms']:.2f}x the block-shared mode's time (target <= 2x)")
     if r["stages_ms"]:

@@ -52,6 +52,9 @@
 #            compression dK~/dV~ with acq_rel atomics as kernel_tuning variants at 128K; then the
 #            128K block-shared fwd+bwd op, stages included, for the rule, without Lever 44 and
 #            without Lever 45 (the window's dK/dV rows ascending), two alternated rounds
+#   compiled_op Lever 56 (the whole op under torch.compile, the profiler's `--forms compiled`): its GPU
+#            test (equal to eager, no recompile on new data), then block-shared 8K, 128K, 32K fwd and
+#            fwd+bwd, eager and compiled, SDPA in the same run (no stages: the compiled form has none)
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -60,7 +63,7 @@
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -265,6 +268,16 @@ dkv_ncu() {  # the window's dK/dV is the same kernel (its grid: one item per kv 
   done
 }
 
+compiled_op() {
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=line -rfE \
+    tests/test_custom_ops.py -k profiled_compiled > "$out/gpu_tests_compiled.log" 2>&1
+  echo "compiled op tests: pytest exit $?: $(grep -E '[0-9]+ (passed|failed)' "$out/gpu_tests_compiled.log" | tail -1)"
+  grep -E '^(FAILED|ERROR)' "$out/gpu_tests_compiled.log" | head -5
+  timeout "$limit" python3 -m profiling --lengths 8K,128K,32K --selection block_shared --modes fwd,fwd+bwd --forms eager,compiled \
+    --baselines sdpa --no-stages --trace-lengths none --no-plots --out "$out/forms" > "$out/forms.log" 2>&1
+  echo "forms: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/forms/report.md" 2>/dev/null
+}
+
 levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
@@ -289,6 +302,7 @@ case "$part" in
   diagnose) diagnose ;;
   dkv_ncu) dkv_ncu ;;
   levers) levers ;;
+  compiled_op) compiled_op ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;

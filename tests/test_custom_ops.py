@@ -105,3 +105,26 @@ def test_op_compiles_fullgraph_gpu(selection, window_kernel):
 def test_op_compiles_fullgraph_flex_selection_gpu(selection, monkeypatch):
     monkeypatch.setattr(flex_backend, "ALLOW_WHOLE_OP_COMPILE_ON_CUDA", True)
     check_compiled_equals_eager(*gpu_case(selection))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [8192, 16384 + 77])  # FlexAttention window; all three branches on the Triton kernels
+def test_profiled_compiled_op_equals_eager_without_recompiles_gpu(T):
+    """The profiler's ``compiled`` form (``profiling.measure.compiled_nsa_attention``) at the Q7B
+    shape: the same output and gradients as the eager op, and new data (a new selection) of the
+    same shape runs the same graph (no recompile)."""
+    from flexnsa import NSAConfig
+    from profiling.measure import compiled_nsa_attention
+
+    cfg = NSAConfig(selection="block_shared", check_inputs=False)
+    torch._dynamo.reset()
+    compiled = compiled_nsa_attention(cfg)
+    inputs = random_inputs(1, 28, 4, T, 128, dtype=torch.bfloat16, device="cuda", seed=3, requires_grad=True)
+    check_compiled_equals_eager(cfg, inputs, compiled)
+    later = random_inputs(1, 28, 4, T, 128, dtype=torch.bfloat16, device="cuda", seed=4, requires_grad=True)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        compiled(*later).sum().backward()
+    finally:
+        torch.compiler.set_stance("default")
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in later)

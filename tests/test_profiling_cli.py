@@ -40,7 +40,10 @@ def test_tiny_cpu_run_writes_results(tmp_path):
         (["--window", "0"], "window"),
         (["--lengths", "4Q"], "not a length"),
         (["--q-heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
-        (["--cuda-graphs"], "--cuda-graphs needs a CUDA GPU"),
+        (["--cuda-graphs"], "--forms cuda_graphs needs a CUDA GPU"),
+        (["--forms", "eager,compiled"], "--forms compiled needs a CUDA GPU"),
+        (["--forms", "jit"], "unknown forms"),
+        (["--forms", "none"], "--forms needs at least one"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path):
@@ -138,6 +141,15 @@ def test_target_lines_measure_shares_against_the_op_total():
     nsa.append(dict(nsa[-1], variant="per_token", total_ms=217.0))
     per_token = "\n".join(_target_lines({"nsa": nsa, "baselines": baselines, "meta": {"device_name": "GPU"}}, "per_token", "fwd+bwd"))
     assert "3.10x the block-shared mode's time (target <= 2x)" in per_token, per_token
+    # each form against its own block-shared run, and the 8K-up line lists every length with SDPA
+    nsa += [dict(r, variant=r["variant"] + "+compiled", total_ms=r["total_ms"] / 2) for r in nsa]
+    nsa.append(dict(nsa[0], variant="block_shared", seq_len=8192, total_ms=8.0))
+    baselines += [dict(name="sdpa", mode="fwd+bwd", seq_len=8192, total_ms=6.0, peak_mb=700.0)]
+    results = {"nsa": nsa, "baselines": baselines, "meta": {"device_name": "GPU"}}
+    compiled = "\n".join(_target_lines(results, "per_token+compiled", "fwd+bwd"))
+    assert "3.10x the block-shared mode's time" in compiled and "total 108.50 ms" in compiled, compiled
+    shared = "\n".join(_target_lines(results, "block_shared", "fwd+bwd"))
+    assert "x SDPA from 8K up: 8K 0.75x, 128K 19.00x (target > 1x at each)" in shared, shared
 
 
 def test_best_overrides_compares_variants_at_the_longest_length_only():
