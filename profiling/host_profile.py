@@ -5,8 +5,9 @@ issue, against ~4.4 ms of GPU work as CUDA-graph replays); this says *which* Pyt
 After a warm-up that compiles everything, ``--calls`` calls of the op are issued under cProfile,
 the device drained after each (so the GPU never holds the host back; cProfile itself slows
 Python down, so read the shares, not the absolute times). Writes ``host_profile_T<T>_<mode>.txt``
-(the top functions by own time and by cumulative time, and the plain host ms per call without
-the profiler) under ``--out``.
+(the top functions by own time and by cumulative time, the plain host ms per call without the
+profiler, and on CUDA the device kernels launched per call, counted by torch.profiler) under
+``--out``. ``--form compiled``: the whole op under torch.compile (``profiling.measure.called_as``).
 
     python -m profiling.host_profile --lengths 8K,16K --out DIR        (GPU; CPU runs too, slowly)
 
@@ -44,6 +45,21 @@ def profile_calls(fn, device: torch.device, calls: int, grads) -> pstats.Stats:
         prof.disable()
     synchronize(device)
     return pstats.Stats(prof)
+
+
+def kernels_per_call(fn, calls: int, grads) -> float:
+    """Device kernels launched per call (torch.profiler's CUDA kernel events over ``calls`` calls):
+    with the host ms, what each launch costs the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for x in grads:
+                x.grad = None
+            fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / calls
 
 
 def dispatch_costs(shape: Shape, seq_len: int, cfg: NSAConfig, calls: int) -> dict:
@@ -89,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="fwd+bwd", help="fwd, fwd+bwd or both (comma list)")
     p.add_argument("--selection", choices=["per_token", "block_shared"], default="block_shared")
     p.add_argument("--window-kernel", default="auto")
+    p.add_argument("--form", choices=["eager", "compiled"], default="eager")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--rows", type=int, default=40)
@@ -100,21 +117,25 @@ def main(argv=None) -> int:
     if set(modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; choose from {MODES}")
     device = pick_device(args.device)
+    if args.form == "compiled" and device.type != "cuda":
+        p.error("--form compiled needs a CUDA GPU (inductor's CPU lowering of the FlexAttention branches fails)")
     shape = q7b_shape(DTYPES[args.dtype], device)
     cfg = NSAConfig(selection=args.selection, window_kernel=args.window_kernel, check_inputs=False)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = device_stamp()
     for seq_len in parse_lengths(args.lengths):
         for mode in modes:
-            fn, inputs = op_call(shape, seq_len, cfg, mode == "fwd+bwd")
+            fn, inputs = op_call(shape, seq_len, cfg, mode == "fwd+bwd", form=args.form)
             for _ in range(3):  # compile, autotune, allocator warm-up
                 fn()
             plain = host_ms(fn, device, reps=args.calls, grad_to_none=inputs)
             stats = profile_calls(fn, device, args.calls, inputs)
-            head = f"# host profile: T={seq_len} {mode}, {args.calls} calls, {stamp}\n# host ms per call without the profiler: {plain}\n"
-            path = args.out / f"host_profile_T{seq_len}_{mode.replace('+', '_')}.txt"
+            kernels = kernels_per_call(fn, args.calls, inputs) if device.type == "cuda" else None
+            head = (f"# host profile: T={seq_len} {mode} {args.form}, {args.calls} calls, {stamp}\n"
+                    f"# host ms per call without the profiler: {plain}\n# device kernels per call: {kernels}\n")
+            path = args.out / f"host_profile_T{seq_len}_{mode.replace('+', '_')}_{args.form}.txt"
             path.write_text(head + report(stats, args.rows))
-            print(f"T={seq_len} {mode}: host {plain} ms per call -> {path}")
+            print(f"T={seq_len} {mode} {args.form}: host {plain} ms, {kernels} kernels per call -> {path}")
         if args.dispatch:
             costs = dispatch_costs(shape, seq_len, cfg, args.calls)
             (args.out / f"dispatch_T{seq_len}.json").write_text(json.dumps({"stamp": stamp, "seq_len": seq_len, **costs}, indent=1))

@@ -55,6 +55,9 @@
 #   compiled_op Lever 56 (the whole op under torch.compile, the profiler's `--forms compiled`): its GPU
 #            test (equal to eager, no recompile on new data), then block-shared 8K, 128K, 32K fwd and
 #            fwd+bwd, eager and compiled, SDPA in the same run (no stages: the compiled form has none)
+#   compiled_host Lever 57 (the host's cost in each form at 8K): host_profile eager and compiled (cProfile,
+#            kernels per call), then 8K fwd and fwd+bwd as eager, compiled and cuda_graphs, and (its own
+#            run: a skipped CUDA graph raises) 8K and 32K as reduce_overhead, SDPA in each run
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -63,7 +66,7 @@
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -278,6 +281,24 @@ compiled_op() {
   echo "forms: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/forms/report.md" 2>/dev/null
 }
 
+compiled_host() {
+  for form in eager compiled; do
+    timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd,fwd+bwd --form $form --out "$out/host" \
+      >> "$out/host.log" 2>&1
+    echo "host_profile $form: exit $?"
+  done
+  grep -E '^T=' "$out/host.log"
+  timeout "$limit" python3 -m profiling --lengths 8K --selection block_shared --modes fwd,fwd+bwd \
+    --forms eager,compiled,cuda_graphs --baselines sdpa --no-stages --trace-lengths none --no-plots --out "$out/forms8k" \
+    > "$out/forms8k.log" 2>&1
+  echo "forms8k: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/forms8k/report.md" 2>/dev/null
+  timeout "$limit" python3 -m profiling --lengths 8K,32K --selection block_shared --modes fwd,fwd+bwd \
+    --forms reduce_overhead --baselines sdpa --no-stages --trace-lengths none --no-plots --out "$out/reduce_overhead" \
+    > "$out/reduce_overhead.log" 2>&1
+  echo "reduce_overhead: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/reduce_overhead/report.md" 2>/dev/null
+  grep -E 'Error|error' "$out/reduce_overhead.log" | tail -3
+}
+
 levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
@@ -303,6 +324,7 @@ case "$part" in
   dkv_ncu) dkv_ncu ;;
   levers) levers ;;
   compiled_op) compiled_op ;;
+  compiled_host) compiled_host ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;

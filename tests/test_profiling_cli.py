@@ -43,6 +43,7 @@ def test_tiny_cpu_run_writes_results(tmp_path):
         (["--cuda-graphs"], "--forms cuda_graphs needs a CUDA GPU"),
         (["--forms", "eager,compiled"], "--forms compiled needs a CUDA GPU"),
         (["--forms", "jit"], "unknown forms"),
+        (["--forms", "reduce_overhead"], "--forms reduce_overhead needs a CUDA GPU"),
         (["--forms", "none"], "--forms needs at least one"),
     ],
 )
@@ -87,10 +88,13 @@ def test_host_profile_and_op_loop_run_the_op(tmp_path, capsys):
 
     assert host_profile.main(["--lengths", "128", "--modes", "fwd", "--dtype", "fp32", "--calls", "1", "--rows", "5", "--dispatch",
                               "--device", "cpu", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "host_profile_T128_fwd.txt").read_text()
+    text = (tmp_path / "host_profile_T128_fwd_eager.txt").read_text()
     assert "top 5 by tottime" in text and "top 5 by cumulative" in text and "nsa_flex" in text
     dispatch = json.loads((tmp_path / "dispatch_T128.json").read_text())
     assert set(dispatch) >= {"compression_attention", "selection_attention"}  # host ms are None on CPU
+    with pytest.raises(SystemExit):
+        host_profile.main(["--form", "compiled", "--device", "cpu", "--out", str(tmp_path)])
+    assert "--form compiled needs a CUDA GPU" in capsys.readouterr().err
     assert op_loop.main(["--lengths", "128", "--mode", "fwd", "--dtype", "fp32", "--device", "cpu"]) == 0
     assert "T=128 fwd: 1 profiled call(s)" in capsys.readouterr().out
 
