@@ -105,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stages", action="store_true", help="time only the whole op")
     p.add_argument("--forms", default="eager",
                    help="how the op is called, any of eager (the default; stages timed), compiled (the whole op under "
-                        "torch.compile(fullgraph=True); GPU only, no stages), reduce_overhead (the same with "
-                        "mode='reduce-overhead': inductor's CUDA graphs; GPU only, no stages, no peak), cuda_graphs (CUDA-graph replays, "
+                        "torch.compile(fullgraph=True); GPU only, no stages), cuda_graphs (CUDA-graph replays, "
                         "flexnsa.cuda_graphs; GPU only, no stages); variants other than eager are named <selection>+<form>")
     p.add_argument("--cuda-graphs", action="store_true", help="the same as --forms cuda_graphs")
     p.add_argument("--keep-compiles", action="store_true",
@@ -304,10 +303,6 @@ def run_sweep(run: dict, results: dict, out_dir: Path, args) -> int:
             finally:
                 if kind == "nsa" and run["forms"][name] == "cuda_graphs":  # a capture's autograd.Function holds its graphs in a reference cycle:
                     gc.collect()  # free their memory pool before the next measurement (baselines' peaks)
-                if kind == "nsa" and run["forms"][name] == "reduce_overhead":  # inductor's graph trees hold theirs
-                    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-                    reset_cudagraph_trees()
                 if shape.device.type == "cuda":
                     torch.cuda.empty_cache()
             report.write_json(results, out_dir)

@@ -26,13 +26,9 @@ from .timing import first_call_s, host_ms, median_ms, peak_memory_mb
 STAGES = ("compression", "scores_topk", "mask_build", "selection", "window", "combine")
 MODES = ("fwd", "fwd+bwd")
 # How the op is called: eagerly (its FlexAttention pieces compiled on their own, the kernels as
-# custom ops), the whole op under torch.compile (``compiled_nsa_attention``; "reduce_overhead":
-# with mode="reduce-overhead", inductor's CUDA-graph trees, as a model compiled that way runs it),
-# or as CUDA-graph replays (``flexnsa.cuda_graphs``). Stages are timed for the eager form only.
-FORMS = ("eager", "compiled", "reduce_overhead", "cuda_graphs")
-# Forms whose replays draw on a private CUDA-graph memory pool, which the allocator's peak counter
-# does not see as the op's: no peak memory for them.
-GRAPHED_FORMS = ("reduce_overhead", "cuda_graphs")
+# custom ops), the whole op under torch.compile (``compiled_nsa_attention``), or as CUDA-graph
+# replays (``flexnsa.cuda_graphs``). Stages are timed for the eager form only.
+FORMS = ("eager", "compiled", "cuda_graphs")
 # Dynamo recompiles the whole op per (length, grad mode, config) of a sweep; a run past this many
 # raises (fail_on_recompile_limit_hit) instead of running the op eagerly under the compiled name.
 COMPILED_RECOMPILE_LIMIT = 64
@@ -93,7 +89,7 @@ def random_inputs(shape: Shape, seq_len: int, seed: int, requires_grad: bool):
 def op_call(shape: Shape, seq_len: int, config: NSAConfig, backward: bool, seed: int = 0, form: str = "eager"):
     """(fn, inputs): one call of the op on fresh random inputs, with its backward from a random
     output gradient when ``backward`` (for the profilers that drive the op from outside the sweep);
-    ``form`` "eager", "compiled" or "reduce_overhead" (``called_as``)."""
+    ``form`` "eager" or "compiled" (``called_as``)."""
     q, k, v, gates = random_inputs(shape, seq_len, seed, backward)
     grad_out = torch.randn_like(q)
     op = called_as(config, form)
@@ -107,14 +103,12 @@ def op_call(shape: Shape, seq_len: int, config: NSAConfig, backward: bool, seed:
     return call, [q, k, v, gates]
 
 
-def compiled_nsa_attention(config: NSAConfig, mode: str | None = None):
+def compiled_nsa_attention(config: NSAConfig):
     """``f(q, k, v, gates)``: the whole op under ``torch.compile(fullgraph=True, dynamic=False)``,
     as a model compiled around it runs it: one graph per length (inductor fuses the pooling, folds,
     gates and the top-n's PyTorch steps; the kernels stay custom ops), so issuing it costs one
-    guard check instead of autograd and dispatch per piece (where 8K is host-bound, NOTES).
-    ``mode``: torch.compile's (``"reduce-overhead"``: the graphs replayed as CUDA graphs)."""
-    compiled = torch.compile(lambda q, k, v, gates: nsa_attention(q, k, v, gates, config), fullgraph=True, dynamic=False,
-                             mode=mode)
+    guard check instead of autograd and dispatch per piece (where 8K is host-bound, NOTES)."""
+    compiled = torch.compile(lambda q, k, v, gates: nsa_attention(q, k, v, gates, config), fullgraph=True, dynamic=False)
 
     def call(q, k, v, gates):
         with torch._dynamo.config.patch(recompile_limit=COMPILED_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
@@ -126,21 +120,15 @@ def compiled_nsa_attention(config: NSAConfig, mode: str | None = None):
 def called_as(config: NSAConfig, form: str):
     """``f(q, k, v, gates)`` for the eager and compiled forms (the cuda_graphs form captures
     concrete inputs: ``flexnsa.cuda_graphs.graphed_nsa_attention``)."""
-    if form not in ("eager", "compiled", "reduce_overhead"):
-        raise ValueError(f"form must be eager, compiled or reduce_overhead here, got {form!r}")
-    if form != "eager":
-        return compiled_nsa_attention(config, mode="reduce-overhead" if form == "reduce_overhead" else None)
+    if form not in ("eager", "compiled"):
+        raise ValueError(f"form must be eager or compiled here, got {form!r}")
+    if form == "compiled":
+        return compiled_nsa_attention(config)
     return lambda q, k, v, gates: nsa_attention(q, k, v, gates, config)
 
 
 def _leaf(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return x.detach().requires_grad_(requires_grad)
-
-
-def _cudagraph_skips() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
 
 
 def _with_backward(forward, grad_out, backward: bool):
@@ -152,9 +140,8 @@ def _with_backward(forward, grad_out, backward: bool):
 def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, stages: bool = True, seed: int = 0, warmup_ms=25,
                 rep_ms=100, form: str = "eager") -> dict:
     """Total and (flex backend) per-stage medians in ms, compile seconds and peak memory.
-    ``form`` (``FORMS``): "compiled" / "reduce_overhead", the whole op under torch.compile (no
-    stages; no peak memory under reduce_overhead, as for cuda_graphs); "cuda_graphs", the op as
-    ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages; compile seconds
+    ``form`` (``FORMS``): "compiled", the whole op under torch.compile (no stages); "cuda_graphs",
+    the op as ``flexnsa.cuda_graphs.graphed_nsa_attention`` replays (no stages; compile seconds
     include the capture; no peak memory: a replay reuses the graph's private pool, which the
     allocator's peak counter does not see, so it would read low)."""
     if form not in FORMS:
@@ -178,14 +165,10 @@ def measure_nsa(shape: Shape, seq_len: int, config: NSAConfig, mode: str, *, sta
             op = called_as(config, form)
             total_fn = _with_backward(lambda: op(q, k, v, gates), grad_out, backward)
             stages = stages and form == "eager"
-        skips = _cudagraph_skips()
         cold_s = capture_s + first_call_s(total_fn, device)
-        if form == "reduce_overhead" and _cudagraph_skips() > skips:  # inductor ran a graph without CUDA graphs
-            raise RuntimeError("reduce_overhead: inductor skipped CUDA graphs for the op (TORCH_LOGS=perf_hints says why); "
-                               "its time would be the compiled form's under another name")
         total = median_ms(total_fn, device, grad_to_none=[q, k, v, gates], **timing)
         launch = host_ms(total_fn, device, grad_to_none=[q, k, v, gates])
-        peak = None if form in GRAPHED_FORMS else peak_memory_mb(total_fn, device)
+        peak = None if cuda_graphs else peak_memory_mb(total_fn, device)
         stage_ms = measure_stages(q, k, v, gates, grad_out, config, backward, timing) if stages else {}
     return {
         "mode": mode,

@@ -56,8 +56,10 @@
 #            test (equal to eager, no recompile on new data), then block-shared 8K, 128K, 32K fwd and
 #            fwd+bwd, eager and compiled, SDPA in the same run (no stages: the compiled form has none)
 #   compiled_host Lever 57 (the host's cost in each form at 8K): host_profile eager and compiled (cProfile,
-#            kernels per call), then 8K fwd and fwd+bwd as eager, compiled and cuda_graphs, and (its own
-#            run: a skipped CUDA graph raises) 8K and 32K as reduce_overhead, SDPA in each run
+#            kernels per call), then 8K fwd and fwd+bwd as eager, compiled and cuda_graphs,
+#            SDPA in the same run
+#   forms_sweep Lever 58: a process that measures 8K first (eager), then block-shared 128K, 32K, 16K, 8K
+#            fwd and fwd+bwd, eager and compiled, SDPA in the same run (no stages), with plots
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -66,7 +68,7 @@
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -292,11 +294,15 @@ compiled_host() {
     --forms eager,compiled,cuda_graphs --baselines sdpa --no-stages --trace-lengths none --no-plots --out "$out/forms8k" \
     > "$out/forms8k.log" 2>&1
   echo "forms8k: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/forms8k/report.md" 2>/dev/null
-  timeout "$limit" python3 -m profiling --lengths 8K,32K --selection block_shared --modes fwd,fwd+bwd \
-    --forms reduce_overhead --baselines sdpa --no-stages --trace-lengths none --no-plots --out "$out/reduce_overhead" \
-    > "$out/reduce_overhead.log" 2>&1
-  echo "reduce_overhead: exit $?"; grep -E '^## |^\| [0-9]+K|x SDPA from' "$out/reduce_overhead/report.md" 2>/dev/null
-  grep -E 'Error|error' "$out/reduce_overhead.log" | tail -3
+}
+
+forms_sweep() {  # a process whose first length is 8K, then the sweep with 8K last (NOTES Lever 58)
+  timeout 120 python3 -m profiling --lengths 8K --selection block_shared --modes fwd,fwd+bwd --baselines none --no-stages \
+    --trace-lengths none --no-plots --out "$out/first8k" > "$out/first8k.log" 2>&1
+  echo "first8k: exit $?"; grep -E '^\| [0-9]+K' "$out/first8k/report.md" 2>/dev/null
+  timeout "$limit" python3 -m profiling --lengths 128K,32K,16K,8K --selection block_shared --modes fwd,fwd+bwd \
+    --forms eager,compiled --baselines sdpa --no-stages --trace-lengths none --out "$out/sweep" > "$out/sweep.log" 2>&1
+  echo "sweep: exit $?"; grep -E '^## |^### |^\| [0-9]+K|x SDPA from|t\(128K\)' "$out/sweep/report.md" 2>/dev/null
 }
 
 levers() {
@@ -325,6 +331,7 @@ case "$part" in
   levers) levers ;;
   compiled_op) compiled_op ;;
   compiled_host) compiled_host ;;
+  forms_sweep) forms_sweep ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;

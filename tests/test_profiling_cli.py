@@ -43,7 +43,6 @@ def test_tiny_cpu_run_writes_results(tmp_path):
         (["--cuda-graphs"], "--forms cuda_graphs needs a CUDA GPU"),
         (["--forms", "eager,compiled"], "--forms compiled needs a CUDA GPU"),
         (["--forms", "jit"], "unknown forms"),
-        (["--forms", "reduce_overhead"], "--forms reduce_overhead needs a CUDA GPU"),
         (["--forms", "none"], "--forms needs at least one"),
     ],
 )
