@@ -113,6 +113,11 @@ def _compression_vs_fla(results, rows, mode):
     return out + [""]
 
 
+def _file_part(name: str) -> str:
+    """A variant or mode as a file-name part: letters, digits, '_' ("block_shared+compiled", "fwd+bwd")."""
+    return name.replace("+", "_")
+
+
 def _target_lines(results, variant, mode):
     """Issue 7's / DESIGN.md's 128K targets, each against this run's numbers; shares are of the op's
     measured total (what the targets name), not of the stage sum."""
@@ -178,7 +183,7 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             ax.set_xticks(T, [_length(t) for t in T])
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-            path = out_dir / f"latency_{variant}_{mode.replace('+', '_')}.png"
+            path = out_dir / f"latency_{_file_part(variant)}_{_file_part(mode)}.png"
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -195,7 +200,7 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(rows)), [_length(t) for t in T])
             ax.set(ylabel="share of stage sum", title=f"branch shares, {variant}, {mode}")
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-            path = out_dir / f"shares_{variant}_{mode.replace('+', '_')}.png"
+            path = out_dir / f"shares_{_file_part(variant)}_{_file_part(mode)}.png"
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             plt.close(fig)

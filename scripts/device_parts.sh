@@ -2,7 +2,8 @@
 # Runs gpu_checks.sh parts on a lent GPU machine whose stack lacks fla (PITFALLS.md): installs the
 # wheels carried in .whl/ (pip download --no-deps fla-core==0.6.0 -d .whl) to /tmp/site, stamps the
 # commit from .commit (git rev-parse HEAD > .commit before the call), and writes each part's files
-# straight under $OUT/<part>/, so a call cut at its time limit still brings back what finished.
+# under $OUT/<part>/, packed as $OUT/<part>.tgz when the part ends (the tool brings back 8 files), so a
+# call cut at its time limit still brings back the parts that finished and the cut part's first files.
 #   bash scripts/device_parts.sh PART [PART ...]      (TIMEOUT_S=... for gpu_checks' test timeout)
 set -u
 out=${OUT:?set OUT: the folder whose files come back}
@@ -16,4 +17,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in "$@"; do
   echo "== $part $(date +%T)"
   bash scripts/gpu_checks.sh "$out/$part" "$part"
+  # the device tool brings back at most 8 files: a finished part travels as one archive
+  tar czf "$out/$part.tgz" -C "$out" "$part" && rm -rf "${out:?}/$part"
 done

@@ -58,7 +58,7 @@
 #   compiled_host Lever 57 (the host's cost in each form at 8K): host_profile eager and compiled (cProfile,
 #            kernels per call), then 8K fwd and fwd+bwd as eager, compiled and cuda_graphs,
 #            SDPA in the same run
-#   forms_sweep Lever 58: a process that measures 8K first (eager), then block-shared 128K, 32K, 16K, 8K
+#   forms_sweep Lever 58: a process that measures 8K first (eager), then block-shared 128K, 64K, 32K, 16K, 8K
 #            fwd and fwd+bwd, eager and compiled, SDPA in the same run (no stages), with plots
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
@@ -300,7 +300,7 @@ forms_sweep() {  # a process whose first length is 8K, then the sweep with 8K la
   timeout 120 python3 -m profiling --lengths 8K --selection block_shared --modes fwd,fwd+bwd --baselines none --no-stages \
     --trace-lengths none --no-plots --out "$out/first8k" > "$out/first8k.log" 2>&1
   echo "first8k: exit $?"; grep -E '^\| [0-9]+K' "$out/first8k/report.md" 2>/dev/null
-  timeout "$limit" python3 -m profiling --lengths 128K,32K,16K,8K --selection block_shared --modes fwd,fwd+bwd \
+  timeout "$limit" python3 -m profiling --lengths 128K,64K,32K,16K,8K --selection block_shared --modes fwd,fwd+bwd \
     --forms eager,compiled --baselines sdpa --no-stages --trace-lengths none --out "$out/sweep" > "$out/sweep.log" 2>&1
   echo "sweep: exit $?"; grep -E '^## |^### |^\| [0-9]+K|x SDPA from|t\(128K\)' "$out/sweep/report.md" 2>/dev/null
 }

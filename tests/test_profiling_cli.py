@@ -169,3 +169,18 @@ def test_best_overrides_compares_variants_at_the_longest_length_only():
     assert best_overrides(rows) == {}
     rows.append(row(131072, "scores", {"num_stages": 6}, 2.5))
     assert best_overrides(rows) == {"scores": {"scores": {"num_stages": 6}}}
+
+
+def test_plot_names_are_plain_for_every_form(tmp_path):
+    # the device tool brings back only files named in letters, digits, '.', '_' and '-'
+    import re
+
+    from profiling.report import write_plots
+
+    nsa = [dict(variant=v, mode=m, seq_len=T, total_ms=1.0, stage_sum_ms=None, stages_ms={}, peak_mb=1.0)
+           for v in ("block_shared", "block_shared+compiled") for m in ("fwd", "fwd+bwd") for T in (128, 256)]
+    results = {"nsa": nsa, "baselines": [], "variants": {"block_shared": {}, "block_shared+compiled": {}},
+               "meta": {"device_name": "CPU"}}
+    names = sorted(p.name for p in write_plots(results, tmp_path))
+    assert "latency_block_shared_compiled_fwd_bwd.png" in names and len(names) == 5, names
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
