@@ -6,7 +6,7 @@ After a warm-up that compiles everything, ``--calls`` calls of the op are issued
 the device drained after each (so the GPU never holds the host back; cProfile itself slows
 Python down, so read the shares, not the absolute times). Writes ``host_profile_T<T>_<mode>.txt``
 (the top functions by own time and by cumulative time, the plain host ms per call without the
-profiler, and on CUDA the device kernels launched per call, counted by torch.profiler) under
+profiler, and on CUDA the device kernels (and memsets) per call, counted by torch.profiler) under
 ``--out``. ``--form compiled``: the whole op under torch.compile (``profiling.measure.called_as``).
 
     python -m profiling.host_profile --lengths 8K,16K --out DIR        (GPU; CPU runs too, slowly)
@@ -48,8 +48,8 @@ def profile_calls(fn, device: torch.device, calls: int, grads) -> pstats.Stats:
 
 
 def kernels_per_call(fn, calls: int, grads) -> float:
-    """Device kernels launched per call (torch.profiler's CUDA kernel events over ``calls`` calls):
-    with the host ms, what each launch costs the host."""
+    """Device activities per call (torch.profiler's CUDA events over ``calls`` calls: kernels, and
+    memsets/copies where the op makes them): with the host ms, what each launch costs the host."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
