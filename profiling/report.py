@@ -143,8 +143,9 @@ def _target_lines(results, variant, mode):
         out.append("- x SDPA from 8K up: " + ", ".join(
             f"{_length(x['seq_len'])} {_baseline(results, 'sdpa', mode, x['seq_len'])['total_ms'] / x['total_ms']:.2f}x"
             for x in from_8k) + " (target > 1x at each)")
-    selection, _, form = variant.partition("+")
-    shared = by_len("+".join(["block_shared", *([form] if form else [])])).get(131072) if selection == "per_token" else None
+    # per-token against block-shared in the same form (variants are named <selection>[+<form>])
+    per_token = variant.partition("+")[0] == "per_token"
+    shared = by_len(variant.replace("per_token", "block_shared", 1)).get(131072) if per_token else None
     if shared:
         out.append(f"- {r['total_ms'] / shared['total_ms']:.2f}x the block-shared mode's time (target <= 2x)")
     if r["stages_ms"]:
