@@ -60,6 +60,10 @@
 #            SDPA in the same run
 #   forms_sweep Lever 58: a process that measures 8K first (eager), then block-shared 128K, 64K, 32K, 16K, 8K
 #            fwd and fwd+bwd, eager and compiled, SDPA in the same run (no stages), with plots
+#   ab_8k    Lever 59 (the dK/dV lists in the traced backward), or any change, against a base tree in
+#            .ab/base (scripts/ab_base.sh COMMIT, carried): host_profile compiled (kernels per call,
+#            host ms) for each tree, then 8K fwd+bwd eager and compiled (SDPA in the first run), the
+#            trees alternated twice on one machine
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -68,7 +72,7 @@
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|ab_8k|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -305,6 +309,30 @@ forms_sweep() {  # a process whose first length is 8K, then the sweep with 8K la
   echo "sweep: exit $?"; grep -E '^## |^### |^\| [0-9]+K|x SDPA from|t\(128K\)' "$out/sweep/report.md" 2>/dev/null
 }
 
+in_tree() {  # tree (new = this one, base = .ab/base), command...: the command run in that tree, stamped with its commit
+  local v=$1; shift
+  if [ "$v" = base ]; then (cd .ab/base && FLEXNSA_COMMIT=$(cat .commit) "$@"); else "$@"; fi
+}
+
+ab_8k() {
+  [ -d .ab/base/flexnsa ] || { echo "ab_8k: no .ab/base (scripts/ab_base.sh COMMIT, carry .ab)"; return; }
+  local v round baselines
+  for v in new base; do
+    in_tree $v timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd+bwd --form compiled --out "$out/host_$v" \
+      > "$out/host_$v.log" 2>&1
+    echo "host_profile $v: exit $?"; grep -E '^T=' "$out/host_$v.log"
+  done
+  for round in 1 2; do
+    for v in new base; do
+      baselines=none; [ "$round$v" = 1new ] && baselines=sdpa
+      in_tree $v timeout 150 python3 -m profiling --lengths 8K --selection block_shared --modes fwd+bwd --forms eager,compiled \
+        --baselines $baselines --no-stages --trace-lengths none --no-plots --out "$out/forms_${v}_$round" \
+        > "$out/forms_${v}_$round.log" 2>&1
+      echo "forms $v $round: exit $?"; grep -E '^\| [0-9]+K' "$out/forms_${v}_$round/report.md" 2>/dev/null
+    done
+  done
+}
+
 levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
@@ -332,6 +360,7 @@ case "$part" in
   compiled_op) compiled_op ;;
   compiled_host) compiled_host ;;
   forms_sweep) forms_sweep ;;
+  ab_8k) ab_8k ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;

@@ -65,6 +65,55 @@ def test_op_compiles_fullgraph_cpu(selection, fused, selection_kernel, window_ke
         assert_rel(compiled(q, k, v, g), nsa_attention(q, k, v, g, cfg), 1e-6, "compiled vs eager")
 
 
+def nodes_of(graph, name: str) -> int:
+    return sum(1 for node in graph.graph.nodes if name in str(node.target))
+
+
+@pytest.mark.parametrize("caller", ["selection_op", "fused_gates"])
+def test_compiled_backward_traces_the_dkv_lists(caller):
+    """NOTES Lever 59: the selection/window dK/dV work lists (``reverse_lists``: a sort, scans,
+    scatters) are ops of the traced backward graph, where inductor fuses them, not hidden inside the
+    opaque backward op; the compiled forward+backward equals eager's (the same lists, same kernels)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from flexnsa.triton_fallback.selection_attention import selection_attention, window_attention
+
+    backward_graphs = []
+
+    def keep_backward(graph, _):
+        backward_graphs.append(graph)
+        return graph
+
+    backend = aot_autograd(fw_compiler=lambda graph, _: graph, bw_compiler=keep_backward)
+    q, k, v, g = random_inputs(1, 7, 1, 80, 16, seed=5, requires_grad=True)
+    if caller == "selection_op":
+        rows = torch.tensor([[[0, 1, -1], [0, 1, 2], [0, 2, 3], [1, 3, 4], [0, 4, -1]]])[None]  # 16-token tiles, 16-token blocks
+        fn = lambda q, k, v, g: selection_attention(q, k, v, rows, 16, 16, 0.25)[0] + window_attention(q, k, v, 24, 16, 0.25)[0]  # noqa: E731
+        backward_ops = 2
+    else:
+        cfg = SMALL.replace(compression_kernel="triton", selection="block_shared", selection_kernel="triton",
+                            window_kernel="triton", check_inputs=False)
+
+        def fn(q, k, v, g):  # the op's path with all three branches on the kernels (the backend refuses CPU training)
+            return flex_backend.fused_gates_branches(q, k, v, *compress_kv(k, v, cfg), g, cfg)[0]
+
+        backward_ops = 2  # the selection's and the window's (GatedBranches.backward)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    out = compiled(q, k, v, g)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad, allow_unused=True)
+    ref_inputs = [x.detach().requires_grad_() for x in (q, k, v, g)]
+    ref = fn(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs[:3], grad, allow_unused=True)
+    assert_rel(out, ref, 1e-6, "out")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_rel(a, b, 1e-6, f"d{name}")
+    (graph,) = backward_graphs
+    assert nodes_of(graph, "selection_attention_backward") == backward_ops
+    assert nodes_of(graph, "aten.sort") >= backward_ops, "the lists' argsort is not in the traced backward"
+
+
 def gpu_case(selection, selection_kernel="flex", window_kernel="flex"):
     cfg = SMALL.replace(compression_kernel="triton", selection=selection, selection_kernel=selection_kernel,
                         window_kernel=window_kernel, check_inputs=False)

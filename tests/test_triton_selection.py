@@ -210,9 +210,9 @@ def test_dkv_group_knob_must_be_a_count():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(slc.TUNING["dkv"], "group", -64)
         with pytest.raises(ValueError, match="'group' must be"):
-            slc._launch_params(q, k, k, rows, 64, 64, "dkv")
+            slc.dkv_list_params(q, rows, 64, 0)
         mp.setitem(slc.TUNING["dkv"], "group", 4096)
-        assert slc._launch_params(q, k, k, rows, 64, 64, "dkv")["GROUP_ROWS"] == 64
+        assert slc.dkv_list_params(q, rows, 64, 0)["group_rows"] == 64
 
 
 def test_opcheck_selection_attention():

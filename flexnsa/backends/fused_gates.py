@@ -85,7 +85,7 @@ class GatedBranches(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_win):
-        from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward
+        from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward, selection_dkv_lists
 
         if grad is None:  # out did not reach the loss
             return (None,) * 13
@@ -97,10 +97,14 @@ class GatedBranches(torch.autograd.Function):
         # the end measured +1.25 GiB of peak at 128K, NOTES Lever 37)
         dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(
             q, k_cmp, v_cmp, cmp, gated_lse(cmp_lse, head_gates[..., 0]), grad, block_size, stride, scale)
+        # the dK/dV work lists here, not inside the backward op, so a compiled backward fuses them (NOTES Lever 59)
+        slc_lists = selection_dkv_lists(q, k, v, rows, select_block, tile, scale, 0)
+        win_lists = selection_dkv_lists(q, k, v, window_rows, window_block, window_block, scale, window)
         dq, dk, dv, dg_slc = add_dq(dq, selection_attention_backward, q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]),
-                                    grad, select_block, tile, scale, 0)
+                                    grad, *slc_lists, select_block, tile, scale, 0)
         dq, dk_w, dv_w, dg_win = add_dq(dq, selection_attention_backward, q, k, v, window_rows, win,
-                                        gated_lse(win_lse, head_gates[..., 2]), grad, window_block, window_block, scale, window)
+                                        gated_lse(win_lse, head_gates[..., 2]), grad, *win_lists, window_block, window_block,
+                                        scale, window)
         dk.add_(dk_w)
         dv.add_(dv_w)
         d_gates = torch.stack([dg_cmp, dg_slc, dg_win], dim=-1).to(head_gates.dtype)

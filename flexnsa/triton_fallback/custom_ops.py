@@ -7,7 +7,9 @@ Ops (namespace ``flexnsa``):
   compression_attention(q, k_cmp, v_cmp, block, stride, scale) -> (out, lse)   differentiable
   compression_attention_backward(...) -> (dq, dk_cmp, dv_cmp, delta = rowsum(grad_out * out))
   selection_attention(q, k, v, rows, select_block, tile, scale, window=0) -> (out, lse)     differentiable
-  selection_attention_backward(..., dq_in=None) -> (dq (+ dq_in), dk, dv, delta)
+  selection_attention_backward(q, k, v, rows, out, lse, grad_out, items, row_of_entry, ..., dq_in=None)
+      -> (dq (+ dq_in), dk, dv, delta); items, row_of_entry = ``dkv_lists`` of the launch, built by
+      the caller so a compiled backward fuses them (NOTES Lever 59)
   gated_window_attention(q, k, v, rows, block, window, scale, head_gates, cmp, slc) -> (y, win, win_lse)
       the window's forward, its epilogue writing the gated sum y of the three branches (no autograd:
       ``fused_gates.GatedBranches`` runs it and owns the backward)
@@ -63,17 +65,20 @@ def _(q, k_cmp, v_cmp, out, lse, grad_out, block_size, stride, scale):
     return fake_grads(q, k_cmp, v_cmp)
 
 
-def register_backward(op, backward_op, num_tensors: int) -> None:
+def register_backward(op, backward_op, num_tensors: int, extra=None) -> None:
     """Autograd for ``op(*tensors, *params) -> (out, lse)`` through ``backward_op(*tensors, out, lse,
-    grad_out, *params) -> (dq, dk, dv, delta)``: the grads of the leading three tensors (the rest,
-    and the params, get None)."""
+    grad_out, *extra(*tensors, *params), *params) -> (dq, dk, dv, delta)``: the grads of the leading
+    three tensors (the rest, and the params, get None). ``extra`` builds further backward inputs
+    here, in the traced backward, rather than inside the opaque backward op."""
 
     def save(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:num_tensors], *output)
         ctx.params = inputs[num_tensors:]
 
     def backward(ctx, grad_out, grad_lse):
-        grads = backward_op(*ctx.saved_tensors, grad_out, *ctx.params)[:3]
+        saved = ctx.saved_tensors
+        more = extra(*saved[:num_tensors], *ctx.params) if extra else ()
+        grads = backward_op(*saved, grad_out, *more, *ctx.params)[:3]
         return (*grads, *[None] * (num_tensors + len(ctx.params) - len(grads)))
 
     op.register_autograd(backward, setup_context=save)
@@ -96,19 +101,24 @@ def _(q, k, v, rows, block_size, tile, scale, window=0):
 
 @torch.library.custom_op("flexnsa::selection_attention_backward", mutates_args=())
 def selection_attention_backward(
-    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
-    block_size: int, tile: int, scale: float, window: int = 0, dq_in: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, items: Tensor,
+    row_of_entry: Tensor, block_size: int, tile: int, scale: float, window: int = 0, dq_in: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (block_size, tile, scale, window, dq_in)
+    args = (block_size, tile, scale, window, dq_in, (items, row_of_entry))
     return slc_attn.selection_attention_bwd(kl(q), kl(k), kl(v), rows.contiguous(), out, lse, grad_out, *args)
 
 
 @selection_attention_backward.register_fake
-def _(q, k, v, rows, out, lse, grad_out, block_size, tile, scale, window=0, dq_in=None):
+def _(q, k, v, rows, out, lse, grad_out, items, row_of_entry, block_size, tile, scale, window=0, dq_in=None):
     return fake_grads(q, k, v)
 
 
-register_backward(selection_attention, selection_attention_backward, num_tensors=4)  # rows: no grad
+def selection_dkv_lists(q, k, v, rows, block_size, tile, scale, window=0):
+    """``dkv_lists`` for a ``selection_attention_backward`` call with these arguments."""
+    return slc_attn.dkv_lists(q, rows, block_size, tile, window)
+
+
+register_backward(selection_attention, selection_attention_backward, num_tensors=4, extra=selection_dkv_lists)  # rows: no grad
 
 
 @torch.library.custom_op("flexnsa::gated_window_attention", mutates_args=())

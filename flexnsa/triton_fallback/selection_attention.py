@@ -41,7 +41,7 @@ from .tiles import (
     load_rows, load_tuning_file, row_offsets, softmax_step, store_delta, store_softmax, strides_like, tma_ready, tuning_for,
 )
 
-__all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "window_rows"]
+__all__ = ["has_tma", "selection_attention", "window_attention", "reverse_lists", "dkv_lists", "window_rows"]
 
 CHUNK = 16  # selection rows per dK/dV program (block-shared); per-token rows are 1 token each
 CHUNK_PER_TOKEN = 128  # with PACK_ENTRIES, per-token (NOTES Lever 27: 114.2 ms at 64, 107.2 at 128)
@@ -423,13 +423,22 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
                   num_warps=tune.get("num_warps") or 4, num_stages=stages, TMA=tma)
     if kernel != "dkv":
         return consts
+    return consts | {"PER": per, "HEAD_MAJOR": head_major, "RELAXED": bool(tune.get("relaxed", RELAXED))}
+
+
+def dkv_list_params(q, rows, tile: int, window: int) -> dict:
+    """``reverse_lists``' chunk, group_rows and interleave for this launch's dK/dV: from the tuning
+    and the shapes only (a traced backward calls this on fake tensors)."""
+    tune = tuning_for(TUNING, "dkv", q)
+    chunk = tune.get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
+    if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
+        chunk = max(chunk, rows.shape[2])
     group = tune.get("group", GROUP_TOKENS) or 0
     if not isinstance(group, int) or group < 0:
         raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
     # the window's plain bf16 stores need one group (one item per block); its rows may interleave
-    interleave = rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0
-    return consts | {"PER": per, "HEAD_MAJOR": head_major, "GROUP_ROWS": -(-group // tile) if group and window == 0 else 0,
-                     "RELAXED": bool(tune.get("relaxed", RELAXED)), "INTERLEAVE": interleave}
+    return {"chunk": chunk, "group_rows": -(-group // tile) if group and window == 0 else 0,
+            "interleave": rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
@@ -468,13 +477,20 @@ def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: fl
     return (out, lse) if gated is None else (out, lse, y)
 
 
+def dkv_lists(q, rows, block_size: int, tile: int, window: int = 0):
+    """(items, row_of_entry): ``reverse_lists`` of ``rows`` as this launch's dK/dV kernel reads them.
+    Built by the caller of the backward op, not inside it, so a compiled backward traces these ~25
+    small PyTorch ops into its graph and fuses them (NOTES Lever 59)."""
+    return reverse_lists(rows, -(-q.shape[2] // block_size), **dkv_list_params(q, rows, tile, window))
+
+
 def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, tile: int, scale: float, window: int = 0,
-                            dq_in=None):
+                            dq_in=None, lists=None):
     """(dq, dk, dv, delta) for selection_attention_fwd, each gradient in its input's layout;
     delta = rowsum(grad_out * out) [B, Hq, T] fp32 (as ``compression_attention_bwd``'s). Inputs in
     kernel layout. ``dq_in``: another branch's gradient of the same q, added inside the dQ kernel
     (dq = dq_in + this branch's): one q-sized read instead of a separate add's two reads and a
-    write (NOTES Lever 39)."""
+    write (NOTES Lever 39). ``lists``: ``dkv_lists`` of this launch, else built here."""
     consts = _launch_params(q, k, v, rows, block_size, tile, "dq", window)
     rows = rows.to(torch.int32)
     B, Hq, T, D = q.shape
@@ -485,9 +501,6 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
         if dq_in.shape != q.shape or dq_in.dtype != q.dtype:
             raise ValueError(f"dq_in must be {tuple(q.shape)} {q.dtype}, got {tuple(dq_in.shape)} {dq_in.dtype}")
         dq_in = strides_like(dq_in, q)
-    chunk = tuning_for(TUNING, "dkv", q).get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
-    if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
-        chunk = max(chunk, rows.shape[2])
     # fp32 for the atomics of blocks split over several items; k's layout (so dv's too). With one
     # item per block (the window: a block is in n = 5 tiles' rows at Q7B) every item stores alone,
     # so the gradients are written in k's dtype: no 2 x 268 MB fp32 buffers at 128K (NOTES Lever 33).
@@ -507,7 +520,10 @@ def selection_attention_bwd(q, k, v, rows, out, lse, grad_out, block_size: int, 
     consts["TMA"] = consts["TMA"] and tma_ready(grad_out)
     q_in, do_in = box_operands((q, grad_out), consts["TILE"], consts)
     num_blocks = -(-T // block_size)
-    items, row_of_entry = reverse_lists(rows, num_blocks, chunk, consts.pop("GROUP_ROWS"), consts.pop("INTERLEAVE"))
+    items, row_of_entry = dkv_lists(q, rows, block_size, tile, window) if lists is None else lists
+    if items.dtype != torch.int32 or items.dim() != 2 or items.shape[0] != 4 or row_of_entry.numel() != rows.numel():
+        raise ValueError(f"lists must be dkv_lists of these rows: items [4, M] int32 and row_of_entry of {rows.numel()} "
+                         f"entries, got {tuple(items.shape)} {items.dtype} and {row_of_entry.numel()}")
     max_items = items.shape[1]
     _slc_dkv_kernel[(max_items,)](
         q_in, k, v, do_in, lse, delta, dk, dv, items, row_of_entry, *q_strides,
