@@ -64,6 +64,8 @@
 #            .ab/base (scripts/ab_base.sh COMMIT, carried): host_profile compiled (kernels per call,
 #            host ms) for each tree, then 8K fwd+bwd eager and compiled (SDPA in the first run), the
 #            trees alternated twice on one machine
+#   backward_ops the GPU tests of every caller of the selection/window backward op (custom ops and the
+#            compiled op, fused gates, selection and window kernels): Lever 59's signature change
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
@@ -72,7 +74,7 @@
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|ab_8k|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|ab_8k|backward_ops|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -361,6 +363,8 @@ case "$part" in
   compiled_host) compiled_host ;;
   forms_sweep) forms_sweep ;;
   ab_8k) ab_8k ;;
+  backward_ops) gpu_tests backward_ops tests/test_custom_ops.py tests/test_fused_gates.py tests/test_triton_selection.py \
+    tests/test_triton_window.py ;;
   gluon) gluon ;;
   fwd_cost) fwd_cost ;;
   gluon_op) gluon_op ;;
