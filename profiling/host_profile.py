@@ -23,6 +23,7 @@ import cProfile
 import io
 import json
 import pstats
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -47,9 +48,10 @@ def profile_calls(fn, device: torch.device, calls: int, grads) -> pstats.Stats:
     return pstats.Stats(prof)
 
 
-def kernels_per_call(fn, calls: int, grads) -> float:
-    """Device activities per call (torch.profiler's CUDA events over ``calls`` calls: kernels, and
-    memsets/copies where the op makes them): with the host ms, what each launch costs the host."""
+def kernels_per_call(fn, calls: int, grads) -> Counter:
+    """Device activities per call by name (torch.profiler's CUDA events over ``calls`` calls:
+    kernels, and memsets/copies where the op makes them): with the host ms, what each launch costs
+    the host, and which launches a change could fuse away."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -59,7 +61,14 @@ def kernels_per_call(fn, calls: int, grads) -> float:
                 x.grad = None
             fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / calls
+    names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return Counter({name: n / calls for name, n in names.items()})
+
+
+def kernel_table(per_call: Counter, width: int = 110) -> str:
+    """The launches per call, most frequent first (names cut to ``width``)."""
+    rows = [f"{n:6g}  {name[:width]}" for name, n in sorted(per_call.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"\n## device kernels per call, by name ({sum(per_call.values()):g} in all)\n" + "\n".join(rows) + "\n"
 
 
 def dispatch_costs(shape: Shape, seq_len: int, cfg: NSAConfig, calls: int) -> dict:
@@ -130,11 +139,12 @@ def main(argv=None) -> int:
                 fn()
             plain = host_ms(fn, device, reps=args.calls, grad_to_none=inputs)
             stats = profile_calls(fn, device, args.calls, inputs)
-            kernels = kernels_per_call(fn, args.calls, inputs) if device.type == "cuda" else None
+            by_name = kernels_per_call(fn, args.calls, inputs) if device.type == "cuda" else None
+            kernels = sum(by_name.values()) if by_name is not None else None
             head = (f"# host profile: T={seq_len} {mode} {args.form}, {args.calls} calls, {stamp}\n"
                     f"# host ms per call without the profiler: {plain}\n# device kernels per call: {kernels}\n")
             path = args.out / f"host_profile_T{seq_len}_{mode.replace('+', '_')}_{args.form}.txt"
-            path.write_text(head + report(stats, args.rows))
+            path.write_text(head + report(stats, args.rows) + (kernel_table(by_name) if by_name is not None else ""))
             print(f"T={seq_len} {mode} {args.form}: host {plain} ms, {kernels} kernels per call -> {path}")
         if args.dispatch:
             costs = dispatch_costs(shape, seq_len, cfg, args.calls)

@@ -82,6 +82,18 @@ def test_each_length_starts_from_fresh_compiles(tmp_path, monkeypatch):
     assert len(resets) == 2  # --keep-compiles: the variable-length regime, no reset
 
 
+def test_host_profile_kernel_table_sorts_launches_by_count():
+    from collections import Counter
+
+    from profiling.host_profile import kernel_table
+
+    text = kernel_table(Counter({"triton_poi_fused_add_0": 2.0, "_slc_dkv_kernel": 1.0, "Memset (Device)": 3.0}))
+    lines = text.strip().splitlines()
+    assert "(6 in all)" in lines[0]
+    assert [line.split(None, 1) for line in lines[1:]] == [["3", "Memset (Device)"], ["2", "triton_poi_fused_add_0"],
+                                                          ["1", "_slc_dkv_kernel"]]
+
+
 def test_host_profile_and_op_loop_run_the_op(tmp_path, capsys):
     from profiling import host_profile, op_loop
 
