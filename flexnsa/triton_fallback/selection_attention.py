@@ -67,6 +67,11 @@ RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead o
 # Measured on an H200 at 128K (results/h200/session21-levers): window stage 7.95 / 7.95 -> 7.61 /
 # 7.60 ms, the op's fwd+bwd 70.04 / 70.22 -> 68.37 / 69.52 in two alternated rounds.
 INTERLEAVE = True
+# The "narrow_keys" knob (NOTES Lever 60; prepared in session 28, NOT measured, so off): the lists'
+# stable argsort on the narrowest integer type that holds its keys (int16 at 8K, int32 to ~2^31)
+# instead of int64. CUDA sorts them by radix passes of 8 bits, 8 for int64 keys: at 8K the sort is
+# ~12 of the compiled fwd+bwd's 87 launches. The same order, so the same lists.
+NARROW_KEYS = False
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -86,7 +91,7 @@ TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
-            "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None},
+            "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None, "narrow_keys": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -314,7 +319,8 @@ def _slc_dkv_kernel(
             add_partial(DV + out, dv, key_ok[:, None], RELAXED)
 
 
-def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0, interleave: int = 0):
+def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0, interleave: int = 0,
+                  narrow_keys: bool = False):
     """dK/dV work items from the selection rows [B, Hkv, R, n], with no host sync.
 
     Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
@@ -329,7 +335,8 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     tokens in 4096-token groups of 64-token blocks, 134 MB at 1M. ``interleave`` m > 0: a
     block's entries in order of their row mod m instead of ascending (the window's m = n rows per
     block, NOTES Lever 45), so items of neighbouring blocks, running in step, read the same tile
-    at the same step.
+    at the same step. ``narrow_keys``: sort on the narrowest integer type holding the keys (fewer
+    radix passes on CUDA; the same order).
     """
     B, Hkv, R, n = rows.shape
     BH, per_bh = B * Hkv, R * n
@@ -348,6 +355,8 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     # within a bin: entries ascending, or by row mod interleave (stable: rows of one residue ascending)
     sort_key = key * interleave + row % interleave if interleave else key
     key = key.flatten()
+    if narrow_keys:  # keys < BH * groups * spare * max(interleave, 1), known from the shapes
+        sort_key = sort_key.to(narrowest_int(BH * groups * spare * max(interleave, 1)))
     order = torch.argsort(sort_key.flatten(), stable=True)
     row_of_entry = ((order % per_bh) // n).to(torch.int32)
     # Not torch.bincount: on CUDA it reads the max id back to the host, a sync per layer's backward.
@@ -368,6 +377,11 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     owner = bin_ // (groups * num_blocks) * num_blocks + bin_ % num_blocks if groups > 1 else bin_  # (b, h, block) of the bin
     items = torch.stack([torch.where(valid, owner, -1), lo, hi, alone_block.flatten()[owner].long()])
     return items.to(torch.int32).contiguous(), row_of_entry
+
+
+def narrowest_int(bound: int) -> torch.dtype:
+    """The narrowest signed integer type that holds 0 .. bound - 1."""
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if bound <= torch.iinfo(t).max + 1)
 
 
 def window_rows(batch: int, kv_heads: int, seq_len: int, window: int, block_size: int, device) -> torch.Tensor:
@@ -438,7 +452,8 @@ def dkv_list_params(q, rows, tile: int, window: int) -> dict:
         raise ValueError(f"selection dK/dV: 'group' must be an int >= 0 (query tokens per group, 0 = one group), got {group!r}")
     # the window's plain bf16 stores need one group (one item per block); its rows may interleave
     return {"chunk": chunk, "group_rows": -(-group // tile) if group and window == 0 else 0,
-            "interleave": rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0}
+            "interleave": rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0,
+            "narrow_keys": bool(tune.get("narrow_keys", NARROW_KEYS))}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
