@@ -51,9 +51,9 @@ def test_window_dkv_one_item_per_block(monkeypatch):
     monkeypatch.setattr(slc, "GROUP_TOKENS", 32)  # the selection's grouped work order must not reach the window
     lists = []
 
-    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0):
+    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0, **knobs):
         assert group_rows == 0, "the window's dK/dV stores in k's dtype: one group, no atomics"
-        lists.append(slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave))
+        lists.append(slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave, **knobs))
         return lists[-1]
 
     slc_reverse_lists = slc.reverse_lists
@@ -70,9 +70,9 @@ def test_window_dkv_row_order_interpreter(case, interleave, monkeypatch):
     monkeypatch.setattr(slc, "INTERLEAVE", interleave)
     lists = []
 
-    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0):
+    def spy(rows, num_blocks, chunk, group_rows=0, interleave=0, **knobs):
         lists.append((rows.shape[3], interleave))
-        return slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave)
+        return slc_reverse_lists(rows, num_blocks, chunk, group_rows, interleave, **knobs)
 
     slc_reverse_lists = slc.reverse_lists
     monkeypatch.setattr(slc, "reverse_lists", spy)
