@@ -89,7 +89,6 @@ def test_compiled_backward_traces_the_dkv_lists(caller):
     if caller == "selection_op":
         rows = torch.tensor([[[0, 1, -1], [0, 1, 2], [0, 2, 3], [1, 3, 4], [0, 4, -1]]])[None]  # 16-token tiles, 16-token blocks
         fn = lambda q, k, v, g: selection_attention(q, k, v, rows, 16, 16, 0.25)[0] + window_attention(q, k, v, 24, 16, 0.25)[0]  # noqa: E731
-        backward_ops = 2
     else:
         cfg = SMALL.replace(compression_kernel="triton", selection="block_shared", selection_kernel="triton",
                             window_kernel="triton", check_inputs=False)
@@ -97,7 +96,7 @@ def test_compiled_backward_traces_the_dkv_lists(caller):
         def fn(q, k, v, g):  # the op's path with all three branches on the kernels (the backend refuses CPU training)
             return flex_backend.fused_gates_branches(q, k, v, *compress_kv(k, v, cfg), g, cfg)[0]
 
-        backward_ops = 2  # the selection's and the window's (GatedBranches.backward)
+    backward_ops = 2  # the selection's and the window's, by either caller
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
     out = compiled(q, k, v, g)

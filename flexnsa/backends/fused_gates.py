@@ -85,7 +85,8 @@ class GatedBranches(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_win):
-        from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward, selection_dkv_lists
+        from ..triton_fallback.custom_ops import compression_attention_backward, selection_attention_backward
+        from ..triton_fallback.selection_attention import dkv_lists
 
         if grad is None:  # out did not reach the loss
             return (None,) * 13
@@ -98,8 +99,8 @@ class GatedBranches(torch.autograd.Function):
         dq, dk_cmp, dv_cmp, dg_cmp = compression_attention_backward(
             q, k_cmp, v_cmp, cmp, gated_lse(cmp_lse, head_gates[..., 0]), grad, block_size, stride, scale)
         # the dK/dV work lists here, not inside the backward op, so a compiled backward fuses them (NOTES Lever 59)
-        slc_lists = selection_dkv_lists(q, k, v, rows, select_block, tile, scale, 0)
-        win_lists = selection_dkv_lists(q, k, v, window_rows, window_block, window_block, scale, window)
+        slc_lists = dkv_lists(q, rows, select_block, tile)
+        win_lists = dkv_lists(q, window_rows, window_block, window_block, window)
         dq, dk, dv, dg_slc = add_dq(dq, selection_attention_backward, q, k, v, rows, slc, gated_lse(slc_lse, head_gates[..., 1]),
                                     grad, *slc_lists, select_block, tile, scale, 0)
         dq, dk_w, dv_w, dg_win = add_dq(dq, selection_attention_backward, q, k, v, window_rows, win,

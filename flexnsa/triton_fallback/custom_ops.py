@@ -114,7 +114,8 @@ def _(q, k, v, rows, out, lse, grad_out, items, row_of_entry, block_size, tile, 
 
 
 def selection_dkv_lists(q, k, v, rows, block_size, tile, scale, window=0):
-    """``dkv_lists`` for a ``selection_attention_backward`` call with these arguments."""
+    """``dkv_lists`` for a ``selection_attention_backward`` call, in ``register_backward``'s ``extra``
+    signature (the op's tensors and params; k, v and scale unused)."""
     return slc_attn.dkv_lists(q, rows, block_size, tile, window)
 
 

@@ -441,8 +441,8 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
 
 
 def dkv_list_params(q, rows, tile: int, window: int) -> dict:
-    """``reverse_lists``' chunk, group_rows and interleave for this launch's dK/dV: from the tuning
-    and the shapes only (a traced backward calls this on fake tensors)."""
+    """``reverse_lists``' chunk, group_rows, interleave and narrow_keys for this launch's dK/dV: from
+    the tuning and the shapes only (a traced backward calls this on fake tensors)."""
     tune = tuning_for(TUNING, "dkv", q)
     chunk = tune.get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
     if window > 0:  # one work item per kv block (a block is in at most all R rows): plain stores
