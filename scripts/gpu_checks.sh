@@ -64,17 +64,21 @@
 #            .ab/base (scripts/ab_base.sh COMMIT, carried): host_profile compiled (kernels per call,
 #            host ms) for each tree, then 8K fwd+bwd eager and compiled (SDPA in the first run), the
 #            trees alternated twice on one machine
+#   lists_8k Levers 60-61 (the dK/dV lists' sort on narrow keys; their order counted, no sort): the rule
+#            and each knob as a tuning file, on this tree: host_profile compiled 8K (kernels per call),
+#            8K fwd+bwd eager and compiled alternated twice (SDPA in the first run), 16K compiled
+#            once; then the lists' inductor GPU test
 #   backward_ops the GPU tests of every caller of the selection/window backward op (custom ops and the
 #            compiled op, fused gates, selection and window kernels): Lever 59's signature change
 #   all      kernels, op, model and sweep in a row (machines without a per-call limit)
 # The GPU benchmark cases (tests/benchmarks) are left to scripts/bench.sh. Summary lines are kept
 # even when a part is cut by its timeout (TIMEOUT_S, default 560).
 # Usage on the device machine, from the repo root:
-#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|all
+#   FLEXNSA_COMMIT=<hash> bash scripts/gpu_checks.sh OUT_DIR kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|lists_8k|all
 # fla comes from carried wheels (README "Profiling"); without it the fla baselines are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|ab_8k|backward_ops|all"
+PARTS="kernels|kernels_a|kernels_b|op|model|sweep|pending|gluon|gluon_op|gluon_rule|fwd_cost|scores|scores_op|gluon_scores|convoy|pipelined_scores|one_stage|pipelined_ncu|diagnose|dkv_ncu|levers|compiled_op|compiled_host|forms_sweep|ab_8k|lists_8k|backward_ops|all"
 usage="usage: bash scripts/gpu_checks.sh OUT_DIR $PARTS"
 out=${1:?$usage}
 part=${2:?$usage}
@@ -335,6 +339,34 @@ ab_8k() {
   done
 }
 
+lists_8k() {
+  local v round baselines
+  echo '{}' > "$out/rule.json"
+  echo '{"selection": {"dkv": {"narrow_keys": true}}}' > "$out/narrow.json"
+  echo '{"selection": {"dkv": {"order": "count"}}}' > "$out/count.json"
+  for v in rule narrow count; do
+    FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd+bwd --form compiled \
+      --out "$out/host_$v" > "$out/host_$v.log" 2>&1
+    echo "host_profile $v: exit $?"; grep -E '^T=' "$out/host_$v.log"
+  done
+  for round in 1 2; do
+    for v in rule narrow count; do
+      baselines=none; [ "$round$v" = 1rule ] && baselines=sdpa
+      FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling --lengths 8K --selection block_shared --modes fwd+bwd \
+        --forms eager,compiled --baselines $baselines --no-stages --trace-lengths none --no-plots --out "$out/forms_${v}_$round" \
+        > "$out/forms_${v}_$round.log" 2>&1
+      echo "forms $v $round: exit $?"; grep -E '^\| [0-9]+K' "$out/forms_${v}_$round/report.md" 2>/dev/null
+    done
+  done
+  for v in rule narrow count; do
+    FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling --lengths 16K --selection block_shared --modes fwd+bwd \
+      --forms compiled --baselines none --no-stages --trace-lengths none --no-plots --out "$out/forms16_$v" \
+      > "$out/forms16_$v.log" 2>&1
+    echo "forms 16K $v: exit $?"; grep -E '^\| [0-9]+K' "$out/forms16_$v/report.md" 2>/dev/null
+  done
+  gpu_tests lists tests/test_triton_selection.py -k "inductor"
+}
+
 levers() {
   timeout 150 python3 -m profiling.kernel_tuning --lengths 128K --ops compression:block_shared --kernels dkv --match relaxed \
     --out "$out/tune_lever44" > "$out/tune_lever44.log" 2>&1
@@ -363,6 +395,7 @@ case "$part" in
   compiled_host) compiled_host ;;
   forms_sweep) forms_sweep ;;
   ab_8k) ab_8k ;;
+  lists_8k) lists_8k ;;
   backward_ops) gpu_tests backward_ops tests/test_custom_ops.py tests/test_fused_gates.py tests/test_triton_selection.py \
     tests/test_triton_window.py ;;
   gluon) gluon ;;

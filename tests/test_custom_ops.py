@@ -69,14 +69,19 @@ def nodes_of(graph, name: str) -> int:
     return sum(1 for node in graph.graph.nodes if name in str(node.target))
 
 
+@pytest.mark.parametrize("order", ["sort", "compiled"])
 @pytest.mark.parametrize("caller", ["selection_op", "fused_gates"])
-def test_compiled_backward_traces_the_dkv_lists(caller):
+def test_compiled_backward_traces_the_dkv_lists(caller, order, monkeypatch):
     """NOTES Lever 59: the selection/window dK/dV work lists (``reverse_lists``: a sort, scans,
     scatters) are ops of the traced backward graph, where inductor fuses them, not hidden inside the
-    opaque backward op; the compiled forward+backward equals eager's (the same lists, same kernels)."""
+    opaque backward op; the compiled forward+backward equals eager's (the same lists, same kernels).
+    With the "compiled" order (Lever 61) the traced lists count instead of sorting."""
     from torch._dynamo.backends.common import aot_autograd
 
+    from flexnsa.triton_fallback import selection_attention as slc
     from flexnsa.triton_fallback.selection_attention import selection_attention, window_attention
+
+    monkeypatch.setattr(slc, "ORDER", order)
 
     backward_graphs = []
 
@@ -110,7 +115,10 @@ def test_compiled_backward_traces_the_dkv_lists(caller):
         assert_rel(a, b, 1e-6, f"d{name}")
     (graph,) = backward_graphs
     assert nodes_of(graph, "selection_attention_backward") == backward_ops
-    assert nodes_of(graph, "aten.sort") >= backward_ops, "the lists' argsort is not in the traced backward"
+    if order == "sort":
+        assert nodes_of(graph, "aten.sort") >= backward_ops, "the lists' argsort is not in the traced backward"
+    else:
+        assert nodes_of(graph, "aten.sort") == 0 and nodes_of(graph, "aten.cumsum") >= backward_ops, "the traced lists sort"
 
 
 def gpu_case(selection, selection_kernel="flex", window_kernel="flex"):

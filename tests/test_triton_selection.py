@@ -192,6 +192,50 @@ def test_reverse_lists_narrow_keys_give_the_same_lists(group_rows, interleave):
     assert all(torch.equal(a, b) for a, b in zip(wide, narrow))
 
 
+@pytest.mark.parametrize("group_rows,interleave", [(0, 0), (3, 0), (4, 0), (0, 3), (0, 5), (3, 2), (4, 3)])
+@pytest.mark.parametrize("order", ["count", "compiled"])
+def test_reverse_lists_counted_order_gives_the_sorted_lists(group_rows, interleave, order, monkeypatch):
+    # NOTES Lever 61's knob: entries placed by counted ranks land where the stable sort puts them;
+    # "compiled" counts only inside a traced graph, so in eager it is the sort itself. Rows include
+    # empty ones, -1 slots, and (the second case) repeated ids, which the sort also keeps in slot order.
+    rows = random_rows(2, 3, 150, 16, 16, 4, seed=9)
+    repeated = rows.clone()
+    repeated[0, 1, 3] = torch.tensor([2, 0, 2, -1])
+    repeated[1, 2, 7] = torch.tensor([5, 5, 5, 5])
+    for case in (rows, repeated):
+        sorted_lists = reverse_lists(case, -(-150 // 16), 3, group_rows, interleave)
+        counted = reverse_lists(case, -(-150 // 16), 3, group_rows, interleave, order=order)
+        assert all(torch.equal(a, b) for a, b in zip(sorted_lists, counted))
+    ids = torch.where(rows < 0, -(-150 // 16), rows).flatten(0, 1)
+    ranks = slc.count_ranks(ids, -(-150 // 16) + 1, group_rows, interleave)
+    assert ranks.max() > 0, "some bin holds several entries: the ranks are not trivially 0"
+    # past COUNT_MAX_CELLS the lists sort, with the same result
+    monkeypatch.setattr(slc, "COUNT_MAX_CELLS", 0)
+    assert all(torch.equal(a, b) for a, b in zip(sorted_lists, reverse_lists(repeated, -(-150 // 16), 3, group_rows,
+                                                                             interleave, order="count")))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("order", ["sort", "compiled"])
+def test_reverse_lists_under_inductor_equal_eager(order, device):
+    # Inductor's own code for the lists (C++ on CPU, Triton on CUDA, as the compiled backward runs
+    # them): groups that do not divide the rows, and an interleave with groups. Flat entry indices
+    # (row = entry // n, group = row // group_rows) made torch 2.13's CPU code skip the last entries
+    # (PITFALLS.md); the keys are 3-d since.
+    rows = random_rows(2, 3, 150, 16, 16, 4, seed=9).to(device)
+    for group_rows, interleave in ((3, 0), (4, 3)):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda r: reverse_lists(r, -(-150 // 16), 3, group_rows, interleave, order=order), fullgraph=True)
+        expected = reverse_lists(rows, -(-150 // 16), 3, group_rows, interleave)
+        assert all(torch.equal(a, b) for a, b in zip(compiled(rows), expected)), (group_rows, interleave)
+
+
+def test_count_cells_bounds_the_count_order_to_short_inputs():
+    # Q7B block-shared (4 kv heads, 64-token tiles and blocks, n = 32): counted to 32K tokens, sorted from 64K.
+    cells = {T: slc.count_cells(4, T // 64, 32, T // 64 + 1, 0) for T in (8192, 32768, 65536, 131072)}
+    assert cells[32768] <= slc.COUNT_MAX_CELLS < cells[65536] < cells[131072]
+
+
 def test_narrowest_int_holds_the_bound():
     assert [slc.narrowest_int(b) for b in (1, 2**15, 2**15 + 1, 2**31, 2**31 + 1)] == [
         torch.int16, torch.int16, torch.int32, torch.int32, torch.int64]
@@ -202,6 +246,8 @@ def test_reverse_lists_reject_a_bad_group():
         reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, -1)
     with pytest.raises(ValueError, match="interleave"):
         reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, 0, 2.5)
+    with pytest.raises(ValueError, match="order"):
+        reverse_lists(torch.zeros(1, 1, 4, 2, dtype=torch.int64), 4, 3, order="radix")
 
 
 @pytest.mark.parametrize("knobs", [dict(GROUP_TOKENS=32), dict(GROUP_TOKENS=48, RELAXED=False), dict(GROUP_TOKENS=0, RELAXED=False)],

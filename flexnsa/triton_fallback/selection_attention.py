@@ -72,6 +72,16 @@ INTERLEAVE = True
 # instead of int64. CUDA sorts them by radix passes of 8 bits, 8 for int64 keys: at 8K the sort is
 # ~12 of the compiled fwd+bwd's 87 launches. The same order, so the same lists.
 NARROW_KEYS = False
+# The "order" knob (NOTES Lever 61; prepared in session 29, NOT measured, so "sort"): how the lists
+# order their entries. "sort": the stable argsort above (on CUDA ~14 launches: radix passes, a
+# histogram, a scan, memsets). "count": no sort; each entry's place is its bin's start plus its rank
+# in the bin, the rank counted from a [rows, blocks + 1] table per (b, kv head, group) by a scan over
+# rows (``count_ranks``), which inductor fuses into a few kernels. The table grows as R x blocks
+# (quadratic in T), so "count" is taken only while it has at most COUNT_MAX_CELLS cells (block-shared
+# to 32K tokens at Q7B); longer inputs sort. "compiled": "count" inside a traced graph
+# (torch.compile), "sort" in eager, where each small op is its own launch. All give the same lists.
+ORDER = "sort"
+COUNT_MAX_CELLS = 2**23
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
 # 2 pipeline stages (1 for 4-byte inputs at head_dim >= 128, whose K/V tiles would overflow shared
@@ -91,7 +101,8 @@ TUNING = {
     "fwd": {"rows": 64, "num_warps": 4, "num_stages": 2, "packed": None, "tma": None},
     "dq": {"rows": None, "num_warps": None, "num_stages": None, "packed": None, "tma": None},
     "dkv": {"rows": None, "num_warps": None, "num_stages": None, "chunk": None, "packed": None, "entries": None,
-            "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None, "narrow_keys": None},
+            "head_major": None, "tma": None, "group": None, "relaxed": None, "interleave": None, "narrow_keys": None,
+            "order": None},
 }
 load_tuning_file("selection", TUNING)
 
@@ -320,7 +331,7 @@ def _slc_dkv_kernel(
 
 
 def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: int = 0, interleave: int = 0,
-                  narrow_keys: bool = False):
+                  narrow_keys: bool = False, order: str = "sort"):
     """dK/dV work items from the selection rows [B, Hkv, R, n], with no host sync.
 
     Returns (items [4, M] int32: owner = (b*Hkv + h)*num_blocks + j or -1, entry range [lo, hi),
@@ -336,32 +347,44 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     block's entries in order of their row mod m instead of ascending (the window's m = n rows per
     block, NOTES Lever 45), so items of neighbouring blocks, running in step, read the same tile
     at the same step. ``narrow_keys``: sort on the narrowest integer type holding the keys (fewer
-    radix passes on CUDA; the same order).
+    radix passes on CUDA; the same order). ``order``: "sort", "count" or "compiled" (ORDER; the
+    same lists).
     """
     B, Hkv, R, n = rows.shape
     BH, per_bh = B * Hkv, R * n
     for name, value in (("group_rows", group_rows), ("interleave", interleave)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"reverse_lists: {name} must be an int >= 0 (0 = off), got {value!r}")
+    if order not in ("sort", "count", "compiled"):
+        raise ValueError(f"reverse_lists: order must be 'sort', 'count' or 'compiled', got {order!r}")
     groups = -(-R // group_rows) if group_rows else 1
     device = rows.device
     spare = num_blocks + 1  # column num_blocks collects the -1 slots
-    ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, per_bh)
+    ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, R, n)
+    # Keys built on [BH, R, n] with the row as its own index: inductor's CPU code for the same on
+    # flat entries (row = entry // n, group = row // group_rows) skips the last entries when a group
+    # does not divide them (torch 2.13; PITFALLS.md), so no index here is a quotient of a quotient.
     # (with one group, as the window's, the same launches as before Lever 43: the op is host-bound at 8K)
-    key = ids + torch.arange(BH, device=device)[:, None] * (groups * spare)
-    row = torch.arange(per_bh, device=device)[None, :] // n if groups > 1 or interleave else None  # each entry's row
+    key = ids + torch.arange(BH, device=device)[:, None, None] * (groups * spare)
+    row = torch.arange(R, device=device)[None, :, None]
     if groups > 1:
         key = key + row // group_rows * spare
-    # within a bin: entries ascending, or by row mod interleave (stable: rows of one residue ascending)
-    sort_key = key * interleave + row % interleave if interleave else key
-    key = key.flatten()
-    if narrow_keys:  # keys < BH * groups * spare * max(interleave, 1), known from the shapes
-        sort_key = sort_key.to(narrowest_int(BH * groups * spare * max(interleave, 1)))
-    order = torch.argsort(sort_key.flatten(), stable=True)
-    row_of_entry = ((order % per_bh) // n).to(torch.int32)
     # Not torch.bincount: on CUDA it reads the max id back to the host, a sync per layer's backward.
-    counts_all = torch.zeros(BH * groups * spare, dtype=torch.int64, device=device).index_add_(0, key, torch.ones_like(key))
-    starts = (torch.cumsum(counts_all, 0) - counts_all).view(BH * groups, spare)[:, :num_blocks].flatten()
+    counts_all = torch.zeros(BH * groups * spare, dtype=torch.int64, device=device).index_add_(0, key.flatten(), torch.ones_like(key.flatten()))
+    starts_all = torch.cumsum(counts_all, 0) - counts_all
+    counting = order == "count" or (order == "compiled" and torch.compiler.is_compiling())
+    if counting and count_cells(BH, R, n, spare, group_rows) <= COUNT_MAX_CELLS:
+        # each entry's place: its bin's start + its rank in the bin, as the stable sort below orders it
+        place = (starts_all[key] + count_ranks(ids, spare, group_rows, interleave)).flatten()
+        entry_row = row.to(torch.int32).expand(BH, R, n).flatten()
+        row_of_entry = torch.empty(BH * per_bh, dtype=torch.int32, device=device).scatter_(0, place, entry_row)
+    else:
+        # within a bin: entries ascending, or by row mod interleave (stable: rows of one residue ascending)
+        sort_key = key * interleave + row % interleave if interleave else key
+        if narrow_keys:  # keys < BH * groups * spare * max(interleave, 1), known from the shapes
+            sort_key = sort_key.to(narrowest_int(BH * groups * spare * max(interleave, 1)))
+        row_of_entry = ((torch.argsort(sort_key.flatten(), stable=True) % per_bh) // n).to(torch.int32)
+    starts = starts_all.view(BH * groups, spare)[:, :num_blocks].flatten()
     counts = counts_all.view(BH * groups, spare)[:, :num_blocks].flatten()
     chunks = (counts + chunk - 1) // chunk
     chunk_end = torch.cumsum(chunks, 0)
@@ -377,6 +400,44 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     owner = bin_ // (groups * num_blocks) * num_blocks + bin_ % num_blocks if groups > 1 else bin_  # (b, h, block) of the bin
     items = torch.stack([torch.where(valid, owner, -1), lo, hi, alone_block.flatten()[owner].long()])
     return items.to(torch.int32).contiguous(), row_of_entry
+
+
+def count_cells(BH: int, R: int, n: int, spare: int, group_rows: int) -> int:
+    """Cells of ``count_ranks``' tables: the [rows, blocks + 1] counts per (b, kv head) (rows
+    padded to whole groups) and the [rows, n, n] slot comparisons."""
+    padded = -(-R // group_rows) * group_rows if group_rows else R
+    return BH * (padded * spare + R * n * n)
+
+
+def count_ranks(ids: torch.Tensor, spare: int, group_rows: int, interleave: int) -> torch.Tensor:
+    """[BH, R, n] for ``ids`` [BH, R, n] (block ids; -1 slots as column spare - 1): each entry's
+    rank among the entries of its (b*h, group, block) bin in the order of ``reverse_lists``' stable
+    sort (rows ascending, or by (row mod interleave, row); then slots), without sorting: the entries
+    with that block in the group's earlier rows (an exclusive scan of per-row counts, rows in that
+    order) plus the row's earlier slots holding the same block."""
+    (BH, R, n), device = ids.shape, ids.device
+    gr = group_rows or R
+    groups = -(-R // gr)
+    r = torch.arange(R, device=device)
+    first = r // gr * gr  # the group's first row
+    if interleave:  # the row's place in its group by (row mod m, row)
+        m = interleave
+        last = torch.clamp(first + gr, max=R)
+        res = torch.arange(m, device=device)
+        first_of_res = first[:, None] + (res[None, :] - first[:, None]) % m  # each residue's first row in the group
+        rows_of_res = torch.clamp((last[:, None] - first_of_res + m - 1) // m, min=0)
+        before = torch.where(res[None, :] < (r % m)[:, None], rows_of_res, 0).sum(1)
+        place = first + before + (r - first_of_res.gather(1, (r % m)[:, None])[:, 0]) // m
+    else:
+        place = r
+    cell = (place[:, None] * spare + ids).view(BH, R * n)  # (the row's place, block) in the [groups * gr, spare] table
+    counts = torch.zeros(BH, groups * gr * spare, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.int32))
+    counts = counts.view(BH, groups, gr, spare)
+    earlier_rows = (torch.cumsum(counts, 2, dtype=torch.int32) - counts).view(BH, -1).gather(1, cell)
+    earlier = torch.arange(n, device=device)[None, :] < torch.arange(n, device=device)[:, None]  # [slot, earlier slot]
+    earlier_slots = ((ids[..., :, None] == ids[..., None, :]) & earlier).sum(-1, dtype=torch.int32)
+    return earlier_rows.view(BH, R, n) + earlier_slots
 
 
 def narrowest_int(bound: int) -> torch.dtype:
@@ -441,7 +502,7 @@ def _launch_params(q, k, v, rows, block_size: int, tile: int, kernel: str, windo
 
 
 def dkv_list_params(q, rows, tile: int, window: int) -> dict:
-    """``reverse_lists``' chunk, group_rows, interleave and narrow_keys for this launch's dK/dV: from
+    """``reverse_lists``' chunk, group_rows, interleave, narrow_keys and order for this launch's dK/dV: from
     the tuning and the shapes only (a traced backward calls this on fake tensors)."""
     tune = tuning_for(TUNING, "dkv", q)
     chunk = tune.get("chunk") or (CHUNK if tile > 1 else CHUNK_PER_TOKEN)
@@ -453,7 +514,7 @@ def dkv_list_params(q, rows, tile: int, window: int) -> dict:
     # the window's plain bf16 stores need one group (one item per block); its rows may interleave
     return {"chunk": chunk, "group_rows": -(-group // tile) if group and window == 0 else 0,
             "interleave": rows.shape[3] if window > 0 and tune.get("interleave", INTERLEAVE) else 0,
-            "narrow_keys": bool(tune.get("narrow_keys", NARROW_KEYS))}
+            "narrow_keys": bool(tune.get("narrow_keys", NARROW_KEYS)), "order": tune.get("order") or ORDER}
 
 
 def selection_attention_fwd(q, k, v, rows, block_size: int, tile: int, scale: float, window: int = 0, gated=None):
