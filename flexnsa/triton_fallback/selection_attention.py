@@ -67,20 +67,23 @@ RELAXED = True  # the "relaxed" knob: relaxed (no-return REDG) atomics instead o
 # Measured on an H200 at 128K (results/h200/session21-levers): window stage 7.95 / 7.95 -> 7.61 /
 # 7.60 ms, the op's fwd+bwd 70.04 / 70.22 -> 68.37 / 69.52 in two alternated rounds.
 INTERLEAVE = True
-# The "narrow_keys" knob (NOTES Lever 60; prepared in session 28, NOT measured, so off): the lists'
-# stable argsort on the narrowest integer type that holds its keys (int16 at 8K, int32 to ~2^31)
-# instead of int64. CUDA sorts them by radix passes of 8 bits, 8 for int64 keys: at 8K the sort is
-# ~12 of the compiled fwd+bwd's 87 launches. The same order, so the same lists.
-NARROW_KEYS = False
-# The "order" knob (NOTES Lever 61; prepared in session 29, NOT measured, so "sort"): how the lists
-# order their entries. "sort": the stable argsort above (on CUDA ~14 launches: radix passes, a
-# histogram, a scan, memsets). "count": no sort; each entry's place is its bin's start plus its rank
-# in the bin, the rank counted from a [rows, blocks + 1] table per (b, kv head, group) by a scan over
-# rows (``count_ranks``), which inductor fuses into a few kernels. The table grows as R x blocks
+# The "narrow_keys" knob (NOTES Lever 60, the rule since session 29): the lists' stable argsort on
+# the narrowest integer type that holds its keys (int16 at 8K, int32 to ~2^31) instead of int64.
+# CUDA sorts them by radix passes of 8 bits, 8 for int64 keys. Measured on an H200 (results/h200/
+# session29-levers/call1_lists_8k): compiled 8K fwd+bwd 87 -> 75 launches; time within the host's
+# noise (compiled 5.48 / 5.24 -> 5.32 / 4.96 ms, alternated). The same order, so the same lists.
+NARROW_KEYS = True
+# The "order" knob (NOTES Lever 61, rule "compiled" since session 29): how the lists order their
+# entries. "sort": the stable argsort above (on CUDA ~14 launches: radix passes, a histogram, a
+# scan, memsets). "count": no sort; each entry's place is its bin's start plus its rank in the bin,
+# the rank counted from a [rows, blocks + 1] table per (b, kv head, group) by a scan over rows
+# (``count_ranks``), which inductor fuses into a few kernels. The table grows as R x blocks
 # (quadratic in T), so "count" is taken only while it has at most COUNT_MAX_CELLS cells (block-shared
 # to 32K tokens at Q7B); longer inputs sort. "compiled": "count" inside a traced graph
-# (torch.compile), "sort" in eager, where each small op is its own launch. All give the same lists.
-ORDER = "sort"
+# (torch.compile), "sort" in eager, where each of its ~20 small ops is a dispatch of its own. All
+# give the same lists. Measured (same call): compiled 8K fwd+bwd 87 -> 69 launches, time within
+# noise (5.18 / 5.18 ms against the rule's 5.48 / 5.24).
+ORDER = "compiled"
 COUNT_MAX_CELLS = 2**23
 # Launch overrides per kernel at the tuned shape (``tiles.tuning_for``; profiling/kernel_tuning.py
 # measures them); None = the rule: 64 rows per program at head_dim >= 128 (else 128), 4 warps,
