@@ -221,7 +221,7 @@ def test_reverse_lists_under_inductor_equal_eager(order, device):
     # Inductor's own code for the lists (C++ on CPU, Triton on CUDA, as the compiled backward runs
     # them): groups that do not divide the rows, and an interleave with groups. Flat entry indices
     # (row = entry // n, group = row // group_rows) made torch 2.13's CPU code skip the last entries
-    # (PITFALLS.md); the keys are 3-d since.
+    # (NOTES Lever 61); the keys are 3-d since.
     rows = random_rows(2, 3, 150, 16, 16, 4, seed=9).to(device)
     for group_rows, interleave in ((3, 0), (4, 3)):
         torch._dynamo.reset()

@@ -366,7 +366,7 @@ def reverse_lists(rows: torch.Tensor, num_blocks: int, chunk: int, group_rows: i
     ids = torch.where(rows < 0, num_blocks, rows).reshape(BH, R, n)
     # Keys built on [BH, R, n] with the row as its own index: inductor's CPU code for the same on
     # flat entries (row = entry // n, group = row // group_rows) skips the last entries when a group
-    # does not divide them (torch 2.13; PITFALLS.md), so no index here is a quotient of a quotient.
+    # does not divide them (torch 2.13; NOTES Lever 61), so no index here is a quotient of a quotient.
     # (with one group, as the window's, the same launches as before Lever 43: the op is host-bound at 8K)
     key = ids + torch.arange(BH, device=device)[:, None, None] * (groups * spare)
     row = torch.arange(R, device=device)[None, :, None]
