@@ -9,6 +9,7 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 from flexnsa.backends.flex import run_flex
 from flexnsa.block_masks import (
     QueryLayout,
+    blocks_first,
     causal_compression_mask,
     compression_block_mask,
     pack_selection_bits,
@@ -100,6 +101,19 @@ def test_block_masks_cover_their_mask_mod(layout, selection):
         c = cfg.replace(select_block_size=sel_block, flex_block_kv=kv_block)
         slc = selection_block_mask(random_selection(B, Hkv, T, c, seed=1), layout, c)
         assert_block_mask_exact(slc, create_mask(slc.mask_mod, B, heads, rows, T, device="cpu"))
+
+
+def test_blocks_first_orders_as_the_stable_sort():
+    # NOTES Lever 62: the kv_indices rows placed by counting equal a stable descending argsort of
+    # the 0/1 rows (set blocks ascending, then every other id once): empty, full and random rows.
+    gen = torch.Generator().manual_seed(4)
+    table = torch.rand(2, 3, 9, 13, generator=gen) < 0.4
+    table[0, 0, 0], table[0, 0, 1] = False, True
+    count, order = blocks_first(table)
+    expected = torch.argsort(table.to(torch.uint8), dim=-1, descending=True, stable=True)
+    assert torch.equal(order, expected.to(torch.int32)) and order.dtype == torch.int32
+    assert torch.equal(count, table.sum(-1, dtype=torch.int32))
+    assert torch.equal(order.sort(-1).values, torch.arange(13, dtype=torch.int32).expand(2, 3, 9, 13))
 
 
 def test_eager_equals_compiled():

@@ -2,6 +2,7 @@
 
 from .builders import (
     block_mask_from_tables,
+    blocks_first,
     compression_block_mask,
     selection_block_mask,
     selection_rows,
@@ -18,6 +19,7 @@ from .mask_mods import (
 __all__ = [
     "QueryLayout",
     "block_mask_from_tables",
+    "blocks_first",
     "causal_compression_mask",
     "compression_block_mask",
     "pack_selection_bits",

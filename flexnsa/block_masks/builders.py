@@ -22,17 +22,24 @@ from .mask_mods import (
 )
 
 
+def blocks_first(table: torch.Tensor):
+    """(count [..], order [.., nKB]) int32 of a bool table [.., nKB]: each row's set blocks and
+    their ids ascending, then the other ids ascending, as a stable descending argsort of the row
+    orders them, placed by counting instead (a scan and a scatter, which inductor fuses; the sort
+    was a CUDA radix sort of several launches per call, NOTES Lever 62)."""
+    marks = table.to(torch.int32)
+    before = torch.cumsum(marks, -1, dtype=torch.int32) - marks  # set blocks before each block
+    count = marks.sum(-1, dtype=torch.int32)
+    ids = torch.arange(table.shape[-1], device=table.device, dtype=torch.int32).expand_as(marks)
+    place = torch.where(table, before, count[..., None] + ids - before)  # unset ones after the count
+    return count, torch.empty_like(marks).scatter_(-1, place.long(), ids)
+
+
 def block_mask_from_tables(partial, full, block_size, mask_mod, seq_lengths) -> BlockMask:
     """BlockMask from disjoint bool tables [B, H, nQB, nKB] of partial and full blocks."""
-
-    def indices(table):
-        count = table.sum(dim=-1, dtype=torch.int32)
-        order = torch.argsort(table.to(torch.uint8), dim=-1, descending=True, stable=True)
-        return count, order.to(torch.int32)
-
     return BlockMask.from_kv_blocks(
-        *indices(partial),
-        *indices(full),
+        *blocks_first(partial),
+        *blocks_first(full),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=seq_lengths,
