@@ -7,9 +7,11 @@ import torch
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from flexnsa.backends.flex import run_flex
+from flexnsa.block_masks import builders
 from flexnsa.block_masks import (
     QueryLayout,
     blocks_first,
+    sorted_blocks_first,
     causal_compression_mask,
     compression_block_mask,
     pack_selection_bits,
@@ -86,9 +88,11 @@ def assert_block_mask_exact(bm, dense):
     assert full.any(), "no full block at all: the fast path is never taken"
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["sorted-indices", "counted-indices"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l.name}-G{l.group}")
 @pytest.mark.parametrize("selection", ["per_token", "block_shared"])
-def test_block_masks_cover_their_mask_mod(layout, selection):
+def test_block_masks_cover_their_mask_mod(layout, selection, counted, monkeypatch):
+    monkeypatch.setattr(builders, "COUNTED_INDICES", counted)  # NOTES Lever 62's knob
     T, B, Hkv = 300, 2, 2
     cfg = SMALL.replace(flex_block_q=16, flex_block_kv=16, window=40, selection=selection)
     rows, heads = layout.num_rows(T), layout.mask_heads(Hkv)
@@ -113,6 +117,7 @@ def test_blocks_first_orders_as_the_stable_sort():
     expected = torch.argsort(table.to(torch.uint8), dim=-1, descending=True, stable=True)
     assert torch.equal(order, expected.to(torch.int32)) and order.dtype == torch.int32
     assert torch.equal(count, table.sum(-1, dtype=torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip((count, order), sorted_blocks_first(table)))
     assert torch.equal(order.sort(-1).values, torch.arange(13, dtype=torch.int32).expand(2, 3, 9, 13))
 
 

@@ -6,6 +6,7 @@ from .builders import (
     compression_block_mask,
     selection_block_mask,
     selection_rows,
+    sorted_blocks_first,
     window_block_mask,
 )
 from .layout import QueryLayout
@@ -27,5 +28,6 @@ __all__ = [
     "selection_block_mask",
     "selection_rows",
     "sliding_window_mask",
+    "sorted_blocks_first",
     "window_block_mask",
 ]

@@ -22,11 +22,21 @@ from .mask_mods import (
 )
 
 
+# NOTES Lever 62 (prepared in session 29, NOT measured on a GPU, so off): the kv_indices rows placed
+# by counting (``blocks_first``) instead of sorted (``sorted_blocks_first``); the same rows.
+COUNTED_INDICES = False
+
+
+def sorted_blocks_first(table: torch.Tensor):
+    """(count [..], order [.., nKB]) int32 of a bool table [.., nKB]: each row's set blocks,
+    their ids ascending, then the other ids ascending (a stable descending argsort of the row)."""
+    count = table.sum(dim=-1, dtype=torch.int32)
+    return count, torch.argsort(table.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+
 def blocks_first(table: torch.Tensor):
-    """(count [..], order [.., nKB]) int32 of a bool table [.., nKB]: each row's set blocks and
-    their ids ascending, then the other ids ascending, as a stable descending argsort of the row
-    orders them, placed by counting instead (a scan and a scatter, which inductor fuses; the sort
-    was a CUDA radix sort of several launches per call, NOTES Lever 62)."""
+    """``sorted_blocks_first`` placed by counting instead: a scan, a where and a scatter, which
+    inductor fuses, where the argsort is a CUDA radix sort of several launches per call."""
     marks = table.to(torch.int32)
     before = torch.cumsum(marks, -1, dtype=torch.int32) - marks  # set blocks before each block
     count = marks.sum(-1, dtype=torch.int32)
@@ -37,9 +47,10 @@ def blocks_first(table: torch.Tensor):
 
 def block_mask_from_tables(partial, full, block_size, mask_mod, seq_lengths) -> BlockMask:
     """BlockMask from disjoint bool tables [B, H, nQB, nKB] of partial and full blocks."""
+    indices = blocks_first if COUNTED_INDICES else sorted_blocks_first
     return BlockMask.from_kv_blocks(
-        *blocks_first(partial),
-        *blocks_first(full),
+        *indices(partial),
+        *indices(full),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=seq_lengths,
