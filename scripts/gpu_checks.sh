@@ -64,8 +64,8 @@
 #            .ab/base (scripts/ab_base.sh COMMIT, carried): host_profile compiled (kernels per call,
 #            host ms) for each tree, then 8K fwd+bwd eager and compiled (SDPA in the first run), the
 #            trees alternated twice on one machine
-#   lists_8k Levers 60-61 (the dK/dV lists' sort on narrow keys; their order counted, no sort): the rule
-#            and each knob as a tuning file, on this tree: host_profile compiled 8K (kernels per call),
+#   lists_8k Levers 60-61 (the dK/dV lists' sort on narrow keys; their order counted, no sort): wide-key
+#            sort, narrow-key sort and the count as tuning files, on this tree: host_profile compiled 8K (kernels per call),
 #            8K fwd+bwd eager and compiled alternated twice (SDPA in the first run), 16K compiled
 #            once; then the lists' inductor GPU test
 #   backward_ops the GPU tests of every caller of the selection/window backward op (custom ops and the
@@ -315,51 +315,46 @@ forms_sweep() {  # a process whose first length is 8K, then the sweep with 8K la
   echo "sweep: exit $?"; grep -E '^## |^### |^\| [0-9]+K|x SDPA from|t\(128K\)' "$out/sweep/report.md" 2>/dev/null
 }
 
-in_tree() {  # tree (new = this one, base = .ab/base), command...: the command run in that tree, stamped with its commit
-  local v=$1; shift
-  if [ "$v" = base ]; then (cd .ab/base && FLEXNSA_COMMIT=$(cat .commit) "$@"); else "$@"; fi
+as_variant() {  # variant, command...: "new" = this tree; "base" = .ab/base's code, stamped with its commit;
+  local v=$1; shift  # any other name = this tree under the tuning file $out/<variant>.json
+  case $v in
+    new) "$@" ;;
+    base) (cd .ab/base && FLEXNSA_COMMIT=$(cat .commit) "$@") ;;
+    *) FLEXNSA_TUNING=$out/$v.json "$@" ;;
+  esac
 }
 
-ab_8k() {
-  [ -d .ab/base/flexnsa ] || { echo "ab_8k: no .ab/base (scripts/ab_base.sh COMMIT, carry .ab)"; return; }
-  local v round baselines
-  for v in new base; do
-    in_tree $v timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd+bwd --form compiled --out "$out/host_$v" \
-      > "$out/host_$v.log" 2>&1
-    echo "host_profile $v: exit $?"; grep -E '^T=' "$out/host_$v.log"
-  done
-  for round in 1 2; do
-    for v in new base; do
-      baselines=none; [ "$round$v" = 1new ] && baselines=sdpa
-      in_tree $v timeout 150 python3 -m profiling --lengths 8K --selection block_shared --modes fwd+bwd --forms eager,compiled \
-        --baselines $baselines --no-stages --trace-lengths none --no-plots --out "$out/forms_${v}_$round" \
-        > "$out/forms_${v}_$round.log" 2>&1
-      echo "forms $v $round: exit $?"; grep -E '^\| [0-9]+K' "$out/forms_${v}_$round/report.md" 2>/dev/null
-    done
-  done
-}
-
-lists_8k() {
-  local v round baselines
-  echo '{}' > "$out/rule.json"
-  echo '{"selection": {"dkv": {"narrow_keys": true}}}' > "$out/narrow.json"
-  echo '{"selection": {"dkv": {"order": "count"}}}' > "$out/count.json"
-  for v in rule narrow count; do
-    FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd+bwd --form compiled \
+alternate_8k() {  # variants...: host_profile compiled for each, then 8K fwd+bwd eager and compiled, the variants
+  local v round baselines  # alternated twice on this machine (SDPA in the first run)
+  for v in "$@"; do
+    as_variant "$v" timeout 150 python3 -m profiling.host_profile --lengths 8K --modes fwd+bwd --form compiled \
       --out "$out/host_$v" > "$out/host_$v.log" 2>&1
     echo "host_profile $v: exit $?"; grep -E '^T=' "$out/host_$v.log"
   done
   for round in 1 2; do
-    for v in rule narrow count; do
-      baselines=none; [ "$round$v" = 1rule ] && baselines=sdpa
-      FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling --lengths 8K --selection block_shared --modes fwd+bwd \
+    for v in "$@"; do
+      baselines=none; [ "$round$v" = "1$1" ] && baselines=sdpa
+      as_variant "$v" timeout 150 python3 -m profiling --lengths 8K --selection block_shared --modes fwd+bwd \
         --forms eager,compiled --baselines $baselines --no-stages --trace-lengths none --no-plots --out "$out/forms_${v}_$round" \
         > "$out/forms_${v}_$round.log" 2>&1
       echo "forms $v $round: exit $?"; grep -E '^\| [0-9]+K' "$out/forms_${v}_$round/report.md" 2>/dev/null
     done
   done
-  for v in rule narrow count; do
-    FLEXNSA_TUNING=$out/$v.json timeout 150 python3 -m profiling --lengths 16K --selection block_shared --modes fwd+bwd \
+}
+
+ab_8k() {
+  [ -d .ab/base/flexnsa ] || { echo "ab_8k: no .ab/base (scripts/ab_base.sh COMMIT, carry .ab)"; return; }
+  alternate_8k new base
+}
+
+lists_8k() {  # (session 29's call 1 named the wide-key file "rule": both knobs were off then)
+  local v
+  echo '{"selection": {"dkv": {"narrow_keys": false, "order": "sort"}}}' > "$out/wide.json"
+  echo '{"selection": {"dkv": {"narrow_keys": true, "order": "sort"}}}' > "$out/narrow.json"
+  echo '{"selection": {"dkv": {"order": "count"}}}' > "$out/count.json"
+  alternate_8k wide narrow count
+  for v in wide narrow count; do
+    as_variant "$v" timeout 150 python3 -m profiling --lengths 16K --selection block_shared --modes fwd+bwd \
       --forms compiled --baselines none --no-stages --trace-lengths none --no-plots --out "$out/forms16_$v" \
       > "$out/forms16_$v.log" 2>&1
     echo "forms 16K $v: exit $?"; grep -E '^\| [0-9]+K' "$out/forms16_$v/report.md" 2>/dev/null
