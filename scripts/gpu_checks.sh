@@ -55,6 +55,8 @@
 #   compiled_op Lever 56 (the whole op under torch.compile, the profiler's `--forms compiled`): its GPU
 #            test (equal to eager, no recompile on new data), then block-shared 8K, 128K, 32K fwd and
 #            fwd+bwd, eager and compiled, SDPA in the same run (no stages: the compiled form has none)
+#   indices_8k Lever 62 (FlexAttention kv_indices placed by counting): ab_8k against .ab/base, then
+#            test_custom_ops.py and test_flex.py's forward_backward / recompile cases, -m gpu
 #   compiled_host Lever 57 (the host's cost in each form at 8K): host_profile eager and compiled (cProfile,
 #            kernels per call), then 8K fwd and fwd+bwd as eager, compiled and cuda_graphs,
 #            SDPA in the same run
@@ -347,6 +349,12 @@ ab_8k() {
   alternate_8k new base
 }
 
+indices_8k() {  # Lever 62 (kv_indices counted; this tree) against .ab/base (sorted), then the GPU tests of its callers
+  ab_8k
+  gpu_tests indices_ops tests/test_custom_ops.py
+  gpu_tests indices_flex tests/test_flex.py -k "forward_backward or recompile"
+}
+
 lists_8k() {  # (session 29's call 1 named the wide-key file "rule": both knobs were off then)
   local v
   echo '{"selection": {"dkv": {"narrow_keys": false, "order": "sort"}}}' > "$out/wide.json"
@@ -391,6 +399,7 @@ case "$part" in
   forms_sweep) forms_sweep ;;
   ab_8k) ab_8k ;;
   lists_8k) lists_8k ;;
+  indices_8k) indices_8k ;;
   backward_ops) gpu_tests backward_ops tests/test_custom_ops.py tests/test_fused_gates.py tests/test_triton_selection.py \
     tests/test_triton_window.py ;;
   gluon) gluon ;;

@@ -22,9 +22,9 @@ from .mask_mods import (
 )
 
 
-# NOTES Lever 62 (prepared in session 29, NOT measured on a GPU, so off): the kv_indices rows placed
-# by counting (``blocks_first``) instead of sorted (``sorted_blocks_first``); the same rows.
-COUNTED_INDICES = False
+# NOTES Lever 62 (prepared in session 29; on in session 30's measuring commit): the kv_indices rows
+# placed by counting (``blocks_first``) instead of sorted (``sorted_blocks_first``); the same rows.
+COUNTED_INDICES = True
 
 
 def sorted_blocks_first(table: torch.Tensor):
