@@ -22,9 +22,9 @@ from .mask_mods import (
 )
 
 
-# NOTES Lever 62 (prepared in session 29; on in session 30's measuring commit): the kv_indices rows
+# NOTES Lever 62 (lost in session 30: compiled 8K fwd+bwd 75 -> 79 launches, so off): the kv_indices rows
 # placed by counting (``blocks_first``) instead of sorted (``sorted_blocks_first``); the same rows.
-COUNTED_INDICES = True
+COUNTED_INDICES = False
 
 
 def sorted_blocks_first(table: torch.Tensor):
